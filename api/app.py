@@ -1,0 +1,115 @@
+"""The Litestar application: routes, lifespan (Redis client, reply hub, registry) and error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from litestar import Litestar, Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+
+from api import errors, protocol
+from api.registry import WorkerRegistry
+from api.reply_hub import ReplyHub
+from api.serving_chat import ChatContext, ChatRun, new_request_id
+from common.settings import Settings
+
+log = logging.getLogger("axion.api")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+def _ctx(state: State) -> ChatContext:
+    return state.chat  # type: ignore[no-any-return]
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
+    req = protocol.decode_chat_request(await request.body())
+    run = ChatRun(_ctx(state), req, new_request_id())
+    accepted = await run.start()
+    headers = {"X-Request-Id": run.request_id}
+    if req.stream:
+        return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
+                      background=BackgroundTask(run.close))
+    completion = await run.complete(accepted)
+    return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
+
+
+@get("/v1/models")
+async def list_models(state: State) -> protocol.ModelList:
+    registry: WorkerRegistry = state.registry
+    workers = await registry.workers()
+    first_seen: dict[str, float] = {}
+    for w in workers:
+        first_seen[w.model] = min(first_seen.get(w.model, w.started), w.started)
+    return protocol.ModelList("list", [protocol.Model(m, "model", int(t), "axion") for m, t in
+                                       sorted(first_seen.items())])
+
+
+@get("/health")
+async def health(state: State) -> dict[str, Any]:
+    """Liveness plus a view of the fleet; answers even when Redis is down (then says so)."""
+    redis: aioredis.Redis = state.redis
+    registry: WorkerRegistry = state.registry
+    try:
+        await asyncio.wait_for(redis.ping(), 1.0)
+        reachable, workers = True, await registry.workers()
+    except Exception as exc:
+        log.warning("health: Redis unreachable (%s)", type(exc).__name__)
+        reachable, workers = False, []
+    models = sorted({w.model for w in workers})
+    return {
+        "status": "ok" if reachable and workers else "degraded",
+        "redis": {"reachable": reachable},
+        "workers": [
+            {"id": w.worker_id, "kind": w.kind, "model": w.model, "device": w.device, "dtype": w.dtype,
+             "active_sequences": w.active_sequences, "max_batch_size": w.max_batch_size,
+             "uptime_s": round(time.time() - w.started, 1)}
+            for w in workers
+        ],
+        "models": models,
+        "open_requests": _ctx(state).open_requests,
+    }
+
+
+def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Litestar:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        client = redis or aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
+                                            health_check_interval=30)
+        hub = ReplyHub(client)
+        await hub.start()
+        registry = WorkerRegistry(client)
+        app.state.redis = client
+        app.state.registry = registry
+        app.state.chat = ChatContext(settings, client, hub, registry, asyncio.Semaphore(settings.concurrent_requests))
+        try:
+            yield
+        finally:
+            await hub.stop()
+            if redis is None:
+                await client.aclose()
+
+    return Litestar(
+        route_handlers=[chat_completions, list_models, health],
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_body_bytes,
+        exception_handlers={
+            errors.APIError: errors.handle_api_error,
+            HTTPException: errors.handle_http_exception,
+            Exception: errors.handle_unexpected,
+        },
+        openapi_config=OpenAPIConfig(title="Axion", version="0.1.0"),
+        logging_config=None,
+    )

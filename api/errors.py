@@ -1,0 +1,77 @@
+"""The one place that builds OpenAI error envelopes: `{"error": {"message", "type", "param", "code"}}`.
+
+All four keys are always present and `code` is a string or null, because the official SDKs and LangChain read
+them. The status matters as much as the body: the SDK retries 408/409/429/5xx, so a client mistake must never
+be answered with a 5xx (it would be sent three times).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+          503: "server_error", 504: "server_error"}
+
+
+class APIError(Exception):
+    """An error for the client, carrying everything the envelope needs."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+
+def error_response(err: APIError) -> Response[bytes]:
+    return Response(err.to_json(), status_code=err.status, media_type="application/json", headers=err.headers)
+
+
+def from_decode_error(exc: msgspec.DecodeError) -> APIError:
+    """Turn a msgspec message like "Expected `float` <= 2.0 - at `$.temperature`" into a 400 naming the field."""
+    text = str(exc)
+    param = None
+    if " - at `$." in text:
+        text, _, path = text.rpartition(" - at `$.")
+        param = path.rstrip("`")
+    if isinstance(exc, msgspec.ValidationError):
+        message = f"Invalid value for '{param}': {text}" if param else text
+    else:
+        message = f"Malformed JSON body: {text}"
+    return APIError(400, message, param=param, code="invalid_value" if param else "invalid_json")
+
+
+def handle_api_error(_: Request, exc: APIError) -> Response[bytes]:
+    return error_response(exc)
+
+
+def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    messages = {404: "Not found: no such route.", 405: "Method not allowed for this route.",
+                413: "Request body too large."}
+    if status >= 500:
+        return error_response(APIError(status, "Internal server error."))
+    detail = messages.get(status) or (exc.detail if isinstance(exc.detail, str) else "Bad request.")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+    return error_response(APIError(status, detail, code=code, headers=dict(exc.headers or {})))
+
+
+def handle_unexpected(_: Request, exc: Exception) -> Response[bytes]:
+    """Last resort: log the trace, answer 500 without it (no stack trace ever reaches a client)."""
+    import logging
+
+    logging.getLogger("axion.api").exception("unhandled error: %s", type(exc).__name__)
+    return error_response(APIError(500, "Internal server error.", code="internal_error"))

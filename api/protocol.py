@@ -1,0 +1,241 @@
+"""OpenAI chat-completion request and response types (msgspec), and their validation.
+
+Unknown fields are accepted and ignored (clients add their own). A known OpenAI field that Axion does not
+implement yet is refused with a 400 naming it when its value would change the result: silently ignoring
+`tools` or `logprobs` would hand the client a wrong answer that looks right.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from api.errors import APIError
+
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP_SEQUENCES = 4
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class RequestMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[RequestMessage]
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: PositiveInt | None = None
+    user: str | None = None
+    # Extras sent by benchmark clients (vLLM's bench, guidellm).
+    top_k: int | None = None
+    min_tokens: NonNegativeInt | None = None
+    ignore_eos: bool | None = None
+    # Known OpenAI fields not implemented yet: refused when set to anything but their neutral value.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: Any = None
+
+
+_NEUTRAL: dict[str, Any] = {
+    "n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "stop_token_ids": (None, []),
+}
+
+_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+
+
+def decode_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Decode and validate a request body; every problem is an APIError(400) naming the field."""
+    from api.errors import from_decode_error
+
+    if not body.strip():
+        raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        req = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+    validate_chat_request(req)
+    return req
+
+
+def validate_chat_request(req: ChatCompletionRequest) -> None:
+    for name, neutral in _NEUTRAL.items():
+        value = getattr(req, name)
+        if not any((value == v and type(value) is type(v)) or (value is None and v is None) for v in neutral):
+            raise APIError(400, f"'{name}' is not supported by this server yet.", param=name,
+                           code="unsupported_parameter")
+    if not req.model.strip():
+        raise APIError(400, "'model' must be a non-empty string.", param="model", code="invalid_value")
+    if not req.messages:
+        raise APIError(400, "'messages' must contain at least one message.", param="messages",
+                       code="invalid_value")
+    for i, msg in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if msg.role not in ROLES:
+            raise APIError(400, f"Invalid role '{msg.role}' in {where}; expected one of {', '.join(ROLES)}.",
+                           param=f"{where}.role", code="invalid_value")
+        if msg.tool_calls is not None or msg.tool_call_id is not None:
+            raise APIError(400, "Tool calls in messages are not supported by this server yet.",
+                           param=f"{where}.tool_calls", code="unsupported_parameter")
+        if isinstance(msg.content, list):
+            for j, part in enumerate(msg.content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"Content part type '{part.type}' is not supported; only 'text'.",
+                                   param=f"{where}.content[{j}].type", code="unsupported_parameter")
+        elif msg.content is None:
+            raise APIError(400, f"{where} has no content.", param=f"{where}.content", code="invalid_value")
+    stops = stop_list(req)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"'stop' accepts at most {MAX_STOP_SEQUENCES} sequences.", param="stop",
+                       code="invalid_value")
+    if any(not s for s in stops):
+        raise APIError(400, "'stop' sequences must be non-empty strings.", param="stop", code="invalid_value")
+    if req.top_k is not None and req.top_k < -1:
+        raise APIError(400, "'top_k' must be -1 or 0 (off) or a positive integer.", param="top_k",
+                       code="invalid_value")
+    limit = output_limit(req)
+    if req.min_tokens and limit is not None and req.min_tokens > limit:
+        raise APIError(400, "'min_tokens' must not exceed 'max_tokens'.", param="min_tokens",
+                       code="invalid_value")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
+                       code="invalid_value")
+
+
+def stop_list(req: ChatCompletionRequest) -> list[str]:
+    if req.stop is None:
+        return []
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+
+def output_limit(req: ChatCompletionRequest) -> int | None:
+    """`max_completion_tokens` wins over the older `max_tokens`."""
+    return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def message_text(msg: RequestMessage) -> str:
+    if isinstance(msg.content, list):
+        return "".join(part.text or "" for part in msg.content)
+    return msg.content or ""
+
+
+# ---- responses -------------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(msgspec.Struct):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChoiceDelta(msgspec.Struct, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChoiceDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    system_fingerprint: str | None = None
+
+
+class ChatCompletionUsageChunk(msgspec.Struct):
+    """Chunks sent when `stream_options.include_usage` is true carry `usage` (null until the last one)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None
+    system_fingerprint: str | None = None
+
+
+class Model(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[Model]

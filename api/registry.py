@@ -1,0 +1,58 @@
+"""Which workers are alive and which models they serve, read from their heartbeat keys.
+
+Reads are cached for a fraction of a second: at hundreds of requests per second a SCAN per request would cost
+more than the request's own Redis traffic, and a worker's liveness only changes on the heartbeat's scale.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import redis.asyncio as aioredis
+
+from api.errors import APIError
+from common import keys
+from common.protocol import WorkerInfo, decode_worker
+
+CACHE_S = 0.5
+
+
+class WorkerRegistry:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._workers: list[WorkerInfo] = []
+        self._read_at = float("-inf")
+
+    async def workers(self, fresh: bool = False) -> list[WorkerInfo]:
+        if fresh or time.monotonic() - self._read_at > CACHE_S:
+            found: list[WorkerInfo] = []
+            names = [name async for name in self._redis.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN, count=500)]
+            if names:
+                for raw in await self._redis.mget(names):
+                    if raw is None:
+                        continue
+                    try:
+                        found.append(decode_worker(raw))
+                    except msgspec.DecodeError:
+                        continue
+            self._workers = sorted(found, key=lambda w: w.worker_id)
+            self._read_at = time.monotonic()
+        return self._workers
+
+    async def served_models(self) -> list[str]:
+        return sorted({w.model for w in await self.workers()})
+
+    async def require_model(self, model: str) -> None:
+        """404 for a model no worker ever announced; 503 for a known one with no live worker now."""
+        if model in await self.served_models():
+            return
+        if model in await self.served_models_fresh():
+            return
+        if await self._redis.sismember(keys.KNOWN_MODELS, model):
+            raise APIError(503, f"No live worker serves the model '{model}' right now; retry shortly.",
+                           code="model_unavailable", headers={"Retry-After": "5"})
+        raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+    async def served_models_fresh(self) -> list[str]:
+        return sorted({w.model for w in await self.workers(fresh=True)})

@@ -1,0 +1,123 @@
+"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev tiny-model DIR`.
+
+Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
+only its own half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from common.settings import Settings, load_or_exit
+
+log = logging.getLogger("axion")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def run_api(settings: Settings) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.server_host, port=settings.server_port,
+                log_level=settings.log_level, access_log=settings.log_level == "debug", timeout_graceful_shutdown=30)
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    import asyncio
+
+    from workers.chat.worker import serve_worker
+
+    asyncio.run(serve_worker(settings))
+    return 0
+
+
+def run_serve(settings: Settings) -> int:
+    """API + one chat worker as child processes, on REDIS_URL or on an embedded Redis started here."""
+    from common.redis_server import EmbeddedRedis, die_with_parent
+
+    embedded: EmbeddedRedis | None = None
+    env = dict(os.environ)
+    if not settings.redis_url:
+        embedded = EmbeddedRedis().start()
+        env["REDIS_URL"] = embedded.url
+        log.info("REDIS_URL is unset: started an embedded Redis at %s (%s, in memory, stopped on exit). "
+                 "To share one Redis across machines, set REDIS_URL=redis://HOST:6379/0.", embedded.url,
+                 embedded.origin)
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        for role in ("worker", "api"):
+            children.append(subprocess.Popen([sys.executable, "-m", "common.cli", role], env=env,
+                                              preexec_fn=die_with_parent))
+        log.info("serving %s on http://%s:%d (OpenAI API at /v1)", settings.model_id, settings.server_host,
+                 settings.server_port)
+        code = 0
+        while not stopping:
+            exited = [c for c in children if c.poll() is not None]
+            if exited:
+                code = exited[0].returncode or 1
+                log.error("a child process exited with status %s; stopping", exited[0].returncode)
+                break
+            time.sleep(0.2)
+        return code
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if embedded:
+            embedded.stop()
+
+
+def run_dev(argv: list[str]) -> int:
+    if not argv or argv[0] != "tiny-model":
+        print("usage: axion dev tiny-model DIR [--hidden-size N --layers N ...]", file=sys.stderr)
+        return 2
+    from workers.devmodels import main as build_main
+
+    return build_main(argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="axion", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["serve", "api", "worker", "dev"],
+                        help="serve: API + worker (+ embedded Redis); api / worker: fleet mode; dev: tools")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "dev":
+        return run_dev(rest)
+    if rest:
+        parser.error(f"unexpected arguments: {' '.join(rest)}")
+    settings = load_or_exit()
+    setup_logging(settings.log_level)
+    runners = {"serve": run_serve, "api": run_api, "worker": run_worker}
+    return runners[args.command](settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Wire types between the API and the workers: the job in a model's stream and the events on a reply channel.
+
+Both travel as JSON so `redis-cli XRANGE` and `SUBSCRIBE` show readable text. Every job carries a version `v`;
+a worker answers a job of a version it does not know with an error event instead of guessing. New optional
+fields may be added without a version bump (decoders ignore what they do not know).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+JOB_VERSION = 1
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str
+    name: str | None = None
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What shapes one sequence's tokens; `temperature == 0` means greedy, `top_k == 0` means off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: list[str] = msgspec.field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class ChatJob(msgspec.Struct, kw_only=True):
+    """One chat request as queued in `keys.chat_stream(model)` under the field `job`."""
+
+    request_id: str
+    model: str
+    messages: list[ChatMessage]
+    params: SamplingParams
+    created: float
+    v: int = JOB_VERSION
+
+
+class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
+    """The worker tokenized the prompt and admitted the job; sent before any token."""
+
+    prompt_tokens: int
+
+
+class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):
+    """New text. `seq` counts the events of one request from 0 so a reader can drop repeats."""
+
+    seq: int
+    text: str
+    completion_tokens: int
+
+
+class Finished(msgspec.Struct, tag_field="event", tag="done", kw_only=True):
+    """The last event of a successful request, with the last piece of text (maybe empty)."""
+
+    seq: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Failed(msgspec.Struct, tag_field="event", tag="error", kw_only=True):
+    """The request failed; fields map one to one onto the OpenAI error envelope."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+
+Event = Accepted | Delta | Finished | Failed
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """What a worker writes under `keys.worker_heartbeat(worker_id)` every few seconds, with a TTL."""
+
+    worker_id: str
+    kind: Literal["chat"]
+    model: str
+    device: str
+    dtype: str
+    hostname: str
+    pid: int
+    started: float
+    active_sequences: int = 0
+    max_batch_size: int = 0
+
+_job_decoder = msgspec.json.Decoder(ChatJob)
+_event_decoder = msgspec.json.Decoder(Event)
+_worker_decoder = msgspec.json.Decoder(WorkerInfo)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_job(data: bytes | str) -> ChatJob:
+    return _job_decoder.decode(data)
+
+
+def decode_event(data: bytes | str) -> Event:
+    return _event_decoder.decode(data)
+
+
+def decode_worker(data: bytes | str) -> WorkerInfo:
+    return _worker_decoder.decode(data)

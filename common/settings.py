@@ -1,0 +1,96 @@
+"""Typed settings read from the environment, validated once at start.
+
+A bad value stops the process with one readable line and exit status 2 (see `load_or_exit`), so a typo in a
+deployment manifest fails the pod at once instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
+    """Every knob, named exactly as its environment variable (upper case)."""
+
+    model_name: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    max_seq_len: PositiveInt = 4096
+    server_host: str = "0.0.0.0"
+    server_port: Port = 3000
+    max_connections: PositiveInt = 100
+    concurrent_requests: PositiveInt = 10
+    cache_capacity: NonNegativeInt = 1000
+    batch_timeout_ms: NonNegativeInt = 50
+    max_batch_size: PositiveInt = 8
+    redis_url: str | None = None
+    log_level: LogLevel = "info"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    request_timeout_s: PositiveFloat = 600.0
+    heartbeat_ttl_s: PositiveFloat = 10.0
+    max_body_bytes: PositiveInt = 10 * 1024 * 1024
+
+    @property
+    def model_id(self) -> str:
+        """The id clients put in `model`: SERVED_MODEL_NAME, else MODEL_NAME as given."""
+        return self.served_model_name or self.model_name
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message is one line naming the variable."""
+
+
+def _log_level_from_rust_style(value: str) -> str:
+    """Accept `axion=info` and `warn,axion=debug` as RUST_LOG writes them: the `axion` target wins."""
+    level = value
+    for part in value.split(","):
+        target, _, lvl = part.rpartition("=")
+        if not target:
+            level = lvl
+        elif target == "axion":
+            level = lvl
+            break
+    level = level.strip().lower()
+    return {"warn": "warning", "trace": "debug"}.get(level, level)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from `environ` (default `os.environ`); raise SettingsError on the first bad value."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, str] = {}
+    for field in msgspec.structs.fields(Settings):
+        value = env.get(field.encode_name)
+        if value is not None and value.strip() != "":
+            raw[field.encode_name] = value.strip()
+    if "LOG_LEVEL" not in raw and env.get("RUST_LOG"):
+        raw["LOG_LEVEL"] = env["RUST_LOG"]
+    if "LOG_LEVEL" in raw:
+        raw["LOG_LEVEL"] = _log_level_from_rust_style(raw["LOG_LEVEL"])
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        name = message.rsplit("$.", 1)[-1] if "$." in message else "settings"
+        detail = message.split(" - at ")[0]
+        raise SettingsError(f"invalid setting {name}={raw.get(name, '')!r}: {detail}") from None
+
+
+def load_or_exit() -> Settings:
+    """Settings for a process entry point: on a bad value print one line and exit with status 2."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"axion: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,131 @@
+"""Fixtures: a tiny model on disk, a real redis-server on a free port, and real Axion processes over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from common.redis_server import EmbeddedRedis, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.devmodels import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@dataclass
+class Proc:
+    """A running `axion` subcommand with its log file."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> Proc:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", *self.args], env=self.env,
+                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def axion_env(model_dir: Path, redis_url: str | None, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(MODEL_NAME=str(model_dir), SERVER_HOST="127.0.0.1", SERVER_PORT=str(port), LOG_LEVEL="info",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    env.update(extra)
+    return env
+
+
+def get_json(url: str, timeout: float = 2.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_ready(base_url: str, procs: list[Proc], workers: int = 1, timeout: float = 120) -> dict:
+    """Wait until /health lists `workers` live workers; fail early with the logs if a process died."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.process.poll() is not None:
+                pytest.fail(f"{proc.args} exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
+        try:
+            health = get_json(f"{base_url}/health")
+            if len(health["workers"]) >= workers:
+                return health
+            last = health
+        except OSError as exc:
+            last = exc
+        time.sleep(0.2)
+    logs = "\n".join(p.log()[-3000:] for p in procs)
+    pytest.fail(f"server not ready within {timeout}s (last: {last}):\n{logs}")
+
+
+@dataclass
+class Server:
+    base_url: str
+    model: str
+    procs: list[Proc]
+    redis_url: str | None = None
+
+    def client(self, **kwargs: object):  # noqa: ANN201 - openai.OpenAI
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs: object):  # noqa: ANN201 - openai.AsyncOpenAI
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`axion serve` exactly as a user runs it: REDIS_URL unset, so it starts its own embedded Redis."""
+    port = free_port()
+    logs = tmp_path_factory.mktemp("logs")
+    proc = Proc(["serve"], axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="256"), logs / "serve.log").start()
+    server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
+    try:
+        wait_ready(server.base_url, [proc])
+        yield server
+    finally:
+        code = proc.stop()
+        assert code == 0, f"axion serve exited with {code}:\n{proc.log()[-3000:]}"

@@ -1,0 +1,207 @@
+"""`axion serve` (embedded Redis) driven by the official openai SDK over real HTTP, checked against generate()."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server
+
+SYSTEM = {"role": "system", "content": "You are a terse assistant."}
+PROMPTS = ["Hello there, how are you today?", "Write one line about the sea.", "2 + 2 = ?"]
+
+
+@cache
+def _model(path: str):  # noqa: ANN202 - (model, tokenizer)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def reference(model_dir: str, messages: list[dict], max_tokens: int) -> tuple[str, int, int]:
+    """Greedy `model.generate` on the chat template: (text, prompt tokens, completion tokens)."""
+    import torch
+
+    model, tok = _model(model_dir)
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    return tok.decode(new, skip_special_tokens=True), enc["input_ids"].shape[1], len(new)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_non_streaming_greedy_equals_generate(served: Server, prompt: str) -> None:
+    messages = [SYSTEM, {"role": "user", "content": prompt}]
+    resp = served.client().chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                                   max_tokens=24)
+    text, prompt_tokens, completion_tokens = reference(served.model, messages, 24)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == text
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt_tokens, completion_tokens) == (
+        prompt_tokens, 24)
+    assert resp.usage.total_tokens == prompt_tokens + 24
+
+
+def test_streaming_wire_shape_and_usage(served: Server) -> None:
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    stream = served.client().chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                                     max_tokens=20, stream=True,
+                                                     stream_options={"include_usage": True})
+    chunks = list(stream)
+    text, prompt_tokens, completion_tokens = reference(served.model, messages, 20)
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert (usage_chunk.usage.prompt_tokens, usage_chunk.usage.completion_tokens) == (prompt_tokens, 20)
+    assert [c.choices[0].finish_reason for c in content_chunks].count("length") == 1
+    assert content_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in content_chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in content_chunks) == text
+    assert completion_tokens == 20
+
+
+def test_stream_without_include_usage_sends_no_usage_chunk(served: Server) -> None:
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{served.base_url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["cache-control"] == "no-cache" and resp.headers["x-accel-buffering"] == "no"
+        frames = [line for line in resp.iter_lines() if line]
+    assert frames[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in frames)
+    assert not any('"usage"' in line for line in frames)
+    assert not any('"choices":[]' in line for line in frames)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_text_before_it(served: Server, stream: bool) -> None:
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    full, _, _ = reference(served.model, messages, 40)
+    ascii_runs = [i for i in range(8, len(full) - 3) if full[i:i + 2].isascii() and full[i:i + 2].strip()]
+    assert ascii_runs, f"no usable stop text in {full!r}"
+    stop = full[ascii_runs[0]:ascii_runs[0] + 2]
+    expected = full[:full.find(stop)]
+    kwargs = {"model": served.model, "messages": messages, "temperature": 0, "max_tokens": 40,
+              "stop": [stop, "\u2603never"]}
+    if stream:
+        chunks = list(served.client().chat.completions.create(stream=True, **kwargs))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        resp = served.client().chat.completions.create(**kwargs)
+        text, finish = resp.choices[0].message.content, resp.choices[0].finish_reason
+    assert text == expected
+    assert stop not in text
+    assert finish == "stop"
+
+
+def test_max_completion_tokens_wins_over_max_tokens(served: Server) -> None:
+    resp = served.client().chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "count"}], temperature=0, max_tokens=20,
+        max_completion_tokens=5)
+    assert resp.usage is not None and resp.usage.completion_tokens == 5
+    assert resp.choices[0].finish_reason == "length"
+
+
+def test_seed_makes_sampling_reproducible(served: Server) -> None:
+    def sample(seed: int) -> str:
+        resp = served.client().chat.completions.create(
+            model=served.model, messages=[{"role": "user", "content": "tell me"}], temperature=1.0, top_p=0.9,
+            seed=seed, max_tokens=16, extra_body={"top_k": 50})
+        return resp.choices[0].message.content or ""
+
+    assert sample(1234) == sample(1234)
+    assert len({sample(s) for s in range(5)}) > 1
+
+
+def test_content_parts_and_developer_role(served: Server) -> None:
+    parts = [{"type": "text", "text": "Hello there, "}, {"type": "text", "text": "how are you today?"}]
+    resp = served.client().chat.completions.create(
+        model=served.model, messages=[{"role": "developer", "content": "You are a terse assistant."},
+                                      {"role": "user", "content": parts}],
+        temperature=0, max_tokens=12, extra_body={"some_unknown_field": {"x": 1}})
+    text, _, _ = reference(served.model, [{"role": "developer", "content": "You are a terse assistant."},
+                                          {"role": "user", "content": PROMPTS[0]}], 12)
+    assert resp.choices[0].message.content == text
+
+
+def test_unknown_model_is_404(served: Server) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        served.client().chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+
+
+def test_prompt_over_context_length_is_400(served: Server) -> None:
+    long = " ".join(["word"] * 400)  # MAX_SEQ_LEN is 256 in this fixture
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            served.client().chat.completions.create(model=served.model, stream=stream,
+                                                    messages=[{"role": "user", "content": long}])
+        assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().chat.completions.create(model=served.model, max_tokens=250,
+                                                messages=[{"role": "user", "content": "short prompt"}])
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"),
+    ({"n": 2}, "n"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+])
+def test_bad_requests_get_400_envelopes(served: Server, extra: dict, param: str) -> None:
+    body = {"model": served.model, "messages": [{"role": "user", "content": "x"}], **extra}
+    resp = httpx.post(f"{served.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and isinstance(error["code"], str)
+
+
+@pytest.mark.parametrize(("method", "path", "content", "status"), [
+    ("POST", "/v1/chat/completions", b"{not json", 400),
+    ("POST", "/v1/chat/completions", b"", 400),
+    ("POST", "/v1/chat/completions", b"[1, 2]", 400),
+    ("GET", "/v1/nothing-here", None, 404),
+    ("GET", "/v1/chat/completions", None, 405),
+])
+def test_malformed_requests_get_envelopes(served: Server, method: str, path: str, content: bytes | None,
+                                          status: int) -> None:
+    resp = httpx.request(method, f"{served.base_url}{path}", content=content, timeout=30,
+                         headers={"content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_models_and_health(served: Server) -> None:
+    models = served.client().models.list()
+    assert [m.id for m in models.data] == [served.model]
+    health = httpx.get(f"{served.base_url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["redis"]["reachable"] is True
+    assert health["models"] == [served.model]
+    (worker,) = health["workers"]
+    assert worker["model"] == served.model and worker["device"] == "cpu"
+
+
+def test_embedded_redis_is_announced_in_log(served: Server) -> None:
+    log = served.procs[0].log()
+    assert "REDIS_URL is unset: started an embedded Redis" in log
+    assert Path(served.model).is_dir()

@@ -1,0 +1,238 @@
+"""The chat engine: a left-padded running batch that sequences join and leave between decoding steps.
+
+Each step is one batched forward pass over every running sequence. A new sequence is prefilled on its own (so
+its prompt is computed exactly as `generate` would), then its KV cache is left-padded and concatenated onto the
+running batch's cache; a finished sequence's rows are dropped and columns that became all padding are trimmed.
+Positions come from the attention mask, so padding never shifts a sequence's rotary positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, SamplingParams
+from workers.chat.sampling import make_generator, sample_row
+from workers.chat.text import TextTracker
+
+log = logging.getLogger("axion.worker.engine")
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    generator: torch.Generator
+    text: TextTracker
+    output_ids: list[int] = field(default_factory=list)
+    seq: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    tag: Any = None  # the runner's handle (the stream entry id)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq - 1
+
+
+class ChatEngine:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_seq_len: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
+        self.max_seq_len = min(max_seq_len, int(limit))
+        self.eos_ids = sorted(_eos_ids(model, tokenizer))
+        self.rows: list[Sequence] = []
+        self.pending: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cached positions], 1 = real token
+        self._feed: list[int] = []  # per row: the last sampled token, not yet in the cache
+        self.released: list[Sequence] = []  # sequences that left the batch; the runner drains it to XACK
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + len(self.pending)
+
+    # ---- admission -----------------------------------------------------------------------------------
+    def prepare(self, job: ChatJob) -> Sequence | Failed:
+        """Apply the chat template and check lengths; a refusal comes back as a Failed event."""
+        messages = [{"role": self._role(m.role), "content": m.content} | ({"name": m.name} if m.name else {})
+                    for m in job.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
+            return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
+                          param="messages", code="invalid_messages")
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        prompt_ids = [int(t) for t in ids]
+        wanted = job.params.max_tokens
+        if len(prompt_ids) + (wanted or 1) > self.max_seq_len:
+            return Failed(status=400, code="context_length_exceeded", param="messages",
+                          message=(f"This model's maximum context length is {self.max_seq_len} tokens. However, "
+                                   f"you requested {len(prompt_ids) + (wanted or 0)} tokens "
+                                   f"({len(prompt_ids)} in the messages, {wanted or 0} in the completion)."))
+        return Sequence(
+            request_id=job.request_id, prompt_ids=prompt_ids, params=job.params,
+            max_new_tokens=wanted or self.max_seq_len - len(prompt_ids),
+            generator=make_generator(job.params.seed, self.device),
+            text=TextTracker(self.tokenizer, job.params.stop),
+        )
+
+    def _role(self, role: str) -> str:
+        """OpenAI's `developer` role is `system` to templates that do not know it (most open models)."""
+        if role == "developer" and "developer" not in (self.tokenizer.chat_template or ""):
+            return "system"
+        return role
+
+    def add(self, seq: Sequence) -> Accepted:
+        self.pending.append(seq)
+        return Accepted(prompt_tokens=len(seq.prompt_ids))
+
+    def cancel(self, request_id: str) -> None:
+        for seq in self.rows + self.pending:
+            if seq.request_id == request_id:
+                seq.cancelled = True
+
+    # ---- one step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, Event]]:
+        """Prefill newcomers, run one batched decoding step, and return one event per sequence that moved."""
+        events: list[tuple[Sequence, Event]] = []
+        newcomers, self.pending = self.pending, []
+        for seq in newcomers:
+            if seq.cancelled:
+                self.released.append(seq)
+            else:
+                self._join(seq, events)
+        if self.rows:
+            self._decode(events)
+        self._drop_finished()
+        return events
+
+    def reset(self) -> list[Sequence]:
+        """Drop every sequence (after a failed step); return them so the caller can report the failure."""
+        dropped = self.rows + self.pending
+        self.rows, self.pending, self._feed, self._cache, self._mask = [], [], [], None, None
+        return dropped
+
+    def _join(self, seq: Sequence, events: list[tuple[Sequence, Event]]) -> None:
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
+        self._merge(cache, torch.ones_like(ids), token, seq)
+        events.append((seq, self._advance(seq, token)))
+
+    def _decode(self, events: list[tuple[Sequence, Event]]) -> None:
+        assert self._cache is not None and self._mask is not None
+        live = [i for i, s in enumerate(self.rows) if s.finish_reason is None and not s.cancelled]
+        if not live:
+            return
+        mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+        positions = (mask.sum(dim=1, keepdim=True) - 1).to(torch.long)
+        inputs = torch.tensor([[t] for t in self._feed], device=self.device)
+        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                         cache=self._cache, use_cache=True)
+        self._mask = mask
+        logits = out.logits[:, -1, :].float()
+        tokens = self._sample(logits[live], [self.rows[i] for i in live])
+        for i, token in zip(live, tokens, strict=True):
+            seq = self.rows[i]
+            self._feed[i] = token
+            events.append((seq, self._advance(seq, token)))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        for row, seq in enumerate(seqs):
+            if self.eos_ids and (seq.params.ignore_eos or len(seq.output_ids) < seq.params.min_tokens):
+                logits[row, self.eos_ids] = float("-inf")
+        greedy = [r for r, s in enumerate(seqs) if s.params.temperature == 0.0]
+        tokens = [0] * len(seqs)
+        if greedy:
+            picks = torch.argmax(logits[greedy], dim=-1).tolist()
+            for r, t in zip(greedy, picks, strict=True):
+                tokens[r] = int(t)
+        for r, seq in enumerate(seqs):
+            if seq.params.temperature != 0.0:
+                tokens[r] = sample_row(logits[r], seq.params, seq.generator)
+        return tokens
+
+    def _advance(self, seq: Sequence, token: int) -> Event:
+        """Record a sampled token and turn it into the sequence's next event."""
+        seq.output_ids.append(token)
+        is_eos = token in self.eos_ids and not seq.params.ignore_eos
+        text = seq.text.update(seq.output_ids[:-1] if is_eos else seq.output_ids)
+        if is_eos or seq.text.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            return Delta(seq=seq.next_seq(), text=text, completion_tokens=len(seq.output_ids))
+        if not seq.text.stopped:
+            text += seq.text.flush()
+        return Finished(seq=seq.next_seq(), text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+                        prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+
+    # ---- batch bookkeeping ---------------------------------------------------------------------------
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, token: int, seq: Sequence) -> None:
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+        else:
+            length = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)], dim=0)
+                mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)], dim=0)
+            self._mask = torch.cat([_pad_left(self._mask, length), _pad_left(mask, length)], dim=0)
+        self.rows.append(seq)
+        self._feed.append(token)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self.rows) if s.finish_reason is None and not s.cancelled]
+        if len(keep) == len(self.rows):
+            return
+        self.released.extend(s for i, s in enumerate(self.rows) if i not in set(keep))
+        if not keep:
+            self.rows, self._feed, self._cache, self._mask = [], [], None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int(torch.nonzero(mask.any(dim=0))[0])  # leading columns that are padding in every row
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = mask[:, start:]
+        self.rows = [self.rows[i] for i in keep]
+        self._feed = [self._feed[i] for i in keep]
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad dim 2 (KV: [batch, heads, seq, dim]) or dim 1 (mask: [batch, seq]) with zeros to `length`."""
+    dim = 2 if t.dim() == 4 else 1
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,170 @@
+"""The chat worker process: drain the model's stream in micro-batches, step the engine, publish events.
+
+Delivery rule: a job's entry is XACKed (and XDELed, so XLEN counts only unanswered work) in the same pipeline
+as, and after, the PUBLISH of its final event. A worker that dies before that leaves the entry pending in the
+consumer group, where it can be reclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common import keys
+from common.protocol import Event, Failed, WorkerInfo, decode_job, encode
+from common.settings import Settings
+from workers.chat.engine import ChatEngine, Sequence
+
+log = logging.getLogger("axion.worker")
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class ChatWorker:
+    def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis
+        self.model_id = settings.model_id
+        self.stream = keys.chat_stream(self.model_id)
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.info = WorkerInfo(worker_id=self.worker_id, kind="chat", model=self.model_id,
+                               device=str(engine.device), dtype=dtype, hostname=socket.gethostname(),
+                               pid=os.getpid(), started=time.time(), max_batch_size=settings.max_batch_size)
+        self.stopping = asyncio.Event()
+        self.steps = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        await self._ensure_group()
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="axion-heartbeat")
+        log.info("worker %s serving %s from stream %s", self.worker_id, self.model_id, self.stream)
+        try:
+            while not self.stopping.is_set() or self.engine.active:
+                try:
+                    if not self.stopping.is_set():
+                        await self._read(block=self.engine.active == 0)
+                    if self.engine.active:
+                        await self._step()
+                except REDIS_ERRORS as exc:
+                    log.warning("Redis unavailable (%s); retrying in 1s", type(exc).__name__)
+                    await asyncio.sleep(1.0)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await heartbeat
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.redis.delete(keys.worker_heartbeat(self.worker_id))
+            log.info("worker %s stopped after %d steps", self.worker_id, self.steps)
+
+    def stop(self) -> None:
+        """Stop reading new jobs; the loop finishes the sequences in flight, then returns."""
+        if not self.stopping.is_set():
+            log.info("worker %s stopping: finishing %d sequences in flight", self.worker_id, self.engine.active)
+        self.stopping.set()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _heartbeat_loop(self) -> None:
+        ttl = self.settings.heartbeat_ttl_s
+        await self.redis.sadd(keys.KNOWN_MODELS, self.model_id)
+        while True:
+            self.info.active_sequences = self.engine.active
+            try:
+                await self.redis.set(keys.worker_heartbeat(self.worker_id), encode(self.info), px=int(ttl * 1000))
+            except REDIS_ERRORS as exc:
+                log.warning("heartbeat failed (%s)", type(exc).__name__)
+            await asyncio.sleep(ttl / 3)
+
+    async def _read(self, block: bool) -> None:
+        free = self.settings.max_batch_size - self.engine.active
+        if free <= 0:
+            return
+        block_ms = max(1, self.settings.batch_timeout_ms) if block else None
+        reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.stream: ">"},
+                                            count=free, block=block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                await self._admit(entry_id, fields)
+
+    async def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            job = decode_job(fields[b"job"])
+        except (KeyError, msgspec.DecodeError) as exc:
+            log.error("dropping unreadable entry %s: %s", entry_id, exc)
+            await self._ack(self.redis.pipeline(transaction=False), entry_id).execute()
+            return
+        result = self.engine.prepare(job) if job.v == 1 else Failed(
+            status=400, message=f"unsupported job version {job.v}", code="unsupported_job_version")
+        channel = keys.reply_channel(job.request_id)
+        if isinstance(result, Failed):
+            pipe = self.redis.pipeline(transaction=False).publish(channel, encode(result))
+            await self._ack(pipe, entry_id).execute()
+            return
+        result.tag = entry_id
+        await self.redis.publish(channel, encode(self.engine.add(result)))
+
+    async def _step(self) -> None:
+        try:
+            events = await asyncio.to_thread(self.engine.step)
+        except Exception:
+            log.exception("engine step failed; failing the %d sequences in the batch", self.engine.active)
+            failure = Failed(status=500, message="The model failed while generating.", type="server_error",
+                             code="engine_error")
+            events = [(seq, failure) for seq in self.engine.reset()]
+            self.engine.released.extend(seq for seq, _ in events)
+        self.steps += 1
+        await self._publish(events)
+
+    async def _publish(self, events: list[tuple[Sequence, Event]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for seq, event in events:
+            pipe.publish(keys.reply_channel(seq.request_id), encode(event))
+        released, self.engine.released = self.engine.released, []
+        for seq in released:
+            self._ack(pipe, seq.tag)
+        await pipe.execute()
+        for seq in released:
+            if isinstance(seq.finish_reason, str):
+                log.debug("request %s finished (%s, %d tokens)", seq.request_id, seq.finish_reason,
+                          len(seq.output_ids))
+
+    def _ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
+        pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        return pipe
+
+
+async def serve_worker(settings: Settings) -> None:
+    from workers.chat.loader import load_causal_lm
+
+    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device)
+    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len)
+    redis = aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    try:
+        await ChatWorker(settings, engine, redis, str(loaded.dtype).removeprefix("torch.")).run()
+    finally:
+        await redis.aclose()
+
+
+__all__ = ["ChatWorker", "serve_worker"]

@@ -30,6 +30,10 @@ def run_api(settings: Settings) -> int:
 
     from api.app import create_app
 
+    # uvicorn re-raises the captured SIGTERM/SIGINT once its graceful shutdown is done; with these handlers in
+    # place that re-raise is a no-op, so a drained API exits 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(create_app(settings), host=settings.server_host, port=settings.server_port,
                 log_level=settings.log_level, access_log=settings.log_level == "debug", timeout_graceful_shutdown=30)
     return 0

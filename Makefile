@@ -1,0 +1,21 @@
+# The two commands of the README. Both install what they need into .venv first (see scripts/install.sh).
+.PHONY: serve test install lint tiny-model
+
+serve:
+	@scripts/install.sh
+	.venv/bin/axion serve
+
+test:
+	@scripts/install.sh test
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest
+
+install:
+	@scripts/install.sh test
+
+lint:
+	.venv/bin/ruff check .
+
+tiny-model:
+	@scripts/install.sh
+	.venv/bin/axion dev tiny-model $(or $(DIR),models/tiny-llama)

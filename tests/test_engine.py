@@ -1,0 +1,128 @@
+"""The batching engine in-process, against `model.generate` on the same weights (no Redis, no HTTP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.protocol import ChatJob, ChatMessage, Delta, Failed, Finished, SamplingParams
+from workers.chat.engine import ChatEngine, Sequence
+
+PROMPTS = ["Hello there", "Tell me a story about the sea and the stars", "x", "What is two plus two? Be brief."]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple:
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def engine(loaded: tuple) -> ChatEngine:
+    model, tok = loaded
+    return ChatEngine(model, tok, torch.device("cpu"), 4096)
+
+
+def job(prompt: str, rid: str, **params: object) -> ChatJob:
+    return ChatJob(request_id=rid, model="m", messages=[ChatMessage("user", prompt)],
+                   params=SamplingParams(**{"temperature": 0.0, **params}), created=0.0)
+
+
+def greedy_ids(loaded: tuple, prompt: str, n: int) -> list[int]:
+    model, tok = loaded
+    enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def admit(engine: ChatEngine, j: ChatJob) -> Sequence:
+    seq = engine.prepare(j)
+    assert isinstance(seq, Sequence)
+    engine.add(seq)
+    return seq
+
+
+def drain(engine: ChatEngine, results: dict[str, list]) -> None:
+    for seq, event in engine.step():
+        results.setdefault(seq.request_id, []).append(event)
+
+
+@pytest.mark.parametrize("join_every", [1, 2, 5])
+def test_greedy_identical_alone_or_joining_a_busy_batch(engine: ChatEngine, loaded: tuple, join_every: int) -> None:
+    results: dict[str, list] = {}
+    seqs = []
+    for i, prompt in enumerate(PROMPTS):
+        seqs.append(admit(engine, job(prompt, str(i), max_tokens=12 + 4 * i)))
+        for _ in range(join_every):
+            drain(engine, results)
+    while engine.active:
+        drain(engine, results)
+    for i, (prompt, seq) in enumerate(zip(PROMPTS, seqs, strict=True)):
+        assert seq.output_ids == greedy_ids(loaded, prompt, 12 + 4 * i)
+        events = results[str(i)]
+        assert isinstance(events[-1], Finished) and events[-1].finish_reason == "length"
+        assert [e.seq for e in events] == list(range(len(events)))
+    assert engine.rows == [] and len(engine.released) == len(PROMPTS)
+
+
+def test_mixed_parameters_in_one_batch(engine: ChatEngine, loaded: tuple) -> None:
+    _, tok = loaded
+    reference = greedy_ids(loaded, PROMPTS[1], 30)
+    ref_text = tok.decode(reference, skip_special_tokens=True)
+    stop = next(ref_text[i:i + 2] for i in range(6, len(ref_text)) if ref_text[i:i + 2].isascii()
+                and ref_text[i:i + 2].strip())
+    greedy = admit(engine, job(PROMPTS[1], "greedy", max_tokens=30))
+    one = admit(engine, job(PROMPTS[0], "one", max_tokens=1))
+    stopper = admit(engine, job(PROMPTS[1], "stop", max_tokens=30, stop=[stop]))
+    sampled = admit(engine, job(PROMPTS[2], "sampled", temperature=1.0, top_p=0.9, top_k=20, seed=5, max_tokens=8))
+    results: dict[str, list] = {}
+    while engine.active:
+        drain(engine, results)
+    assert greedy.output_ids == reference
+    assert len(one.output_ids) == 1 and results["one"][-1].finish_reason == "length"
+    stop_text = "".join(e.text for e in results["stop"])
+    assert stop_text == ref_text[:ref_text.find(stop)] and results["stop"][-1].finish_reason == "stop"
+    assert len(sampled.output_ids) == 8
+
+
+def test_eos_min_tokens_and_ignore_eos(engine: ChatEngine, loaded: tuple) -> None:
+    reference = greedy_ids(loaded, PROMPTS[0], 10)
+    engine.eos_ids = [reference[2]]  # pretend the third greedy token ends the turn
+    plain = admit(engine, job(PROMPTS[0], "plain", max_tokens=10))
+    at_least = admit(engine, job(PROMPTS[0], "min", max_tokens=10, min_tokens=6))
+    ignoring = admit(engine, job(PROMPTS[0], "ignore", max_tokens=10, ignore_eos=True))
+    results: dict[str, list] = {}
+    while engine.active:
+        drain(engine, results)
+    assert plain.output_ids == reference[:3] and results["plain"][-1].finish_reason == "stop"
+    assert results["plain"][-1].completion_tokens == 3
+    assert len(at_least.output_ids) >= 6 and reference[2] not in at_least.output_ids[:6]
+    assert len(ignoring.output_ids) == 10 and results["ignore"][-1].finish_reason == "length"
+
+
+def test_cancelled_sequence_leaves_and_frees_its_slot(engine: ChatEngine) -> None:
+    keep = admit(engine, job(PROMPTS[0], "keep", max_tokens=6))
+    gone = admit(engine, job(PROMPTS[1], "gone", max_tokens=50))
+    results: dict[str, list] = {}
+    drain(engine, results)
+    engine.cancel("gone")
+    drain(engine, results)
+    assert gone not in engine.rows and gone in engine.released
+    while engine.active:
+        drain(engine, results)
+    assert engine.active == 0 and keep.finish_reason == "length"
+    assert all(isinstance(e, Delta | Finished) for e in results["keep"])
+
+
+def test_context_limit_is_refused_at_admission(loaded: tuple) -> None:
+    model, tok = loaded
+    small = ChatEngine(model, tok, torch.device("cpu"), 64)
+    refused = small.prepare(job("word " * 80, "long"))
+    assert isinstance(refused, Failed) and refused.code == "context_length_exceeded" and refused.status == 400
+    assert isinstance(small.prepare(job("hi", "ok", max_tokens=64)), Failed)
+    seq = small.prepare(job("hi", "ok"))
+    assert isinstance(seq, Sequence) and seq.max_new_tokens == 64 - len(seq.prompt_ids)

@@ -1,0 +1,68 @@
+"""Request validation (no server) and the 404-versus-503 rule of the worker registry (fakeredis)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import fakeredis
+import pytest
+
+from api.errors import APIError
+from api.protocol import decode_chat_request, output_limit, stop_list
+from api.registry import WorkerRegistry
+from api.serving_chat import build_job
+from common import keys
+from common.protocol import WorkerInfo, decode_job, encode
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def test_job_roundtrip_and_parameter_mapping() -> None:
+    req = decode_chat_request(body(temperature=0, max_tokens=9, max_completion_tokens=4, stop="x", seed=3,
+                                   top_k=-1, min_tokens=2, ignore_eos=True, user="u", whatever=[1]))
+    assert output_limit(req) == 4 and stop_list(req) == ["x"]
+    job = decode_job(encode(build_job(req, "rid")))
+    assert job.request_id == "rid" and job.v == 1
+    p = job.params
+    assert (p.temperature, p.max_tokens, p.stop, p.seed, p.top_k, p.min_tokens, p.ignore_eos) == (
+        0.0, 4, ["x"], 3, 0, 2, True)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"top_k": -2}, "top_k"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"seed": 2**64}, "seed"), ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                                "messages[0].content[0].type"),
+])
+def test_invalid_fields_are_named(fields: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        decode_chat_request(body(**fields))
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted() -> None:
+    decode_chat_request(body(n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0, tools=[],
+                             response_format={"type": "text"}, logit_bias={}))
+
+
+def test_registry_tells_unknown_from_unavailable() -> None:
+    async def scenario() -> None:
+        r = fakeredis.FakeAsyncRedis()
+        registry = WorkerRegistry(r)
+        with pytest.raises(APIError) as info:
+            await registry.require_model("m")
+        assert info.value.status == 404 and info.value.code == "model_not_found"
+        await r.sadd(keys.KNOWN_MODELS, "m")
+        with pytest.raises(APIError) as info:
+            await registry.require_model("m")
+        assert info.value.status == 503 and "Retry-After" in info.value.headers
+        worker = WorkerInfo(worker_id="w1", kind="chat", model="m", device="cpu", dtype="float32", hostname="h",
+                            pid=1, started=0.0)
+        await r.set(keys.worker_heartbeat("w1"), encode(worker), px=10_000)
+        await registry.require_model("m")
+        assert await registry.served_models() == ["m"]
+
+    asyncio.run(scenario())

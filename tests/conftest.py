@@ -105,12 +105,12 @@ class Server:
     procs: list[Proc]
     redis_url: str | None = None
 
-    def client(self, **kwargs: object):  # noqa: ANN201 - openai.OpenAI
+    def client(self, **kwargs: object):
         import openai
 
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kwargs)
 
-    def async_client(self, **kwargs: object):  # noqa: ANN201 - openai.AsyncOpenAI
+    def async_client(self, **kwargs: object):
         import openai
 
         return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kwargs)

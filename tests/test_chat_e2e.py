@@ -16,7 +16,7 @@ PROMPTS = ["Hello there, how are you today?", "Write one line about the sea.", "
 
 
 @cache
-def _model(path: str):  # noqa: ANN202 - (model, tokenizer)
+def _model(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

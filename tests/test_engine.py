@@ -77,7 +77,7 @@ def test_mixed_parameters_in_one_batch(engine: ChatEngine, loaded: tuple) -> Non
                 and ref_text[i:i + 2].strip())
     greedy = admit(engine, job(PROMPTS[1], "greedy", max_tokens=30))
     one = admit(engine, job(PROMPTS[0], "one", max_tokens=1))
-    stopper = admit(engine, job(PROMPTS[1], "stop", max_tokens=30, stop=[stop]))
+    admit(engine, job(PROMPTS[1], "stop", max_tokens=30, stop=[stop]))
     sampled = admit(engine, job(PROMPTS[2], "sampled", temperature=1.0, top_p=0.9, top_k=20, seed=5, max_tokens=8))
     results: dict[str, list] = {}
     while engine.active:

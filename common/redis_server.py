@@ -70,8 +70,11 @@ class EmbeddedRedis:
             self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
             "--dir", self._dir.name, "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
         ]
+        # Its own session: a Ctrl+C in the terminal reaches the API and workers, which drain through this Redis;
+        # the owner stops it last. die_with_parent still ends it if the owner is killed outright.
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

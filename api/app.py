@@ -75,7 +75,12 @@ async def health(state: State) -> dict[str, Any]:
         "workers": [
             {"id": w.worker_id, "kind": w.kind, "model": w.model, "device": w.device, "dtype": w.dtype,
              "active_sequences": w.active_sequences, "max_batch_size": w.max_batch_size,
-             "uptime_s": round(time.time() - w.started, 1)}
+             "uptime_s": round(time.time() - w.started, 1),
+             "memory": {"weights_bytes": w.weights_bytes, "kv_cache_bytes": w.kv_cache_bytes,
+                        "prefix_cache_bytes": w.prefix_cache_bytes, "rss_bytes": w.rss_bytes,
+                        "device_used_bytes": w.device_memory_used_bytes,
+                        "device_total_bytes": w.device_memory_total_bytes},
+             "prefix_cache_hits": w.prefix_cache_hits}
             for w in workers
         ],
         "models": models,

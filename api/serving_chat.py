@@ -153,8 +153,7 @@ class ChatRun:
                     parts.append(event.text)
                 elif isinstance(event, Finished):
                     parts.append(event.text)
-                    usage = p.Usage(event.prompt_tokens, event.completion_tokens,
-                                    event.prompt_tokens + event.completion_tokens)
+                    usage = usage_of(event)
                     choice = p.Choice(0, p.AssistantMessage("assistant", "".join(parts)), None, event.finish_reason)
                     return p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model,
                                             [choice], usage)
@@ -182,8 +181,7 @@ class ChatRun:
                     delta = p.ChoiceDelta(content=event.text) if event.text else p.ChoiceDelta()
                     yield self._frame(delta, event.finish_reason, include_usage)
                     if include_usage:
-                        usage = p.Usage(event.prompt_tokens, event.completion_tokens,
-                                        event.prompt_tokens + event.completion_tokens)
+                        usage = usage_of(event)
                         yield self._encode(p.ChatCompletionUsageChunk(
                             self.completion_id, "chat.completion.chunk", self.created, self.req.model, [], usage))
                     yield b"data: [DONE]\n\n"
@@ -209,6 +207,11 @@ class ChatRun:
     @staticmethod
     def _encode(chunk: msgspec.Struct) -> bytes:
         return b"data: " + _json.encode(chunk) + b"\n\n"
+
+
+def usage_of(event: Finished) -> p.Usage:
+    return p.Usage(event.prompt_tokens, event.completion_tokens, event.prompt_tokens + event.completion_tokens,
+                   p.PromptTokensDetails(event.cached_tokens))
 
 
 def new_request_id() -> str:

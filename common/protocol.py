@@ -66,6 +66,7 @@ class Finished(msgspec.Struct, tag_field="event", tag="done", kw_only=True):
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 class Failed(msgspec.Struct, tag_field="event", tag="error", kw_only=True):
@@ -94,6 +95,13 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     started: float
     active_sequences: int = 0
     max_batch_size: int = 0
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_hits: int = 0
+    rss_bytes: int = 0
+    device_memory_used_bytes: int | None = None
+    device_memory_total_bytes: int | None = None
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

@@ -198,7 +198,23 @@ def test_models_and_health(served: Server) -> None:
     assert health["status"] == "ok" and health["redis"]["reachable"] is True
     assert health["models"] == [served.model]
     (worker,) = health["workers"]
-    assert worker["model"] == served.model and worker["device"] == "cpu"
+    assert worker["model"] == served.model and worker["device"] == "cpu" and worker["dtype"] == "float32"
+    assert worker["memory"]["weights_bytes"] > 0 and worker["memory"]["rss_bytes"] > 0
+    assert worker["active_sequences"] == 0
+
+
+def test_shared_system_prompt_reports_cached_tokens(served: Server) -> None:
+    system = {"role": "system", "content": "You answer questions about ships and stars, briefly. " * 5}
+    usages = []
+    for question in ("first question", "second question"):
+        messages = [system, {"role": "user", "content": question}]
+        resp = served.client().chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                                       max_tokens=8)
+        assert resp.choices[0].message.content == reference(served.model, messages, 8)[0]
+        usages.append(resp.usage)
+    assert usages[1].prompt_tokens_details is not None
+    assert usages[1].prompt_tokens_details.cached_tokens >= 64
+    assert usages[1].prompt_tokens_details.cached_tokens < usages[1].prompt_tokens
 
 
 def test_embedded_redis_is_announced_in_log(served: Server) -> None:

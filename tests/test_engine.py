@@ -126,3 +126,73 @@ def test_context_limit_is_refused_at_admission(loaded: tuple) -> None:
     assert isinstance(small.prepare(job("hi", "ok", max_tokens=64)), Failed)
     seq = small.prepare(job("hi", "ok"))
     assert isinstance(seq, Sequence) and seq.max_new_tokens == 64 - len(seq.prompt_ids)
+
+
+LONG_SYSTEM = "You are a careful assistant who answers questions about ships, stars and numbers. " * 6
+
+
+def chat_ids(loaded: tuple, messages: list[dict], n: int) -> list[int]:
+    model, tok = loaded
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def system_job(user: str, rid: str) -> ChatJob:
+    return ChatJob(request_id=rid, model="m", messages=[ChatMessage("system", LONG_SYSTEM), ChatMessage("user", user)],
+                   params=SamplingParams(temperature=0.0, max_tokens=10), created=0.0)
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prefix_reuse_and_chunked_prefill_keep_greedy_output(loaded: tuple, chunk: int) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=chunk, prefix_cache_tokens=4096)
+    results: dict[str, list] = {}
+    seqs = []
+    for i, user in enumerate(["first question", "second question", "a third, longer question about ships"]):
+        seqs.append(admit(engine, system_job(user, str(i))))
+        while engine.active:
+            drain(engine, results)
+    assert seqs[0].cached_tokens == 0
+    assert seqs[1].cached_tokens >= 96 and seqs[2].cached_tokens >= 96
+    assert results["1"][-1].cached_tokens == seqs[1].cached_tokens
+    assert engine.prefix_cache.hits == 2
+    for seq, user in zip(seqs, ["first question", "second question", "a third, longer question about ships"],
+                         strict=True):
+        messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": user}]
+        assert seq.output_ids == chat_ids(loaded, messages, 10)
+
+
+def test_long_prompt_prefill_does_not_stall_running_decodes(loaded: tuple) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=16)
+    results: dict[str, list] = {}
+    runner = admit(engine, job(PROMPTS[0], "runner", max_tokens=40))
+    while not runner.output_ids:  # its own prompt takes two 16-token chunks
+        drain(engine, results)
+    long = admit(engine, system_job("long one", "long"))
+    steps_to_prefill = 0
+    while long.computed < len(long.prompt_ids):
+        before = len(runner.output_ids)
+        drain(engine, results)
+        steps_to_prefill += 1
+        assert len(runner.output_ids) == before + 1  # the running sequence decoded a token in this step
+    assert steps_to_prefill >= len(long.prompt_ids) // 16
+    while engine.active:
+        drain(engine, results)
+    assert runner.output_ids == greedy_ids(loaded, PROMPTS[0], 40)
+
+
+def test_prefix_cache_evicts_least_recently_used(loaded: tuple) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=64)
+    seq = admit(engine, system_job("hello", "a"))
+    while engine.active:
+        engine.step()
+    assert len(engine.prefix_cache) == 4  # capacity: 64 tokens = 4 blocks of 16
+    assert engine.prefix_cache.nbytes > 0
+    again = admit(engine, system_job("hello", "b"))
+    while engine.active:
+        engine.step()
+    assert again.cached_tokens == 64 and again.output_ids == seq.output_ids

@@ -1,9 +1,12 @@
 """The chat engine: a left-padded running batch that sequences join and leave between decoding steps.
 
-Each step is one batched forward pass over every running sequence. A new sequence is prefilled on its own (so
-its prompt is computed exactly as `generate` would), then its KV cache is left-padded and concatenated onto the
-running batch's cache; a finished sequence's rows are dropped and columns that became all padding are trimmed.
-Positions come from the attention mask, so padding never shifts a sequence's rotary positions.
+Each step first spends a budget of prompt tokens on prefill, oldest arrival first: a new sequence starts from
+the longest cached prefix of its prompt (see prefix_cache) and computes the rest in chunks, on its own cache,
+so a long prompt is spread over several steps instead of stalling the running decodes. A sequence whose
+prompt is done has its cache left-padded and concatenated onto the running batch's cache. Then one batched
+forward pass decodes one token for every running sequence. Finished or cancelled sequences' rows are dropped
+at once and columns that became padding in every row are trimmed. Positions come from the attention mask, so
+padding never shifts a sequence's rotary positions.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, SamplingParams
+from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import make_generator, sample_row
 from workers.chat.text import TextTracker
 
@@ -34,6 +38,10 @@ class Sequence:
     seq: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
+    error: str | None = None
+    cache: DynamicCache | None = None  # own KV cache while the prompt is prefilled
+    computed: int = 0  # prompt tokens in `cache`
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     tag: Any = None  # the runner's handle (the stream entry id)
 
     def next_seq(self) -> int:
@@ -42,8 +50,11 @@ class Sequence:
 
 
 class ChatEngine:
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_seq_len: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_seq_len: int, *,
+                 prefill_chunk_tokens: int = 512, prefix_cache_tokens: int = 0) -> None:
         self.model = model
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.tokenizer = tokenizer
         self.device = device
         limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
@@ -107,16 +118,18 @@ class ChatEngine:
     def step(self) -> list[tuple[Sequence, Event]]:
         """Prefill newcomers, run one batched decoding step, and return one event per sequence that moved."""
         events: list[tuple[Sequence, Event]] = []
-        newcomers, self.pending = self.pending, []
-        for seq in newcomers:
-            if seq.cancelled:
-                self.released.append(seq)
-            else:
-                self._join(seq, events)
+        self._prefill(events)
         if self.rows:
             self._decode(events)
         self._drop_finished()
         return events
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the running batch's KV cache (prefix cache and prefilling sequences not included)."""
+        cache = self._cache
+        if cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
     def reset(self) -> list[Sequence]:
         """Drop every sequence (after a failed step); return them so the caller can report the failure."""
@@ -124,13 +137,35 @@ class ChatEngine:
         self.rows, self.pending, self._feed, self._cache, self._mask = [], [], [], None, None
         return dropped
 
-    def _join(self, seq: Sequence, events: list[tuple[Sequence, Event]]) -> None:
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
-        self._merge(cache, torch.ones_like(ids), token, seq)
-        events.append((seq, self._advance(seq, token)))
+    def _prefill(self, events: list[tuple[Sequence, Event]]) -> None:
+        budget = self.prefill_chunk_tokens
+        waiting: list[Sequence] = []
+        for seq in self.pending:
+            if seq.cancelled:
+                seq.cache = None
+                self.released.append(seq)
+                continue
+            if budget <= 0:
+                waiting.append(seq)
+                continue
+            if seq.cache is None:
+                seq.cache, seq.computed = self.prefix_cache.lookup(seq.prompt_ids, self.model.config)
+                seq.cached_tokens = seq.computed
+            n = min(budget, len(seq.prompt_ids) - seq.computed)
+            chunk = torch.tensor([seq.prompt_ids[seq.computed:seq.computed + n]], device=self.device)
+            out = self.model(input_ids=chunk, cache=seq.cache, use_cache=True, logits_to_keep=1)
+            seq.computed += n
+            budget -= n
+            if seq.computed < len(seq.prompt_ids):
+                waiting.append(seq)
+                continue
+            cache, seq.cache = seq.cache, None
+            self.prefix_cache.store(seq.prompt_ids, cache)
+            token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
+            self._merge(cache, torch.ones((1, len(seq.prompt_ids)), dtype=torch.long, device=self.device), token,
+                        seq)
+            events.append((seq, self._advance(seq, token)))
+        self.pending = waiting
 
     def _decode(self, events: list[tuple[Sequence, Event]]) -> None:
         assert self._cache is not None and self._mask is not None
@@ -162,11 +197,18 @@ class ChatEngine:
                 tokens[r] = int(t)
         for r, seq in enumerate(seqs):
             if seq.params.temperature != 0.0:
-                tokens[r] = sample_row(logits[r], seq.params, seq.generator)
+                try:
+                    tokens[r] = sample_row(logits[r], seq.params, seq.generator)
+                except (RuntimeError, ValueError) as exc:  # fail this request only, never the batch
+                    log.warning("sampling failed for %s: %s", seq.request_id, exc)
+                    seq.error = "Sampling failed for these parameters."
         return tokens
 
     def _advance(self, seq: Sequence, token: int) -> Event:
         """Record a sampled token and turn it into the sequence's next event."""
+        if seq.error is not None:
+            seq.finish_reason = "error"
+            return Failed(status=500, message=seq.error, type="server_error", code="sampling_error")
         seq.output_ids.append(token)
         is_eos = token in self.eos_ids and not seq.params.ignore_eos
         text = seq.text.update(seq.output_ids[:-1] if is_eos else seq.output_ids)
@@ -179,7 +221,8 @@ class ChatEngine:
         if not seq.text.stopped:
             text += seq.text.flush()
         return Finished(seq=seq.next_seq(), text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
-                        prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+                        prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                        cached_tokens=seq.cached_tokens)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, token: int, seq: Sequence) -> None:

@@ -17,7 +17,9 @@ import time
 import uuid
 
 import msgspec
+import psutil
 import redis.asyncio as aioredis
+import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -89,12 +91,24 @@ class ChatWorker:
         ttl = self.settings.heartbeat_ttl_s
         await self.redis.sadd(keys.KNOWN_MODELS, self.model_id)
         while True:
-            self.info.active_sequences = self.engine.active
+            self._refresh_stats()
             try:
                 await self.redis.set(keys.worker_heartbeat(self.worker_id), encode(self.info), px=int(ttl * 1000))
             except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed (%s)", type(exc).__name__)
             await asyncio.sleep(ttl / 3)
+
+    def _refresh_stats(self) -> None:
+        info, engine = self.info, self.engine
+        info.active_sequences = engine.active
+        info.kv_cache_bytes = engine.kv_bytes()
+        info.prefix_cache_bytes = engine.prefix_cache.nbytes
+        info.prefix_cache_hits = engine.prefix_cache.hits
+        info.rss_bytes = psutil.Process().memory_info().rss
+        info.weights_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        if engine.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(engine.device)
+            info.device_memory_used_bytes, info.device_memory_total_bytes = total - free, total
 
     async def _read(self, block: bool) -> None:
         free = self.settings.max_batch_size - self.engine.active
@@ -159,7 +173,9 @@ async def serve_worker(settings: Settings) -> None:
     from workers.chat.loader import load_causal_lm
 
     loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device)
-    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len)
+    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
+                        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                        prefix_cache_tokens=settings.prefix_cache_tokens)
     redis = aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
     try:
         await ChatWorker(settings, engine, redis, str(loaded.dtype).removeprefix("torch.")).run()

@@ -1,0 +1,97 @@
+"""Prompt-prefix KV reuse: the keys and values of prompt blocks already computed, looked up by token content.
+
+A prompt is cut into blocks of BLOCK tokens; block i is keyed by (key of block i-1, its tokens), so a key
+names a whole prefix, not just a block. A new prompt reuses the longest chain of blocks it shares with earlier
+prompts (a common system prompt, the earlier turns of a chat) and computes only the rest. Blocks are evicted
+least recently used once the cache holds more than its capacity in tokens; a chain is always touched deepest
+block first, so a prefix is evicted after its continuations, never before (an orphaned block is unreachable).
+Each block is a copy, so a cached prefix never pins a whole batch's KV tensors in memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+BLOCK = 16
+
+
+@dataclass(eq=False)
+class Block:
+    parent: int | None
+    tokens: tuple[int, ...]
+    keys: list[torch.Tensor]  # one [1, kv_heads, BLOCK, head_dim] tensor per layer
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class PrefixCache:
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_blocks = capacity_tokens // BLOCK
+        self._blocks: OrderedDict[int, Block] = OrderedDict()
+        self.hits = 0
+        self.reused_tokens = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_blocks > 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(block.nbytes for block in self._blocks.values())
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, prompt_ids: list[int], config: object) -> tuple[DynamicCache, int]:
+        """A fresh cache holding the longest cached prefix of `prompt_ids` (at least one token left over)."""
+        chain: list[Block] = []
+        parent: int | None = None
+        usable = (len(prompt_ids) - 1) // BLOCK  # the last prompt token is always computed, for its logits
+        for i in range(usable if self.enabled else 0):
+            tokens = tuple(prompt_ids[i * BLOCK:(i + 1) * BLOCK])
+            key = hash((parent, tokens))
+            block = self._blocks.get(key)
+            if block is None or block.tokens != tokens or block.parent != parent:
+                break
+            chain.append(block)
+            parent = key
+        self._touch_deepest_first([hash((b.parent, b.tokens)) for b in chain])
+        cache = DynamicCache(config=config)
+        if chain:
+            for layer in range(len(chain[0].keys)):
+                cache.update(torch.cat([b.keys[layer] for b in chain], dim=2),
+                             torch.cat([b.values[layer] for b in chain], dim=2), layer)
+            self.hits += 1
+            self.reused_tokens += len(chain) * BLOCK
+        return cache, len(chain) * BLOCK
+
+    def store(self, prompt_ids: list[int], cache: DynamicCache) -> None:
+        """Copy every full block of a freshly prefilled prompt that is not cached yet."""
+        if not self.enabled:
+            return
+        parent: int | None = None
+        chain: list[int] = []
+        for i in range(min(len(prompt_ids) // BLOCK, self.capacity_blocks)):
+            tokens = tuple(prompt_ids[i * BLOCK:(i + 1) * BLOCK])
+            key = hash((parent, tokens))
+            if key not in self._blocks:
+                span = slice(i * BLOCK, (i + 1) * BLOCK)
+                self._blocks[key] = Block(parent, tokens,
+                                          [layer.keys[:, :, span].clone() for layer in cache.layers],
+                                          [layer.values[:, :, span].clone() for layer in cache.layers])
+            chain.append(key)
+            parent = key
+        self._touch_deepest_first(chain)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+
+    def _touch_deepest_first(self, chain: list[int]) -> None:
+        for key in reversed(chain):
+            self._blocks.move_to_end(key)

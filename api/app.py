@@ -80,7 +80,9 @@ async def health(state: State) -> dict[str, Any]:
                         "prefix_cache_bytes": w.prefix_cache_bytes, "rss_bytes": w.rss_bytes,
                         "device_used_bytes": w.device_memory_used_bytes,
                         "device_total_bytes": w.device_memory_total_bytes},
-             "prefix_cache_hits": w.prefix_cache_hits}
+             "prefix_cache_hits": w.prefix_cache_hits,
+             "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
+             "prefilled_tokens": w.prefilled_tokens}
             for w in workers
         ],
         "models": models,

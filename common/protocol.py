@@ -95,6 +95,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     started: float
     active_sequences: int = 0
     max_batch_size: int = 0
+    decode_steps: int = 0
+    decoded_tokens: int = 0
+    prefilled_tokens: int = 0
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     prefix_cache_bytes: int = 0

@@ -51,8 +51,9 @@ def drain(engine: ChatEngine, results: dict[str, list]) -> None:
         results.setdefault(seq.request_id, []).append(event)
 
 
-@pytest.mark.parametrize("join_every", [1, 2, 5])
+@pytest.mark.parametrize("join_every", [0, 1, 2, 5])
 def test_greedy_identical_alone_or_joining_a_busy_batch(engine: ChatEngine, loaded: tuple, join_every: int) -> None:
+    """join_every=0: all four arrive together and share one left-padded prefill pass."""
     results: dict[str, list] = {}
     seqs = []
     for i, prompt in enumerate(PROMPTS):

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, SamplingParams
+from workers.chat.kv import new_cache
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import make_generator, sample_row
 from workers.chat.text import TextTracker
@@ -66,6 +67,9 @@ class ChatEngine:
         self._mask: torch.Tensor | None = None  # [rows, cached positions], 1 = real token
         self._feed: list[int] = []  # per row: the last sampled token, not yet in the cache
         self.released: list[Sequence] = []  # sequences that left the batch; the runner drains it to XACK
+        self.decode_steps = 0
+        self.decoded_tokens = 0
+        self.prefilled_tokens = 0
 
     @property
     def active(self) -> int:
@@ -114,14 +118,26 @@ class ChatEngine:
                 seq.cancelled = True
 
     # ---- one step ------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, Event]]:
-        """Prefill newcomers, run one batched decoding step, and return one event per sequence that moved."""
+        """Prefill, then one batched decoding step; one event per sequence per token it gained."""
+        return self.prefill_step() + self.decode_step()
+
+    @torch.inference_mode()
+    def prefill_step(self) -> list[tuple[Sequence, Event]]:
+        """Spend the prompt-token budget; a sequence whose prompt is done gets its first token (an event)."""
         events: list[tuple[Sequence, Event]] = []
-        self._prefill(events)
+        if self.pending:
+            self._prefill(events)
+            self._drop_finished()
+        return events
+
+    @torch.inference_mode()
+    def decode_step(self) -> list[tuple[Sequence, Event]]:
+        """One forward pass over every running sequence: one token (an event) each."""
+        events: list[tuple[Sequence, Event]] = []
         if self.rows:
             self._decode(events)
-        self._drop_finished()
+            self._drop_finished()
         return events
 
     def kv_bytes(self) -> int:
@@ -138,8 +154,11 @@ class ChatEngine:
         return dropped
 
     def _prefill(self, events: list[tuple[Sequence, Event]]) -> None:
+        """Spend the budget oldest first. Whole fresh prompts that fit go through one left-padded forward pass
+        together; a prompt with a cached prefix, or too long for what is left, continues on its own cache."""
         budget = self.prefill_chunk_tokens
         waiting: list[Sequence] = []
+        together: list[Sequence] = []
         for seq in self.pending:
             if seq.cancelled:
                 seq.cache = None
@@ -151,21 +170,52 @@ class ChatEngine:
             if seq.cache is None:
                 seq.cache, seq.computed = self.prefix_cache.lookup(seq.prompt_ids, self.model.config)
                 seq.cached_tokens = seq.computed
-            n = min(budget, len(seq.prompt_ids) - seq.computed)
+            remaining = len(seq.prompt_ids) - seq.computed
+            if seq.computed == 0 and remaining <= budget:
+                together.append(seq)
+                budget -= remaining
+                continue
+            n = min(budget, remaining)
             chunk = torch.tensor([seq.prompt_ids[seq.computed:seq.computed + n]], device=self.device)
             out = self.model(input_ids=chunk, cache=seq.cache, use_cache=True, logits_to_keep=1)
             seq.computed += n
             budget -= n
+            self.prefilled_tokens += n
             if seq.computed < len(seq.prompt_ids):
                 waiting.append(seq)
                 continue
             cache, seq.cache = seq.cache, None
-            self.prefix_cache.store(seq.prompt_ids, cache)
-            token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
-            self._merge(cache, torch.ones((1, len(seq.prompt_ids)), dtype=torch.long, device=self.device), token,
-                        seq)
-            events.append((seq, self._advance(seq, token)))
+            mask = torch.ones((1, len(seq.prompt_ids)), dtype=torch.long, device=self.device)
+            self._join([seq], cache, mask, out.logits[:, -1, :], events)
+        if together:
+            self._prefill_together(together, events)
         self.pending = waiting
+
+    def _prefill_together(self, seqs: list[Sequence], events: list[tuple[Sequence, Event]]) -> None:
+        length = max(len(s.prompt_ids) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (length - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+                            device=self.device)
+        cache = new_cache(self.model.config)
+        kwargs = {} if len(seqs) == 1 else {"attention_mask": mask,
+                                            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        for seq in seqs:
+            seq.cache, seq.computed = None, len(seq.prompt_ids)
+            self.prefilled_tokens += len(seq.prompt_ids)
+        self._join(seqs, cache, mask, out.logits[:, -1, :], events)
+
+    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, last_logits: torch.Tensor,
+              events: list[tuple[Sequence, Event]]) -> None:
+        """Prompts done: keep their blocks for reuse, sample each first token, move the rows into the batch."""
+        length = mask.shape[1]
+        for row, seq in enumerate(seqs):
+            self.prefix_cache.store(seq.prompt_ids, cache, row=row, offset=length - len(seq.prompt_ids))
+        tokens = self._sample(last_logits.float(), seqs)
+        self._merge(cache, mask, tokens, seqs)
+        for seq, token in zip(seqs, tokens, strict=True):
+            events.append((seq, self._advance(seq, token)))
 
     def _decode(self, events: list[tuple[Sequence, Event]]) -> None:
         assert self._cache is not None and self._mask is not None
@@ -180,6 +230,8 @@ class ChatEngine:
         self._mask = mask
         logits = out.logits[:, -1, :].float()
         tokens = self._sample(logits[live], [self.rows[i] for i in live])
+        self.decode_steps += 1
+        self.decoded_tokens += len(live)
         for i, token in zip(live, tokens, strict=True):
             seq = self.rows[i]
             self._feed[i] = token
@@ -225,7 +277,7 @@ class ChatEngine:
                         cached_tokens=seq.cached_tokens)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, token: int, seq: Sequence) -> None:
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> None:
         if self._cache is None or self._mask is None:
             self._cache, self._mask = cache, mask
         else:
@@ -234,8 +286,8 @@ class ChatEngine:
                 mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)], dim=0)
                 mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)], dim=0)
             self._mask = torch.cat([_pad_left(self._mask, length), _pad_left(mask, length)], dim=0)
-        self.rows.append(seq)
-        self._feed.append(token)
+        self.rows.extend(seqs)
+        self._feed.extend(tokens)
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.rows) if s.finish_reason is None and not s.cancelled]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from workers.chat.kv import new_cache
+
 BLOCK = 16
 
 
@@ -63,7 +65,7 @@ class PrefixCache:
             chain.append(block)
             parent = key
         self._touch_deepest_first([hash((b.parent, b.tokens)) for b in chain])
-        cache = DynamicCache(config=config)
+        cache = new_cache(config)
         if chain:
             for layer in range(len(chain[0].keys)):
                 cache.update(torch.cat([b.keys[layer] for b in chain], dim=2),
@@ -72,8 +74,9 @@ class PrefixCache:
             self.reused_tokens += len(chain) * BLOCK
         return cache, len(chain) * BLOCK
 
-    def store(self, prompt_ids: list[int], cache: DynamicCache) -> None:
-        """Copy every full block of a freshly prefilled prompt that is not cached yet."""
+    def store(self, prompt_ids: list[int], cache: DynamicCache, row: int = 0, offset: int = 0) -> None:
+        """Copy every full block of a freshly prefilled prompt that is not cached yet; the prompt sits in batch
+        row `row` of `cache`, from position `offset` on (left padding before it)."""
         if not self.enabled:
             return
         parent: int | None = None
@@ -82,10 +85,10 @@ class PrefixCache:
             tokens = tuple(prompt_ids[i * BLOCK:(i + 1) * BLOCK])
             key = hash((parent, tokens))
             if key not in self._blocks:
-                span = slice(i * BLOCK, (i + 1) * BLOCK)
+                span = slice(offset + i * BLOCK, offset + (i + 1) * BLOCK)
                 self._blocks[key] = Block(parent, tokens,
-                                          [layer.keys[:, :, span].clone() for layer in cache.layers],
-                                          [layer.values[:, :, span].clone() for layer in cache.layers])
+                                          [layer.keys[row:row + 1, :, span].clone() for layer in cache.layers],
+                                          [layer.values[row:row + 1, :, span].clone() for layer in cache.layers])
             chain.append(key)
             parent = key
         self._touch_deepest_first(chain)

@@ -15,6 +15,8 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import psutil
@@ -47,6 +49,9 @@ class ChatWorker:
                                pid=os.getpid(), started=time.time(), max_batch_size=settings.max_batch_size)
         self.stopping = asyncio.Event()
         self.steps = 0
+        # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
+        # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-engine")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -72,7 +77,11 @@ class ChatWorker:
                 await heartbeat
             with contextlib.suppress(*REDIS_ERRORS):
                 await self.redis.delete(keys.worker_heartbeat(self.worker_id))
-            log.info("worker %s stopped after %d steps", self.worker_id, self.steps)
+            self._torch_thread.shutdown(wait=False)
+            log.info("worker %s stopped after %d steps: %d decode steps, mean batch %.2f, %d prompt tokens "
+                     "computed, %d reused from the prefix cache", self.worker_id, self.steps,
+                     self.engine.decode_steps, self.engine.decoded_tokens / max(1, self.engine.decode_steps),
+                     self.engine.prefilled_tokens, self.engine.prefix_cache.reused_tokens)
 
     def stop(self) -> None:
         """Stop reading new jobs; the loop finishes the sequences in flight, then returns."""
@@ -101,6 +110,8 @@ class ChatWorker:
     def _refresh_stats(self) -> None:
         info, engine = self.info, self.engine
         info.active_sequences = engine.active
+        info.decode_steps, info.decoded_tokens = engine.decode_steps, engine.decoded_tokens
+        info.prefilled_tokens = engine.prefilled_tokens
         info.kv_cache_bytes = engine.kv_bytes()
         info.prefix_cache_bytes = engine.prefix_cache.nbytes
         info.prefix_cache_hits = engine.prefix_cache.hits
@@ -139,15 +150,22 @@ class ChatWorker:
         await self.redis.publish(channel, encode(self.engine.add(result)))
 
     async def _step(self) -> None:
+        """Prefill and decode as two phases, publishing in between: first tokens go out before the decode."""
+        if self.engine.pending:
+            await self._run_phase(self.engine.prefill_step)
+        if self.engine.rows:
+            await self._run_phase(self.engine.decode_step)
+        self.steps += 1
+
+    async def _run_phase(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> None:
         try:
-            events = await asyncio.to_thread(self.engine.step)
+            events = await asyncio.get_running_loop().run_in_executor(self._torch_thread, phase)
         except Exception:
             log.exception("engine step failed; failing the %d sequences in the batch", self.engine.active)
             failure = Failed(status=500, message="The model failed while generating.", type="server_error",
                              code="engine_error")
             events = [(seq, failure) for seq in self.engine.reset()]
             self.engine.released.extend(seq for seq, _ in events)
-        self.steps += 1
         await self._publish(events)
 
     async def _publish(self, events: list[tuple[Sequence, Event]]) -> None:

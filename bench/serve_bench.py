@@ -1,0 +1,338 @@
+"""Axion serving benchmark: the server under load next to what the same model gives without it.
+
+    python bench/serve_bench.py --write-model tiny models/bench-tiny     # or: --write-model medium DIR
+    python bench/serve_bench.py models/bench-tiny --hf-cb --json out.json  # --mode concurrency (default)
+    python bench/serve_bench.py models/bench-tiny --mode poisson         # rate = half the measured capacity
+    python bench/serve_bench.py models/bench-tiny --mode shared-prefix
+
+Concurrency mode measures the engine-alone baselines first (sequential `generate`, one static `generate` batch,
+the `ChatEngine` stepped in this process at each concurrency, optionally transformers' continuous batching), and
+only then starts the server, so the two never compete for the cores. Every request asks for exactly
+--output-tokens tokens (`ignore_eos` / `min_new_tokens`), greedy, on prompts of --prompt-tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench`, `common` and `workers` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _client, _engine
+from bench._measure import LevelStats, PromptFactory, percentile
+
+MEDIUM = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
+          "vocab_size": 32000}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", type=Path, help="model folder (build one with --write-model)")
+    p.add_argument("--write-model", nargs=2, metavar=("SIZE", "DIR"), help="SIZE is tiny or medium; then exit")
+    p.add_argument("--mode", choices=["concurrency", "poisson", "shared-prefix"], default="concurrency")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="chat-templated prompt length")
+    p.add_argument("--output-tokens", type=int, default=64, help="tokens every request produces")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back per level")
+    p.add_argument("--max-batch-size", type=int, default=64, help="MAX_BATCH_SIZE of the server")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="MAX_SEQ_LEN of the server and the ChatEngine")
+    p.add_argument("--baseline-requests", type=int, default=16, help="requests of the `generate` baselines")
+    p.add_argument("--no-engine", action="store_true", help="concurrency mode: skip the engine-alone runs")
+    p.add_argument("--hf-cb", action="store_true", help="also run transformers' continuous batching at C=16")
+    p.add_argument("--rate", type=float, help="poisson: requests/s (default: half the measured capacity)")
+    p.add_argument("--duration", type=float, default=20.0, help="poisson: seconds of arrivals")
+    p.add_argument("--requests", type=int, help="poisson: number of requests (overrides --duration)")
+    p.add_argument("--system-tokens", type=int, default=512, help="shared-prefix: system prompt tokens")
+    p.add_argument("--followers", type=int, default=8, help="shared-prefix: requests after the first")
+    p.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = p.parse_args(argv)
+    if args.write_model is None and args.model is None:
+        p.error("a model folder is required (or --write-model SIZE DIR)")
+    if args.write_model and args.write_model[0] not in ("tiny", "medium"):
+        p.error("--write-model SIZE must be tiny or medium")
+    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return args
+
+
+def write_model(size: str, out_dir: str) -> None:
+    from workers.devmodels import build_tiny_llama
+
+    path = build_tiny_llama(out_dir, **(MEDIUM if size == "medium" else {}))
+    print(f"wrote the {size} benchmark model to {path}")
+
+
+def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, Any]:
+    """Engine-alone rows first (no server running), then the server at the same levels and prompts."""
+    out, rows = args.output_tokens, {"engine": [], "server": []}
+    if not args.no_engine:
+        model, tokenizer = _engine.load(args.model)
+        rows["sequential"] = _engine.sequential_generate(model, tokenizer, prompts, out, args.baseline_requests)
+        rows["static"] = _engine.static_batch_generate(model, tokenizer, prompts, out, args.baseline_requests)
+        for c in args.levels:
+            rows["engine"].append(_engine.chat_engine(model, tokenizer, prompts, out, c, c * args.rounds,
+                                                      args.max_seq_len))
+        del model, tokenizer
+        gc.collect()
+        if args.hf_cb:
+            rows["hf_cb"] = _engine.hf_continuous_batching(args.model, prompts, out, 16)
+
+    async def drive(server: _client.Server) -> None:
+        async with server.client() as client:
+            for c in args.levels:
+                rows["server"].append(await _client.run_level(server, client, prompts, c, args.rounds, out))
+
+    with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+        asyncio.run(drive(server))
+    return rows
+
+
+def run_poisson(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, Any]:
+    """A lone request's TTFT, the capacity (when --rate is not given), then the Poisson load itself."""
+    out, rows = args.output_tokens, {}
+
+    async def drive(server: _client.Server) -> None:
+        async with server.client() as client:
+            rows["lone"] = await _client.run_level(server, client, prompts, 1, 4, out, "server, lone request",
+                                                   prefix="lone-")
+            rate = args.rate
+            if rate is None:
+                rows["capacity"] = [await _client.run_level(server, client, prompts, c, 1, out, "server, capacity")
+                                    for c in args.levels]
+                rate = max(r.tokens_per_s for r in rows["capacity"]) / out / 2
+            rows["rate_rps"] = rate
+            arrivals = _client.poisson_arrivals(rate, args.requests, args.duration)
+            rows["poisson"] = await _client.run_poisson(server, client, prompts, arrivals, out)
+
+    with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+        asyncio.run(drive(server))
+    return rows
+
+
+def run_shared_prefix(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, Any]:
+    async def drive(server: _client.Server) -> dict[str, Any]:
+        async with server.client() as client:
+            return await _client.run_shared_prefix(server, client, prompts, args.system_tokens, args.followers,
+                                                   args.output_tokens)
+
+    with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+        return asyncio.run(drive(server))
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    """Short HEAD, marked when the tree has uncommitted changes (others may be editing the engine meanwhile)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} (+ uncommitted changes)" if dirty else head
+
+
+def _parameters(model_dir: Path) -> int:
+    """Counted from the safetensors headers, so modes that never load the model can still report it."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            total += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    return total
+
+
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "git_commit": _git_commit(), "platform": platform.platform(), "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": str(args.model), "parameters": _parameters(args.model), "mode": args.mode,
+        "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "concurrency": args.levels,
+        "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": "cpu, float32",
+        "rate": args.rate, "duration_s": args.duration, "requests": args.requests,
+        "system_tokens": args.system_tokens, "followers": args.followers, "max_seq_len": args.max_seq_len,
+        "engine_options": _engine.engine_options(),
+    }
+
+
+def _settings_line(h: dict[str, Any]) -> str:
+    if h["mode"] == "poisson":
+        rate = f"{h['rate']} req/s" if h["rate"] else f"half the best of levels {h['concurrency']}"
+        span = f"{h['requests']} requests" if h["requests"] else f"{h['duration_s']:.0f} s of arrivals"
+        return f"Poisson rate {rate}, {span}"
+    if h["mode"] == "shared-prefix":
+        return f"system prompt {h['system_tokens']} tokens, first request then {h['followers']} more"
+    return f"levels {h['concurrency']}, {h['rounds']} request(s) per client per level"
+
+
+def header_markdown(h: dict[str, Any]) -> str:
+    return "\n".join([
+        f"## Axion serve_bench: {h['mode']}", "",
+        f"- date (UTC): {h['date_utc']}; git: {h['git_commit']}",
+        f"- machine: {h['cpu_model']}, {h['cpu_count']} CPUs, {h['platform']}; torch {h['torch']}, "
+        f"transformers {h['transformers']}; {h['device']}",
+        f"- model: {h['model']} ({h['parameters'] / 1e6:.2f} M parameters)",
+        f"- prompt ~{h['prompt_tokens']} tokens (chat-templated), output exactly {h['output_tokens']} tokens, "
+        f"greedy; {_settings_line(h)}",
+        f"- server MAX_BATCH_SIZE={h['max_batch_size']}, MAX_SEQ_LEN={h['max_seq_len']}; engine options (from "
+        f"Settings, as the worker passes them): {h['engine_options']}",
+        "",
+    ])
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[LevelStats]) -> str:
+    lines = ["| system | C | requests | prompt tok | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+             "| chunk gap p50 ms | chunk gap p99 ms |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        c = "–" if r.concurrency == 0 else str(r.concurrency)
+        lines.append(f"| {r.system} | {c} | {r.requests} | {r.prompt_tokens_mean:.0f} | {r.tokens_per_s:.1f} | "
+                     f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, 2)} | {_f(r.itl_p99_ms, 2)} | "
+                     f"{_f(r.gap_p50_ms, 2)} | {_f(r.gap_p99_ms, 2)} |")
+    short = [f"{r.system} C={r.concurrency}: {r.short_requests}" for r in rows if r.short_requests]
+    notes = ["", "ITL = per request (t_last - t_first) / (completion tokens - 1), then p50/p99 over requests; "
+             "chunk gaps = gaps between successive output pieces, pooled (a piece may hold several tokens)."]
+    if short:
+        notes.append("WARNING: requests with a completion length other than asked: " + "; ".join(short))
+    return "\n".join(lines + notes)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def render_concurrency(rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    engine = {r.concurrency: r for r in rows["engine"]}
+    seq = rows.get("sequential")
+    lines = ["", "| C | server tok/s | engine-alone tok/s | server ÷ engine (target ≥ 0.95) | "
+             "server ÷ sequential generate | CPU % worker / api / redis / driver |", "|--:|--:|--:|--:|--:|--:|"]
+    derived: dict[str, Any] = {"per_level": []}
+    for r in rows["server"]:
+        e = engine.get(r.concurrency)
+        vs_engine = _ratio(r.tokens_per_s, e.tokens_per_s if e else None)
+        vs_seq = _ratio(r.tokens_per_s, seq.tokens_per_s if seq else None)
+        derived["per_level"].append({"concurrency": r.concurrency, "server_over_engine": vs_engine,
+                                     "server_over_sequential": vs_seq})
+        cpu = " / ".join(f"{v:.0f}" for v in r.extra.get("cpu_pct", {}).values())
+        lines.append(f"| {r.concurrency} | {r.tokens_per_s:.1f} | {_f(e.tokens_per_s if e else None)} | "
+                     f"{_f(vs_engine, 3)} | {_f(vs_seq, 2)}{'×' if vs_seq else ''} | {cpu} |")
+    at16 = next((d["server_over_sequential"] for d in derived["per_level"] if d["concurrency"] == 16), None)
+    derived["server16_over_sequential"] = at16
+    lines += ["", f"Target: server tok/s at C=16 ÷ sequential generate tok/s = {_f(at16, 2)} (target ≥ 7×).",
+              f"CPU % = CPU time of each process over the level's wall time (100 = one core of {os.cpu_count()}); "
+              "the driver is this process (openai SDK client)."]
+    return lines, derived
+
+
+def render(mode: str, rows: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    if mode == "concurrency":
+        ordered = [rows[k] for k in ("sequential", "static") if k in rows] + rows["engine"]
+        ordered += ([rows["hf_cb"]] if "hf_cb" in rows else []) + rows["server"]
+        lines, derived = render_concurrency(rows)
+        return {"markdown": "\n".join(["### Concurrency", "", table(ordered), *lines]), "derived": derived}
+    if mode == "poisson":
+        return render_poisson(rows)
+    return render_shared_prefix(rows)
+
+
+def render_poisson(rows: dict[str, Any]) -> dict[str, Any]:
+    p, lone = rows["poisson"], rows["lone"]
+    ratio = _ratio(p.ttft_p50_ms, lone.ttft_p50_ms)
+    derived = {"rate_rps": rows["rate_rps"], "offered_rate_rps": p.extra.get("offered_rate_rps"),
+               "achieved_rate_rps": p.requests / p.wall_s, "ttft_p50_over_lone": ratio}
+    lines = ["### Poisson arrivals", "", table([lone, *rows.get("capacity", []), p]), "",
+             f"Poisson rate {rows['rate_rps']:.3f} req/s"
+             + (" (half the best capacity above)" if "capacity" in rows else " (--rate)")
+             + f"; offered {_f(derived['offered_rate_rps'], 3)} req/s, completed {derived['achieved_rate_rps']:.3f}"
+             f" req/s over {p.wall_s:.1f} s.",
+             f"TTFT p50 under Poisson ÷ lone-request TTFT p50 = {_f(ratio, 2)}×."]
+    return {"markdown": "\n".join(lines), "derived": derived}
+
+
+def render_shared_prefix(rows: dict[str, Any]) -> dict[str, Any]:
+    first, later = rows["first"], rows["later"]
+    ttfts = [t.ttft * 1000 for t in later if t.ttft is not None]
+    p50 = percentile(ttfts, 50)
+    ratio = _ratio(p50, first.ttft * 1000 if first.ttft is not None else None)
+    cached = [t.cached_tokens for t in [first, *later]]
+    cached_text = "not returned by the server" if all(c is None for c in cached) else str(cached)
+    lines = ["### Shared prefix", "", "| request | n | prompt tok | TTFT p50 ms | TTFT p99 ms |",
+             "|---|--:|--:|--:|--:|",
+             f"| first (cold prefix) | 1 | {first.prompt_tokens} | {_f(first.ttft * 1000)} | – |",
+             f"| later (same system prompt) | {len(later)} | {later[0].prompt_tokens if later else 0} | {_f(p50)} | "
+             f"{_f(percentile(ttfts, 99))} |", "",
+             f"later TTFT p50 ÷ first TTFT = {_f(ratio, 3)}; usage.prompt_tokens_details.cached_tokens "
+             f"(first, then later): {cached_text}."]
+    derived = {"first_ttft_ms": first.ttft * 1000, "later_ttft_p50_ms": p50, "later_over_first": ratio,
+               "cached_tokens": cached}
+    return {"markdown": "\n".join(lines), "derived": derived}
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value) | ({"ttft_s": value.ttft, "itl_s": value.itl}
+                                           if not isinstance(value, LevelStats) else {})
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.write_model:
+        write_model(*args.write_model)
+        return 0
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    args.model = args.model.resolve()
+    prompts = PromptFactory(AutoTokenizer.from_pretrained(args.model), args.prompt_tokens)
+    info = header(args)
+    print(header_markdown(info))
+    runner = {"concurrency": run_concurrency, "poisson": run_poisson, "shared-prefix": run_shared_prefix}[args.mode]
+    rows = runner(args, prompts)
+    summary = render(args.mode, rows, args)
+    print(summary["markdown"])
+    if args.json:
+        args.json.write_text(json.dumps({"header": info, "mode": args.mode, "results": _jsonable(rows),
+                                         "derived": summary["derived"]}, indent=2, default=str))
+        print(f"raw numbers written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""A KV cache whose full-attention layers append in place.
+
+transformers' DynamicLayer appends a decoding step's keys and values with `torch.cat`, which copies the whole
+cache of every layer on every step: measured at 14% of a CPU decode step at batch 16 (56M-parameter Llama).
+GrowingLayer keeps each tensor in an over-allocated buffer and writes new positions into it; readers get a view
+of the filled part. Assigning `keys`/`values` (as the engine does when it merges or trims the batch) adopts the
+tensor as a new buffer with no spare room, so the next append reallocates instead of writing into storage that
+another tensor may share.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+GROWTH = 1.5
+MIN_SPARE = 32
+
+
+class GrowingLayer(DynamicLayer):
+    """Keys and values keep separate lengths: the engine reassigns one, then reads the other to reassign it."""
+
+    _k: torch.Tensor | None = None
+    _v: torch.Tensor | None = None
+    _klen = 0
+    _vlen = 0
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._k is None else self._k[:, :, : self._klen]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k, self._klen = value, _length(value)
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._v is None else self._v[:, :, : self._vlen]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v, self._vlen = value, _length(value)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or self._k is None or self._v is None or self._klen == 0:
+            self.is_initialized = True
+            self.device = key_states.device
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        self._k, self._klen = _append(self._k, self._klen, key_states)
+        self._v, self._vlen = _append(self._v, self._vlen, value_states)
+        return self._k[:, :, : self._klen], self._v[:, :, : self._vlen]
+
+
+def _length(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.dim() < 3 else t.shape[2]
+
+
+def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Write `new` after the first `length` positions of `buffer`, growing it (amortised) when full."""
+    end = length + new.shape[2]
+    if end > buffer.shape[2]:
+        shape = list(buffer.shape)
+        shape[2] = max(end + MIN_SPARE, int(end * GROWTH))
+        grown = buffer.new_empty(shape)
+        grown[:, :, :length] = buffer[:, :, :length]
+        buffer = grown
+    buffer[:, :, length:end] = new
+    return buffer, end
+
+
+def new_cache(config: object) -> DynamicCache:
+    """A DynamicCache for `config` with every plain full-attention layer replaced by a GrowingLayer."""
+    cache = DynamicCache(config=config)  # type: ignore[arg-type]
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-requests", type=int, default=16, help="requests of the `generate` baselines")
     p.add_argument("--no-engine", action="store_true", help="concurrency mode: skip the engine-alone runs")
     p.add_argument("--hf-cb", action="store_true", help="also run transformers' continuous batching at C=16")
+    p.add_argument("--client", choices=["raw", "openai"], default="raw",
+                   help="raw: httpx + msgspec SSE parsing, as vLLM's benchmark (default); openai: the official SDK")
     p.add_argument("--rate", type=float, help="poisson: requests/s (default: half the measured capacity)")
     p.add_argument("--duration", type=float, default=20.0, help="poisson: seconds of arrivals")
     p.add_argument("--requests", type=int, help="poisson: number of requests (overrides --duration)")
@@ -90,7 +92,7 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
             rows["hf_cb"] = _engine.hf_continuous_batching(args.model, prompts, out, 16)
 
     async def drive(server: _client.Server) -> None:
-        async with server.client() as client:
+        async with server.client(args.client) as client:
             for c in args.levels:
                 rows["server"].append(await _client.run_level(server, client, prompts, c, args.rounds, out))
 
@@ -104,7 +106,7 @@ def run_poisson(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, A
     out, rows = args.output_tokens, {}
 
     async def drive(server: _client.Server) -> None:
-        async with server.client() as client:
+        async with server.client(args.client) as client:
             rows["lone"] = await _client.run_level(server, client, prompts, 1, 4, out, "server, lone request",
                                                    prefix="lone-")
             rate = args.rate
@@ -123,7 +125,7 @@ def run_poisson(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, A
 
 def run_shared_prefix(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, Any]:
     async def drive(server: _client.Server) -> dict[str, Any]:
-        async with server.client() as client:
+        async with server.client(args.client) as client:
             return await _client.run_shared_prefix(server, client, prompts, args.system_tokens, args.followers,
                                                    args.output_tokens)
 
@@ -179,7 +181,7 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": "cpu, float32",
         "rate": args.rate, "duration_s": args.duration, "requests": args.requests,
         "system_tokens": args.system_tokens, "followers": args.followers, "max_seq_len": args.max_seq_len,
-        "engine_options": _engine.engine_options(),
+        "engine_options": _engine.engine_options(), "client": args.client,
     }
 
 
@@ -193,6 +195,10 @@ def _settings_line(h: dict[str, Any]) -> str:
     return f"levels {h['concurrency']}, {h['rounds']} request(s) per client per level"
 
 
+CLIENTS = {"raw": "raw OpenAI-protocol streaming over httpx, SSE parsed with msgspec (as vLLM's benchmark)",
+           "openai": "the official openai SDK (AsyncOpenAI)"}
+
+
 def header_markdown(h: dict[str, Any]) -> str:
     return "\n".join([
         f"## Axion serve_bench: {h['mode']}", "",
@@ -204,6 +210,7 @@ def header_markdown(h: dict[str, Any]) -> str:
         f"greedy; {_settings_line(h)}",
         f"- server MAX_BATCH_SIZE={h['max_batch_size']}, MAX_SEQ_LEN={h['max_seq_len']}; engine options (from "
         f"Settings, as the worker passes them): {h['engine_options']}",
+        f"- client: {CLIENTS[h['client']]}",
         "",
     ])
 
@@ -251,7 +258,7 @@ def render_concurrency(rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]
     derived["server16_over_sequential"] = at16
     lines += ["", f"Target: server tok/s at C=16 ÷ sequential generate tok/s = {_f(at16, 2)} (target ≥ 7×).",
               f"CPU % = CPU time of each process over the level's wall time (100 = one core of {os.cpu_count()}); "
-              "the driver is this process (openai SDK client)."]
+              "the driver is this process (the benchmark's client)."]
     return lines, derived
 
 

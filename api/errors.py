@@ -46,7 +46,7 @@ def from_decode_error(exc: msgspec.DecodeError) -> APIError:
     param = None
     if " - at `$." in text:
         text, _, path = text.rpartition(" - at `$.")
-        param = path.rstrip("`")
+        param = path.rstrip("`").replace("[...]", "")
     if isinstance(exc, msgspec.ValidationError):
         message = f"Invalid value for '{param}': {text}" if param else text
     else:

@@ -12,12 +12,20 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from api.errors import APIError
+from common.protocol import TokenLogprob
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=128)]
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
+TokenId = Annotated[int, msgspec.Meta(ge=0)]
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -51,18 +59,21 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: PositiveInt | None = None
+    n: ChoiceCount | None = None
     user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = None
     # Extras sent by benchmark clients (vLLM's bench, guidellm).
     top_k: int | None = None
     min_tokens: NonNegativeInt | None = None
     ignore_eos: bool | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    min_p: Probability | None = None
+    stop_token_ids: list[TokenId] | None = None
     # Known OpenAI fields not implemented yet: refused when set to anything but their neutral value.
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -72,17 +83,12 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
-    repetition_penalty: float | None = None
-    min_p: float | None = None
-    stop_token_ids: Any = None
 
 
 _NEUTRAL: dict[str, Any] = {
-    "n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+    "response_format": (None, {"type": "text"}),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
-    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "stop_token_ids": (None, []),
 }
 
 _decoder = msgspec.json.Decoder(ChatCompletionRequest)
@@ -141,6 +147,13 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
     if req.min_tokens and limit is not None and req.min_tokens > limit:
         raise APIError(400, "'min_tokens' must not exceed 'max_tokens'.", param="min_tokens",
                        code="invalid_value")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
+                       code="invalid_value")
+    for key in req.logit_bias or {}:
+        if not key.lstrip("-").isdigit():
+            raise APIError(400, f"'logit_bias' keys must be token ids; got {key!r}.", param="logit_bias",
+                           code="invalid_value")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                        code="invalid_value")
@@ -184,10 +197,14 @@ class AssistantMessage(msgspec.Struct):
     content: str
 
 
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprob]
+
+
 class Choice(msgspec.Struct):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -209,7 +226,7 @@ class ChoiceDelta(msgspec.Struct, omit_defaults=True):
 class ChunkChoice(msgspec.Struct):
     index: int
     delta: ChoiceDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 

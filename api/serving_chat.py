@@ -30,6 +30,7 @@ from common.protocol import (
     Failed,
     Finished,
     SamplingParams,
+    TokenLogprob,
     decode_event,
     encode,
 )
@@ -63,9 +64,18 @@ def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
         stop=p.stop_list(req),
         seed=req.seed,
         ignore_eos=bool(req.ignore_eos),
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        stop_token_ids=list(req.stop_token_ids or []),
+        logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs or 0,
     )
     messages = [ChatMessage(role=m.role, content=p.message_text(m), name=m.name) for m in req.messages]
-    return ChatJob(request_id=request_id, model=req.model, messages=messages, params=params, created=time.time())
+    return ChatJob(request_id=request_id, model=req.model, messages=messages, params=params, created=time.time(),
+                   n=req.n or 1)
 
 
 class ChatRun:
@@ -142,59 +152,70 @@ class ChatRun:
             self.ctx.open_requests -= 1
 
     async def complete(self, accepted: Accepted) -> p.ChatCompletion:
-        parts: list[str] = []
+        n = self.req.n or 1
+        texts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        finished: dict[int, Finished] = {}
         try:
-            while True:
+            while len(finished) < n:
                 try:
                     event = await self.next_event()
                 except TimeoutError:
                     raise self._timeout_error() from None
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    parts.append(event.text)
-                    usage = usage_of(event)
-                    choice = p.Choice(0, p.AssistantMessage("assistant", "".join(parts)), None, event.finish_reason)
-                    return p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model,
-                                            [choice], usage)
-                elif isinstance(event, Failed):
+                if isinstance(event, Failed):
                     raise APIError(event.status, event.message, type=event.type, param=event.param,
                                    code=event.code)
+                if isinstance(event, Delta | Finished):
+                    texts[event.index].append(event.text)
+                    logprobs[event.index].extend(event.logprobs or [])
+                if isinstance(event, Finished):
+                    finished[event.index] = event
         finally:
             await self.close()
+        choices = [p.Choice(i, p.AssistantMessage("assistant", "".join(texts[i])),
+                            p.ChoiceLogprobs(logprobs[i]) if self.req.logprobs else None, finished[i].finish_reason)
+                   for i in range(n)]
+        return p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model, choices,
+                                usage_of(*finished.values()))
 
     async def stream(self, accepted: Accepted) -> AsyncIterator[bytes]:
         """SSE frames; a failure after the first frame is sent as a `data: {"error": ...}` frame."""
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        n = self.req.n or 1
+        finished: dict[int, Finished] = {}
         try:
-            yield self._frame(p.ChoiceDelta(role="assistant", content=""), None, include_usage)
-            while True:
+            for i in range(n):
+                yield self._frame(i, p.ChoiceDelta(role="assistant", content=""), None, None, include_usage)
+            while len(finished) < n:
                 try:
                     event = await self.next_event()
                 except TimeoutError:
                     yield b"data: " + self._timeout_error().to_json() + b"\n\n"
-                    break
-                if isinstance(event, Delta):
-                    if event.text:
-                        yield self._frame(p.ChoiceDelta(content=event.text), None, include_usage)
-                elif isinstance(event, Finished):
-                    delta = p.ChoiceDelta(content=event.text) if event.text else p.ChoiceDelta()
-                    yield self._frame(delta, event.finish_reason, include_usage)
-                    if include_usage:
-                        usage = usage_of(event)
-                        yield self._encode(p.ChatCompletionUsageChunk(
-                            self.completion_id, "chat.completion.chunk", self.created, self.req.model, [], usage))
-                    yield b"data: [DONE]\n\n"
-                    break
-                elif isinstance(event, Failed):
+                    return
+                if isinstance(event, Failed):
                     err = APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
                     yield b"data: " + err.to_json() + b"\n\n"
-                    break
+                    return
+                if not isinstance(event, Delta | Finished):
+                    continue
+                logprobs = p.ChoiceLogprobs(event.logprobs) if event.logprobs else None
+                finish = event.finish_reason if isinstance(event, Finished) else None
+                if event.text or logprobs or finish:
+                    delta = p.ChoiceDelta(content=event.text) if event.text else p.ChoiceDelta()
+                    yield self._frame(event.index, delta, logprobs, finish, include_usage)
+                if isinstance(event, Finished):
+                    finished[event.index] = event
+            if include_usage:
+                yield self._encode(p.ChatCompletionUsageChunk(
+                    self.completion_id, "chat.completion.chunk", self.created, self.req.model, [],
+                    usage_of(*finished.values())))
+            yield b"data: [DONE]\n\n"
         finally:
             await self.close()
 
-    def _frame(self, delta: p.ChoiceDelta, finish: p.FinishReason | None, include_usage: bool) -> bytes:
-        choices = [p.ChunkChoice(0, delta, None, finish)]
+    def _frame(self, index: int, delta: p.ChoiceDelta, logprobs: p.ChoiceLogprobs | None,
+               finish: p.FinishReason | None, include_usage: bool) -> bytes:
+        choices = [p.ChunkChoice(index, delta, logprobs, finish)]
         chunk: msgspec.Struct
         if include_usage:
             chunk = p.ChatCompletionUsageChunk(self.completion_id, "chat.completion.chunk", self.created,
@@ -209,9 +230,10 @@ class ChatRun:
         return b"data: " + _json.encode(chunk) + b"\n\n"
 
 
-def usage_of(event: Finished) -> p.Usage:
-    return p.Usage(event.prompt_tokens, event.completion_tokens, event.prompt_tokens + event.completion_tokens,
-                   p.PromptTokensDetails(event.cached_tokens))
+def usage_of(*choices: Finished) -> p.Usage:
+    """One request's usage: the prompt counted once, the completions of all its choices added up."""
+    prompt, completion = choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)
+    return p.Usage(prompt, completion, prompt + completion, p.PromptTokensDetails(choices[0].cached_tokens))
 
 
 def new_request_id() -> str:

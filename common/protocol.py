@@ -31,6 +31,14 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     stop: list[str] = msgspec.field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 class ChatJob(msgspec.Struct, kw_only=True):
@@ -41,7 +49,23 @@ class ChatJob(msgspec.Struct, kw_only=True):
     messages: list[ChatMessage]
     params: SamplingParams
     created: float
+    n: int = 1
     v: int = JOB_VERSION
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct):
+    """OpenAI's chat shape for one generated token: its text, log probability, UTF-8 bytes and alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
 
 
 class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
@@ -51,15 +75,19 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
 
 
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):
-    """New text. `seq` counts the events of one request from 0 so a reader can drop repeats."""
+    """New text of choice `index`. `seq` counts the events of one request (all its choices) from 0, so a reader
+    can drop repeats; `logprobs` covers the token(s) this event adds, even while their text is held back."""
 
     seq: int
     text: str
     completion_tokens: int
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Finished(msgspec.Struct, tag_field="event", tag="done", kw_only=True):
-    """The last event of a successful request, with the last piece of text (maybe empty)."""
+    """The last event of one choice, with its last piece of text (maybe empty); a request with `n` choices
+    is complete after `n` of these."""
 
     seq: int
     text: str
@@ -67,6 +95,8 @@ class Finished(msgspec.Struct, tag_field="event", tag="done", kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Failed(msgspec.Struct, tag_field="event", tag="error", kw_only=True):

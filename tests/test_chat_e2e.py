@@ -157,8 +157,18 @@ def test_prompt_over_context_length_is_400(served: Server) -> None:
 
 @pytest.mark.parametrize(("extra", "param"), [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"logprobs": True}, "logprobs"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"stop_token_ids": [99999]}, "stop_token_ids"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"temperature": 2.5}, "temperature"),
     ({"top_p": 0}, "top_p"),
@@ -221,3 +231,41 @@ def test_embedded_redis_is_announced_in_log(served: Server) -> None:
     log = served.procs[0].log()
     assert "REDIS_URL is unset: started an embedded Redis" in log
     assert Path(served.model).is_dir()
+
+
+def test_logprobs_through_the_sdk(served: Server) -> None:
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    resp = served.client().chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                                   max_tokens=8, logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert resp.usage is not None and len(content) == resp.usage.completion_tokens == 8
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 and t.bytes is not None for t in content)
+    chunks = list(served.client().chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                                          max_tokens=8, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [(t.token, round(t.logprob, 5)) for t in content]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices(served: Server, stream: bool) -> None:
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    expected, _, _ = reference(served.model, messages, 10)
+    kwargs = {"model": served.model, "messages": messages, "temperature": 0, "max_tokens": 10, "n": 3}
+    if stream:
+        chunks = list(served.client().chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                              **kwargs))
+        texts, finishes, roles = ["", "", ""], [None] * 3, set()
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+                if choice.delta.role:
+                    roles.add(choice.index)
+        usage = chunks[-1].usage
+        assert roles == {0, 1, 2}
+    else:
+        resp = served.client().chat.completions.create(**kwargs)
+        texts = [c.message.content for c in sorted(resp.choices, key=lambda c: c.index)]
+        finishes, usage = [c.finish_reason for c in resp.choices], resp.usage
+    assert texts == [expected] * 3 and finishes == ["length"] * 3
+    assert usage is not None and usage.completion_tokens == 30

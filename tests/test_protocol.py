@@ -33,7 +33,8 @@ def test_job_roundtrip_and_parameter_mapping() -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"top_k": -2}, "top_k"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"seed": 2**64}, "seed"), ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                                 "messages[0].content[0].type"),
 ])
@@ -44,8 +45,18 @@ def test_invalid_fields_are_named(fields: dict, param: str) -> None:
 
 
 def test_neutral_values_of_unimplemented_fields_are_accepted() -> None:
-    decode_chat_request(body(n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0, tools=[],
-                             response_format={"type": "text"}, logit_bias={}))
+    decode_chat_request(body(tools=[], response_format={"type": "text"}, tool_choice="none", modalities=["text"]))
+
+
+def test_sampling_depth_maps_into_the_job() -> None:
+    req = decode_chat_request(body(n=3, logprobs=True, top_logprobs=5, presence_penalty=0.5, frequency_penalty=-1,
+                                   logit_bias={"7": -100, "9": 2.5}, repetition_penalty=1.2, min_p=0.1,
+                                   stop_token_ids=[3, 4]))
+    job = decode_job(encode(build_job(req, "r")))
+    p = job.params
+    assert job.n == 3 and p.logprobs and p.top_logprobs == 5
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.2, 0.1)
+    assert p.logit_bias == {7: -100.0, 9: 2.5} and p.stop_token_ids == [3, 4]
 
 
 def test_registry_tells_unknown_from_unavailable() -> None:

@@ -12,42 +12,19 @@ padding never shifts a sequence's rotary positions.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, SamplingParams
+from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, TokenLogprob
 from workers.chat.kv import new_cache
+from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.prefix_cache import PrefixCache
-from workers.chat.sampling import make_generator, sample_row
-from workers.chat.text import TextTracker
+from workers.chat.sampling import needs_processing, process_row, sample_row
+from workers.chat.sequence import Sequence, prepare
 
 log = logging.getLogger("axion.worker.engine")
-
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    generator: torch.Generator
-    text: TextTracker
-    output_ids: list[int] = field(default_factory=list)
-    seq: int = 0
-    finish_reason: str | None = None
-    cancelled: bool = False
-    error: str | None = None
-    cache: DynamicCache | None = None  # own KV cache while the prompt is prefilled
-    computed: int = 0  # prompt tokens in `cache`
-    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
-    tag: Any = None  # the runner's handle (the stream entry id)
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq - 1
 
 
 class ChatEngine:
@@ -61,6 +38,8 @@ class ChatEngine:
         limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
         self.max_seq_len = min(max_seq_len, int(limit))
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
+        self.vocab_size = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+        self.token_bytes = TokenBytes(tokenizer)
         self.rows: list[Sequence] = []
         self.pending: list[Sequence] = []
         self._cache: DynamicCache | None = None
@@ -77,39 +56,12 @@ class ChatEngine:
 
     # ---- admission -----------------------------------------------------------------------------------
     def prepare(self, job: ChatJob) -> Sequence | Failed:
-        """Apply the chat template and check lengths; a refusal comes back as a Failed event."""
-        messages = [{"role": self._role(m.role), "content": m.content} | ({"name": m.name} if m.name else {})
-                    for m in job.messages]
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
-        except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
-            return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
-                          param="messages", code="invalid_messages")
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        prompt_ids = [int(t) for t in ids]
-        wanted = job.params.max_tokens
-        if len(prompt_ids) + (wanted or 1) > self.max_seq_len:
-            return Failed(status=400, code="context_length_exceeded", param="messages",
-                          message=(f"This model's maximum context length is {self.max_seq_len} tokens. However, "
-                                   f"you requested {len(prompt_ids) + (wanted or 0)} tokens "
-                                   f"({len(prompt_ids)} in the messages, {wanted or 0} in the completion)."))
-        return Sequence(
-            request_id=job.request_id, prompt_ids=prompt_ids, params=job.params,
-            max_new_tokens=wanted or self.max_seq_len - len(prompt_ids),
-            generator=make_generator(job.params.seed, self.device),
-            text=TextTracker(self.tokenizer, job.params.stop),
-        )
-
-    def _role(self, role: str) -> str:
-        """OpenAI's `developer` role is `system` to templates that do not know it (most open models)."""
-        if role == "developer" and "developer" not in (self.tokenizer.chat_template or ""):
-            return "system"
-        return role
+        """Template and check the request; its first choice (siblings attached), or the Failed that refuses it."""
+        return prepare(job, self.tokenizer, self.max_seq_len, self.vocab_size, self.device)
 
     def add(self, seq: Sequence) -> Accepted:
-        self.pending.append(seq)
+        """Queue a prepared request: choice 0 and its siblings."""
+        self.pending.extend([seq, *seq.siblings])
         return Accepted(prompt_tokens=len(seq.prompt_ids))
 
     def cancel(self, request_id: str) -> None:
@@ -238,9 +190,17 @@ class ChatEngine:
             events.append((seq, self._advance(seq, token)))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row. Logprobs come from the raw logits; masks and penalties apply per row only."""
         for row, seq in enumerate(seqs):
-            if self.eos_ids and (seq.params.ignore_eos or len(seq.output_ids) < seq.params.min_tokens):
-                logits[row, self.eos_ids] = float("-inf")
+            if seq.params.logprobs:
+                seq.pending_logprobs = torch.log_softmax(logits[row], dim=-1)
+            too_short = len(seq.output_ids) < seq.params.min_tokens
+            banned = (self.eos_ids if seq.params.ignore_eos or too_short else []) + (
+                seq.params.stop_token_ids if too_short else [])
+            if banned:
+                logits[row, banned] = float("-inf")
+            if needs_processing(seq.params):
+                process_row(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
         greedy = [r for r, s in enumerate(seqs) if s.params.temperature == 0.0]
         tokens = [0] * len(seqs)
         if greedy:
@@ -256,25 +216,33 @@ class ChatEngine:
                     seq.error = "Sampling failed for these parameters."
         return tokens
 
+    def _logprobs(self, seq: Sequence, token: int) -> list[TokenLogprob] | None:
+        row, seq.pending_logprobs = seq.pending_logprobs, None
+        if row is None:
+            return None
+        return [token_logprob(row, token, seq.params.top_logprobs, self.token_bytes)]
+
     def _advance(self, seq: Sequence, token: int) -> Event:
         """Record a sampled token and turn it into the sequence's next event."""
         if seq.error is not None:
             seq.finish_reason = "error"
             return Failed(status=500, message=seq.error, type="server_error", code="sampling_error")
         seq.output_ids.append(token)
-        is_eos = token in self.eos_ids and not seq.params.ignore_eos
+        logprobs = self._logprobs(seq, token)
+        is_eos = (token in self.eos_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
         text = seq.text.update(seq.output_ids[:-1] if is_eos else seq.output_ids)
         if is_eos or seq.text.stopped:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= seq.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
-            return Delta(seq=seq.next_seq(), text=text, completion_tokens=len(seq.output_ids))
+            return Delta(seq=seq.next_seq(), text=text, completion_tokens=len(seq.output_ids), index=seq.index,
+                         logprobs=logprobs)
         if not seq.text.stopped:
             text += seq.text.flush()
         return Finished(seq=seq.next_seq(), text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
                         prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                        cached_tokens=seq.cached_tokens)
+                        cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> None:

@@ -1,4 +1,5 @@
-"""Per-row sampling over one batched logits tensor: each sequence keeps its own parameters and RNG."""
+"""Per-row logits processing and sampling over one batched logits tensor: each sequence keeps its own
+parameters and RNG, so one request's settings never reach another row."""
 
 from __future__ import annotations
 
@@ -16,14 +17,38 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def needs_processing(params: SamplingParams) -> bool:
+    return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0)
+
+
+def process_row(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
+    """Apply logit_bias, then the repetition penalty (over prompt and output, as transformers does), then the
+    presence and frequency penalties (over the output only, as OpenAI defines them); in place on [vocab]."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device, dtype=torch.long)
+        scores = logits[seen]
+        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a [vocab] row of float32 logits (already masked for eos where needed)."""
+    """One token from a [vocab] row of float32 logits (already masked and processed)."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -183,7 +183,9 @@ class ChatWorker:
         for seq, event in events:
             pipe.publish(keys.reply_channel(seq.request_id), encode(event))
         for seq in released:
-            self._ack(pipe, seq.tag)
+            seq.group.left -= 1
+            if seq.group.left == 0:  # every choice of the request is done
+                self._ack(pipe, seq.tag)
         if events or released:
             await pipe.execute()
 

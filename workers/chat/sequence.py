@@ -1,0 +1,108 @@
+"""A request as the engine sees it: one Sequence per choice (`n`), grouped so they answer as one job.
+
+Admission happens here: apply the chat template, check the lengths and the token ids the request names, and
+build the `n` sequences. Sibling `i` samples with seed `seed + i`, so `n` choices differ yet are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from common.protocol import ChatJob, Failed, SamplingParams
+from workers.chat.sampling import make_generator
+from workers.chat.text import TextTracker
+
+
+@dataclass(eq=False)
+class RequestGroup:
+    """What the `n` sequences of one request share: the job's id and stream entry, one event counter."""
+
+    request_id: str
+    size: int
+    tag: Any = None  # the runner's handle (the stream entry id)
+    events: int = 0
+    left: int = 0  # sequences not yet released
+
+    def next_seq(self) -> int:
+        self.events += 1
+        return self.events - 1
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    generator: torch.Generator
+    text: TextTracker
+    group: RequestGroup
+    index: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    error: str | None = None
+    cache: DynamicCache | None = None  # own KV cache while the prompt is prefilled
+    computed: int = 0  # prompt tokens in `cache`
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    siblings: list[Sequence] = field(default_factory=list)  # the other choices, on choice 0 only
+    pending_logprobs: torch.Tensor | None = None  # log-softmax of the raw logits of the token being sampled
+
+    @property
+    def tag(self) -> Any:
+        return self.group.tag
+
+    @tag.setter
+    def tag(self, value: Any) -> None:
+        self.group.tag = value
+
+    def next_seq(self) -> int:
+        return self.group.next_seq()
+
+
+def _role(role: str, tokenizer: Any) -> str:
+    """OpenAI's `developer` role is `system` to templates that do not know it (most open models)."""
+    if role == "developer" and "developer" not in (tokenizer.chat_template or ""):
+        return "system"
+    return role
+
+
+def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int,
+            device: torch.device) -> Sequence | Failed:
+    """Choice 0 of the request (its siblings on `.siblings`), or the Failed event that refuses it."""
+    params = job.params
+    for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            return Failed(status=400, param=name, code="invalid_value",
+                          message=f"Token id {bad[0]} in '{name}' is outside the vocabulary (0..{vocab_size - 1}).")
+    messages = [{"role": _role(m.role, tokenizer), "content": m.content} | ({"name": m.name} if m.name else {})
+                for m in job.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
+        return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
+                      param="messages", code="invalid_messages")
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    prompt_ids = [int(t) for t in ids]
+    wanted = params.max_tokens
+    if len(prompt_ids) + (wanted or 1) > max_seq_len:
+        return Failed(status=400, code="context_length_exceeded", param="messages",
+                      message=(f"This model's maximum context length is {max_seq_len} tokens. However, "
+                               f"you requested {len(prompt_ids) + (wanted or 0)} tokens "
+                               f"({len(prompt_ids)} in the messages, {wanted or 0} in the completion)."))
+    group = RequestGroup(request_id=job.request_id, size=job.n, left=job.n)
+    choices = [
+        Sequence(request_id=job.request_id, prompt_ids=prompt_ids, params=params, group=group, index=i,
+                 max_new_tokens=wanted or max_seq_len - len(prompt_ids),
+                 generator=make_generator(None if params.seed is None else params.seed + i, device),
+                 text=TextTracker(tokenizer, params.stop))
+        for i in range(job.n)
+    ]
+    choices[0].siblings = choices[1:]
+    return choices[0]

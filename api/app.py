@@ -35,10 +35,15 @@ def _ctx(state: State) -> ChatContext:
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
+    client_id = request.headers.get("x-request-id")
     req = protocol.decode_chat_request(await request.body())
-    run = ChatRun(_ctx(state), req, new_request_id())
-    accepted = await run.start()
-    headers = {"X-Request-Id": run.request_id}
+    run = ChatRun(_ctx(state), req, new_request_id(client_id))
+    headers = {"X-Request-Id": client_id or run.request_id}
+    try:
+        accepted = await run.start()
+    except errors.APIError as exc:
+        exc.headers.update(headers)
+        raise
     if req.stream:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))

@@ -92,9 +92,14 @@ class ChatRun:
         self._holds_slot = False
         self._counted = False
         self._last_seq = -1
+        self._started = time.monotonic()
+        self._outcome = "client went away"
 
-    async def start(self) -> Accepted:
-        """Admit, subscribe, enqueue, and wait until a worker accepts the prompt (or refuses it)."""
+    async def start(self) -> Accepted | None:
+        """Admit, subscribe, enqueue, and wait until a worker accepts the prompt (or refuses it, as an APIError).
+
+        A streaming request waits at most one keep-alive interval: if it is still queued then, None comes back
+        and the stream starts with keep-alive comments; a later refusal arrives as an error frame."""
         ctx = self.ctx
         if ctx.open_requests >= ctx.settings.max_connections:
             raise APIError(429, "Too many open requests on this server; retry shortly.",
@@ -108,13 +113,20 @@ class ChatRun:
             self.sub = await ctx.hub.open(self.request_id)
             job = build_job(self.req, self.request_id)
             await ctx.redis.xadd(keys.chat_stream(self.req.model), {"job": encode(job)})
-            first = await self.next_event()
+            first = await self.next_event(ctx.settings.sse_keepalive_s if self.req.stream else None)
+            if first is None:
+                return None
         except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                self._outcome = "timed out"
+            elif isinstance(exc, APIError):
+                self._outcome = f"rejected {exc.status} {exc.code}"
             await self.close()
             if isinstance(exc, TimeoutError):
                 raise self._timeout_error() from None
             raise
         if isinstance(first, Failed):
+            self._outcome = f"refused {first.status} {first.code}"
             await self.close()
             raise APIError(first.status, first.message, type=first.type, param=first.param, code=first.code)
         if not isinstance(first, Accepted):
@@ -129,10 +141,18 @@ class ChatRun:
         return APIError(504, f"The request did not finish within {self.ctx.settings.request_timeout_s:g}s.",
                         type="timeout", code="timeout")
 
-    async def next_event(self) -> Event:
+    async def next_event(self, wait: float | None = None) -> Event | None:
+        """The next new event; None when `wait` seconds pass first (TimeoutError when the deadline does)."""
         assert self.sub is not None
         while True:
-            event = decode_event(await self.sub.get(self._left()))
+            left = self._left()
+            try:
+                raw = await self.sub.get(left if wait is None else min(wait, left))
+            except TimeoutError:
+                if wait is None or self._left() <= 0:
+                    raise
+                return None
+            event = decode_event(raw)
             seq = getattr(event, "seq", None)
             if seq is not None:
                 if seq <= self._last_seq:
@@ -141,6 +161,9 @@ class ChatRun:
             return event
 
     async def close(self) -> None:
+        if self._counted:
+            log.info("request %s model=%s stream=%s %s in %.0f ms", self.request_id, self.req.model,
+                     bool(self.req.stream), self._outcome, (time.monotonic() - self._started) * 1000)
         if self.sub is not None:
             sub, self.sub = self.sub, None
             await self.ctx.hub.close(sub)
@@ -161,8 +184,10 @@ class ChatRun:
                 try:
                     event = await self.next_event()
                 except TimeoutError:
+                    self._outcome = "timed out"
                     raise self._timeout_error() from None
                 if isinstance(event, Failed):
+                    self._outcome = f"failed {event.status} {event.code}"
                     raise APIError(event.status, event.message, type=event.type, param=event.param,
                                    code=event.code)
                 if isinstance(event, Delta | Finished):
@@ -170,6 +195,7 @@ class ChatRun:
                     logprobs[event.index].extend(event.logprobs or [])
                 if isinstance(event, Finished):
                     finished[event.index] = event
+            self._outcome = _finished_outcome(finished)
         finally:
             await self.close()
         choices = [p.Choice(i, p.AssistantMessage("assistant", "".join(texts[i])),
@@ -178,7 +204,7 @@ class ChatRun:
         return p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model, choices,
                                 usage_of(*finished.values()))
 
-    async def stream(self, accepted: Accepted) -> AsyncIterator[bytes]:
+    async def stream(self, accepted: Accepted | None) -> AsyncIterator[bytes]:
         """SSE frames; a failure after the first frame is sent as a `data: {"error": ...}` frame."""
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         n = self.req.n or 1
@@ -188,11 +214,16 @@ class ChatRun:
                 yield self._frame(i, p.ChoiceDelta(role="assistant", content=""), None, None, include_usage)
             while len(finished) < n:
                 try:
-                    event = await self.next_event()
+                    event = await self.next_event(self.ctx.settings.sse_keepalive_s)
                 except TimeoutError:
+                    self._outcome = "timed out"
                     yield b"data: " + self._timeout_error().to_json() + b"\n\n"
                     return
+                if event is None:  # queued or in a long prefill: keep proxies from closing a silent stream
+                    yield b": keep-alive\n\n"
+                    continue
                 if isinstance(event, Failed):
+                    self._outcome = f"failed {event.status} {event.code}"
                     err = APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
                     yield b"data: " + err.to_json() + b"\n\n"
                     return
@@ -205,6 +236,7 @@ class ChatRun:
                     yield self._frame(event.index, delta, logprobs, finish, include_usage)
                 if isinstance(event, Finished):
                     finished[event.index] = event
+            self._outcome = _finished_outcome(finished)
             if include_usage:
                 yield self._encode(p.ChatCompletionUsageChunk(
                     self.completion_id, "chat.completion.chunk", self.created, self.req.model, [],
@@ -230,11 +262,22 @@ class ChatRun:
         return b"data: " + _json.encode(chunk) + b"\n\n"
 
 
+def _finished_outcome(finished: dict[int, Finished]) -> str:
+    usage = usage_of(*finished.values())
+    reasons = ",".join(sorted({f.finish_reason for f in finished.values()}))
+    return f"done finish={reasons} prompt={usage.prompt_tokens} completion={usage.completion_tokens}"
+
+
 def usage_of(*choices: Finished) -> p.Usage:
     """One request's usage: the prompt counted once, the completions of all its choices added up."""
     prompt, completion = choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)
     return p.Usage(prompt, completion, prompt + completion, p.PromptTokensDetails(choices[0].cached_tokens))
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+def new_request_id(client_id: str | None = None) -> str:
+    """A unique job id; a client's X-Request-Id (when it is a sane token) leads it, so logs can be searched by
+    it, and a random suffix keeps two clients that send the same id off each other's reply channel."""
+    suffix = uuid.uuid4().hex
+    if client_id and len(client_id) <= 128 and all(c.isalnum() or c in "._:-" for c in client_id):
+        return f"{client_id}.{suffix[:12]}"
+    return suffix

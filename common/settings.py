@@ -41,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     request_timeout_s: PositiveFloat = 600.0
     heartbeat_ttl_s: PositiveFloat = 10.0
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    sse_keepalive_s: PositiveFloat = 15.0
     prefill_chunk_tokens: PositiveInt = 512
     prefix_cache_tokens: NonNegativeInt = 16384
 

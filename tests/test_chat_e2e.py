@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from pathlib import Path
 
@@ -210,6 +211,11 @@ def test_models_and_health(served: Server) -> None:
     (worker,) = health["workers"]
     assert worker["model"] == served.model and worker["device"] == "cpu" and worker["dtype"] == "float32"
     assert worker["memory"]["weights_bytes"] > 0 and worker["memory"]["rss_bytes"] > 0
+    # The heartbeat refreshes every HEARTBEAT_TTL_S / 3 (3.3 s): the last test's request may still show.
+    deadline = time.monotonic() + 10
+    while worker["active_sequences"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        (worker,) = httpx.get(f"{served.base_url}/health", timeout=10).json()["workers"]
     assert worker["active_sequences"] == 0
 
 
@@ -269,3 +275,46 @@ def test_n_choices(served: Server, stream: bool) -> None:
         finishes, usage = [c.finish_reason for c in resp.choices], resp.usage
     assert texts == [expected] * 3 and finishes == ["length"] * 3
     assert usage is not None and usage.completion_tokens == 30
+
+
+def test_request_id_is_echoed_and_logged(served: Server) -> None:
+    body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    given = httpx.post(f"{served.base_url}/v1/chat/completions", json=body, timeout=30,
+                       headers={"X-Request-Id": "trace-abc.42"})
+    assert given.status_code == 200 and given.headers["x-request-id"] == "trace-abc.42"
+    made = httpx.post(f"{served.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert len(made.headers["x-request-id"]) == 32
+    refused = httpx.post(f"{served.base_url}/v1/chat/completions", json={**body, "model": "nope"}, timeout=30,
+                         headers={"X-Request-Id": "trace-404"})
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "trace-404"
+    deadline = time.monotonic() + 5
+    while "request trace-abc.42." not in served.procs[0].log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(x for x in served.procs[0].log().splitlines() if "request trace-abc.42." in x)
+    assert "done finish=length" in line and "completion=3" in line
+
+
+def test_queued_stream_gets_keepalive_comments(served: Server) -> None:
+    """MAX_BATCH_SIZE is 2 and SSE_KEEPALIVE_S 0.2 here: behind six long requests, ours waits in the stream."""
+    import threading
+
+    long = {"model": served.model, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 230,
+            "temperature": 0, "ignore_eos": True}
+    blockers = [threading.Thread(target=httpx.post, args=(f"{served.base_url}/v1/chat/completions",),
+                                 kwargs={"json": long, "timeout": 60}) for _ in range(6)]
+    for thread in blockers:
+        thread.start()
+    time.sleep(0.3)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    body = {"model": served.model, "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{served.base_url}/v1/chat/completions", json=body, timeout=60) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    for thread in blockers:
+        thread.join()
+    assert ": keep-alive" in lines
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    text = "".join((json.loads(x[6:])["choices"][0]["delta"].get("content") or "") for x in lines
+                   if x.startswith("data: {"))
+    assert text == reference(served.model, messages, 6)[0]

@@ -19,9 +19,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
 from api import errors, protocol
+from api.jobs import ChatContext, new_request_id
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
-from api.serving_chat import ChatContext, ChatRun, new_request_id
+from api.serving_chat import ChatRun
 from common.settings import Settings
 
 log = logging.getLogger("axion.api")

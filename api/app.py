@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -23,9 +23,11 @@ from api.jobs import ChatContext, new_request_id
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
 from api.serving_chat import ChatRun
+from api.serving_completions import CompletionRun
 from common.settings import Settings
 
 log = logging.getLogger("axion.api")
+T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
@@ -40,16 +42,35 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
     req = protocol.decode_chat_request(await request.body())
     run = ChatRun(_ctx(state), req, new_request_id(client_id))
     headers = {"X-Request-Id": client_id or run.request_id}
-    try:
-        accepted = await run.start()
-    except errors.APIError as exc:
-        exc.headers.update(headers)
-        raise
+    accepted = await _echoing_request_id(run.start(), headers)
     if req.stream:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
     completion = await run.complete(accepted)
     return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
+    client_id = request.headers.get("x-request-id")
+    req = protocol.decode_completion_request(await request.body())
+    run = CompletionRun(_ctx(state), req, new_request_id(client_id))
+    headers = {"X-Request-Id": client_id or run.runs[0].request_id}
+    await _echoing_request_id(run.start(), headers)
+    if req.stream:
+        return Stream(run.stream(), media_type="text/event-stream", headers=SSE_HEADERS | headers,
+                      background=BackgroundTask(run.close))
+    completion = await run.complete()
+    return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
+
+
+async def _echoing_request_id(start: Awaitable[T], headers: dict[str, str]) -> T:
+    """Await a run's start; an error raised there carries the X-Request-Id header too."""
+    try:
+        return await start
+    except errors.APIError as exc:
+        exc.headers.update(headers)
+        raise
 
 
 @get("/v1/models")
@@ -115,7 +136,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
                 await client.aclose()
 
     return Litestar(
-        route_handlers=[chat_completions, list_models, health],
+        route_handlers=[chat_completions, completions, list_models, health],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

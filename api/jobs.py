@@ -52,7 +52,7 @@ class JobRun:
         self._counted = False
         self._last_seq = -1
         self._started = time.monotonic()
-        self._outcome = "client went away"
+        self.outcome = "client went away"
 
     async def start(self) -> Accepted | None:
         """Admit, subscribe, enqueue, and wait until a worker accepts the prompt (or refuses it, as an APIError).
@@ -76,15 +76,15 @@ class JobRun:
                 return None
         except BaseException as exc:
             if isinstance(exc, TimeoutError):
-                self._outcome = "timed out"
+                self.outcome = "timed out"
             elif isinstance(exc, APIError):
-                self._outcome = f"rejected {exc.status} {exc.code}"
+                self.outcome = f"rejected {exc.status} {exc.code}"
             await self.close()
             if isinstance(exc, TimeoutError):
                 raise self._timeout_error() from None
             raise
         if isinstance(first, Failed):
-            self._outcome = f"refused {first.status} {first.code}"
+            self.outcome = f"refused {first.status} {first.code}"
             await self.close()
             raise APIError(first.status, first.message, type=first.type, param=first.param, code=first.code)
         if not isinstance(first, Accepted):
@@ -121,7 +121,7 @@ class JobRun:
     async def close(self) -> None:
         if self._counted:
             log.info("request %s model=%s stream=%s %s in %.0f ms", self.request_id, self.job.model, self.streaming,
-                     self._outcome, (time.monotonic() - self._started) * 1000)
+                     self.outcome, (time.monotonic() - self._started) * 1000)
         if self.sub is not None:
             sub, self.sub = self.sub, None
             await self.ctx.hub.close(sub)

@@ -134,6 +134,14 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
                                    param=f"{where}.content[{j}].type", code="unsupported_parameter")
         elif msg.content is None:
             raise APIError(400, f"{where} has no content.", param=f"{where}.content", code="invalid_value")
+    validate_sampling(req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
+                       code="invalid_value")
+
+
+def validate_sampling(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """Checks that chat and legacy completions share (their fields of the same names)."""
     stops = stop_list(req)
     if len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"'stop' accepts at most {MAX_STOP_SEQUENCES} sequences.", param="stop",
@@ -147,9 +155,6 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
     if req.min_tokens and limit is not None and req.min_tokens > limit:
         raise APIError(400, "'min_tokens' must not exceed 'max_tokens'.", param="min_tokens",
                        code="invalid_value")
-    if req.top_logprobs and not req.logprobs:
-        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
-                       code="invalid_value")
     for key in req.logit_bias or {}:
         if not key.lstrip("-").isdigit():
             raise APIError(400, f"'logit_bias' keys must be token ids; got {key!r}.", param="logit_bias",
@@ -159,13 +164,13 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
                        code="invalid_value")
 
 
-def stop_list(req: ChatCompletionRequest) -> list[str]:
+def stop_list(req: ChatCompletionRequest | CompletionRequest) -> list[str]:
     if req.stop is None:
         return []
     return [req.stop] if isinstance(req.stop, str) else list(req.stop)
 
 
-def output_limit(req: ChatCompletionRequest) -> int | None:
+def output_limit(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     """`max_completion_tokens` wins over the older `max_tokens`."""
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
@@ -261,3 +266,116 @@ class Model(msgspec.Struct):
 class ModelList(msgspec.Struct):
     object: Literal["list"]
     data: list[Model]
+
+
+# ---- legacy completions --------------------------------------------------------------------------------------
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    # A string, a list of strings, token ids, or a list of token-id lists (msgspec allows one list type in a
+    # union, so the shape is checked by `completion_prompts`).
+    prompt: str | list[str | int | list[int]]
+    max_tokens: NonNegativeInt | None = 16
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: ChoiceCount | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: TopLogprobs | None = None
+    echo: bool | None = False
+    stop: str | list[str] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = None
+    seed: Seed | None = None
+    user: str | None = None
+    best_of: ChoiceCount | None = None
+    suffix: str | None = None
+    top_k: int | None = None
+    min_p: Probability | None = None
+    min_tokens: NonNegativeInt | None = None
+    ignore_eos: bool | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    stop_token_ids: list[TokenId] | None = None
+
+    @property
+    def top_logprobs(self) -> int:
+        return self.logprobs or 0
+
+    @property
+    def max_completion_tokens(self) -> None:
+        return None
+
+
+MAX_PROMPTS = 64
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+
+
+def decode_completion_request(body: bytes) -> CompletionRequest:
+    from api.errors import from_decode_error
+
+    if not body.strip():
+        raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        req = _completion_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+    prompts = completion_prompts(req)
+    if not prompts or len(prompts) > MAX_PROMPTS or any(p == "" for p in prompts):
+        raise APIError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} non-empty prompts.", param="prompt",
+                       code="invalid_value")
+    if req.suffix:
+        raise APIError(400, "'suffix' is not supported by this server.", param="suffix", code="unsupported_parameter")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise APIError(400, "'best_of' other than 'n' is not supported.", param="best_of",
+                       code="unsupported_parameter")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "'echo' together with 'logprobs' (prompt logprobs) is not supported yet.",
+                       param="echo", code="unsupported_parameter")
+    if req.max_tokens == 0:
+        raise APIError(400, "'max_tokens' must be at least 1.", param="max_tokens", code="invalid_value")
+    validate_sampling(req)
+    return req
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """One prompt or several: a string, token ids, a list of strings, or a list of token-id lists."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(x, int) for x in prompt):
+        prompts: list[str | list[int]] = [list(prompt)] if prompt else []  # type: ignore[arg-type]
+    elif all(isinstance(x, str) for x in prompt) or all(isinstance(x, list) for x in prompt):
+        prompts = list(prompt)  # type: ignore[arg-type]
+    else:
+        raise APIError(400, "'prompt' mixes strings, token ids and token-id lists.", param="prompt",
+                       code="invalid_value")
+    for one in prompts:
+        if isinstance(one, list) and (not one or any(not isinstance(t, int) or t < 0 for t in one)):
+            raise APIError(400, "Token-id prompts must be non-empty lists of ids >= 0.", param="prompt",
+                           code="invalid_value")
+    return prompts
+
+
+class LegacyLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class Completion(msgspec.Struct):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

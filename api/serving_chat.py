@@ -19,10 +19,10 @@ from common.protocol import Accepted, ChatJob, ChatMessage, Delta, Failed, Finis
 _json = msgspec.json.Encoder()
 
 
-def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
-    temperature = 1.0 if req.temperature is None else req.temperature
-    params = SamplingParams(
-        temperature=float(temperature),
+def sampling_params(req: p.ChatCompletionRequest | p.CompletionRequest, logprobs: bool) -> SamplingParams:
+    """The job's sampling parameters from the fields chat and legacy completions share."""
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
         top_k=0 if req.top_k in (None, -1) else int(req.top_k),
         max_tokens=p.output_limit(req),
@@ -36,12 +36,15 @@ def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         stop_token_ids=list(req.stop_token_ids or []),
-        logprobs=bool(req.logprobs),
+        logprobs=logprobs,
         top_logprobs=req.top_logprobs or 0,
     )
+
+
+def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
     messages = [ChatMessage(role=m.role, content=p.message_text(m), name=m.name) for m in req.messages]
-    return ChatJob(request_id=request_id, model=req.model, messages=messages, params=params, created=time.time(),
-                   n=req.n or 1)
+    return ChatJob(request_id=request_id, model=req.model, messages=messages, created=time.time(), n=req.n or 1,
+                   params=sampling_params(req, bool(req.logprobs)))
 
 
 class ChatRun(JobRun):
@@ -62,10 +65,10 @@ class ChatRun(JobRun):
                 try:
                     event = await self.next_event()
                 except TimeoutError:
-                    self._outcome = "timed out"
+                    self.outcome = "timed out"
                     raise self._timeout_error() from None
                 if isinstance(event, Failed):
-                    self._outcome = f"failed {event.status} {event.code}"
+                    self.outcome = f"failed {event.status} {event.code}"
                     raise APIError(event.status, event.message, type=event.type, param=event.param,
                                    code=event.code)
                 if isinstance(event, Delta | Finished):
@@ -73,7 +76,7 @@ class ChatRun(JobRun):
                     logprobs[event.index].extend(event.logprobs or [])
                 if isinstance(event, Finished):
                     finished[event.index] = event
-            self._outcome = finished_outcome(finished)
+            self.outcome = finished_outcome(finished)
         finally:
             await self.close()
         choices = [p.Choice(i, p.AssistantMessage("assistant", "".join(texts[i])),
@@ -94,14 +97,14 @@ class ChatRun(JobRun):
                 try:
                     event = await self.next_event(self.ctx.settings.sse_keepalive_s)
                 except TimeoutError:
-                    self._outcome = "timed out"
+                    self.outcome = "timed out"
                     yield b"data: " + self._timeout_error().to_json() + b"\n\n"
                     return
                 if event is None:  # queued or in a long prefill: keep proxies from closing a silent stream
                     yield b": keep-alive\n\n"
                     continue
                 if isinstance(event, Failed):
-                    self._outcome = f"failed {event.status} {event.code}"
+                    self.outcome = f"failed {event.status} {event.code}"
                     err = APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
                     yield b"data: " + err.to_json() + b"\n\n"
                     return
@@ -114,7 +117,7 @@ class ChatRun(JobRun):
                     yield self._frame(event.index, delta, logprobs, finish, include_usage)
                 if isinstance(event, Finished):
                     finished[event.index] = event
-            self._outcome = finished_outcome(finished)
+            self.outcome = finished_outcome(finished)
             if include_usage:
                 yield self._encode(p.ChatCompletionUsageChunk(
                     self.completion_id, "chat.completion.chunk", self.created, self.req.model, [],

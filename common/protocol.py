@@ -42,7 +42,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class ChatJob(msgspec.Struct, kw_only=True):
-    """One chat request as queued in `keys.chat_stream(model)` under the field `job`."""
+    """One generation request as queued in `keys.chat_stream(model)` under the field `job`: chat `messages`
+    (templated by the worker), or a raw `prompt` / `prompt_ids` for legacy completions (no template)."""
 
     request_id: str
     model: str
@@ -50,6 +51,9 @@ class ChatJob(msgspec.Struct, kw_only=True):
     params: SamplingParams
     created: float
     n: int = 1
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    echo: bool = False
     v: int = JOB_VERSION
 
 
@@ -72,6 +76,7 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
     """The worker tokenized the prompt and admitted the job; sent before any token."""
 
     prompt_tokens: int
+    prompt_text: str | None = None  # the prompt as text, for legacy completions with `echo`
 
 
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):

@@ -62,7 +62,7 @@ class ChatEngine:
     def add(self, seq: Sequence) -> Accepted:
         """Queue a prepared request: choice 0 and its siblings."""
         self.pending.extend([seq, *seq.siblings])
-        return Accepted(prompt_tokens=len(seq.prompt_ids))
+        return Accepted(prompt_tokens=len(seq.prompt_ids), prompt_text=seq.echo_text)
 
     def cancel(self, request_id: str) -> None:
         for seq in self.rows + self.pending:

@@ -51,6 +51,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     siblings: list[Sequence] = field(default_factory=list)  # the other choices, on choice 0 only
     pending_logprobs: torch.Tensor | None = None  # log-softmax of the raw logits of the token being sampled
+    echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
 
     @property
     def tag(self) -> Any:
@@ -80,19 +81,13 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int,
         if bad:
             return Failed(status=400, param=name, code="invalid_value",
                           message=f"Token id {bad[0]} in '{name}' is outside the vocabulary (0..{vocab_size - 1}).")
-    messages = [{"role": _role(m.role, tokenizer), "content": m.content} | ({"name": m.name} if m.name else {})
-                for m in job.messages]
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
-        return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
-                      param="messages", code="invalid_messages")
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    prompt_ids = [int(t) for t in ids]
+    prompt = _prompt_ids(job, tokenizer, vocab_size)
+    if isinstance(prompt, Failed):
+        return prompt
+    prompt_ids = prompt
     wanted = params.max_tokens
     if len(prompt_ids) + (wanted or 1) > max_seq_len:
-        return Failed(status=400, code="context_length_exceeded", param="messages",
+        return Failed(status=400, code="context_length_exceeded", param="messages" if job.messages else "prompt",
                       message=(f"This model's maximum context length is {max_seq_len} tokens. However, "
                                f"you requested {len(prompt_ids) + (wanted or 0)} tokens "
                                f"({len(prompt_ids)} in the messages, {wanted or 0} in the completion)."))
@@ -105,4 +100,28 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int,
         for i in range(job.n)
     ]
     choices[0].siblings = choices[1:]
+    if job.echo:
+        choices[0].echo_text = job.prompt if job.prompt is not None else tokenizer.decode(prompt_ids)
     return choices[0]
+
+
+def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Failed:
+    """Token ids as given, a raw prompt tokenized (with the tokenizer's special tokens), or the chat template."""
+    if job.prompt_ids is not None:
+        bad = [i for i in job.prompt_ids if not 0 <= i < vocab_size]
+        if bad or not job.prompt_ids:
+            return Failed(status=400, param="prompt", code="invalid_value",
+                          message=f"Prompt token ids must be in 0..{vocab_size - 1} and not empty.")
+        return list(job.prompt_ids)
+    if job.prompt is not None:
+        return [int(t) for t in tokenizer(job.prompt)["input_ids"]]
+    messages = [{"role": _role(m.role, tokenizer), "content": m.content} | ({"name": m.name} if m.name else {})
+                for m in job.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
+        return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
+                      param="messages", code="invalid_messages")
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]

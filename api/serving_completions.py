@@ -1,0 +1,197 @@
+"""Legacy completions (`POST /v1/completions`): raw prompts, no chat template, the `text_completion` objects.
+
+Several prompts become several jobs, run at once; choice `i` of prompt `k` is index `k * n + i`, as OpenAI
+numbers them. Logprobs use the legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from api import protocol as p
+from api.errors import APIError
+from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
+from api.serving_chat import sampling_params
+from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, TokenLogprob
+
+_json = msgspec.json.Encoder()
+
+
+def build_jobs(req: p.CompletionRequest, request_id: str) -> list[ChatJob]:
+    prompts = p.completion_prompts(req)
+    params = sampling_params(req, req.logprobs is not None)
+    return [ChatJob(request_id=request_id if len(prompts) == 1 else f"{request_id}-{k}", model=req.model,
+                    messages=[], params=params, created=time.time(), n=req.n or 1, echo=bool(req.echo),
+                    prompt=prompt if isinstance(prompt, str) else None,
+                    prompt_ids=None if isinstance(prompt, str) else prompt)
+            for k, prompt in enumerate(prompts)]
+
+
+class LegacyLogprobsBuilder:
+    """Accumulates TokenLogprob entries of one choice into the legacy shape, with character offsets."""
+
+    def __init__(self, start: int) -> None:
+        self.out = p.LegacyLogprobs([], [], [], [])
+        self._offset = start
+
+    def add(self, entries: list[TokenLogprob]) -> p.LegacyLogprobs:
+        added = p.LegacyLogprobs([], [], [], [])
+        for entry in entries:
+            for target in (self.out, added):
+                target.tokens.append(entry.token)
+                target.token_logprobs.append(entry.logprob)
+                target.top_logprobs.append({t.token: t.logprob for t in entry.top_logprobs})
+                target.text_offset.append(self._offset)
+            self._offset += len(entry.token)
+        return added
+
+
+class CompletionRun:
+    def __init__(self, ctx: ChatContext, req: p.CompletionRequest, request_id: str) -> None:
+        self.req = req
+        self.n = req.n or 1
+        self.runs = [JobRun(ctx, job, bool(req.stream)) for job in build_jobs(req, request_id)]
+        self.completion_id = f"cmpl-{request_id}"
+        self.created = int(time.time())
+        self.accepted: list[Accepted | None] = []
+        self._echoed: set[int] = set()
+
+    async def start(self) -> None:
+        results = await asyncio.gather(*(run.start() for run in self.runs), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close()
+            raise errors[0]
+        self.accepted = list(results)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        for run in self.runs:
+            await run.close()
+
+    def _echo(self, k: int) -> str:
+        accepted = self.accepted[k] if k < len(self.accepted) else None
+        return (accepted.prompt_text or "") if accepted is not None and self.req.echo else ""
+
+    async def _events(self, k: int, run: JobRun, queue: asyncio.Queue[tuple[int, Event | BaseException]]) -> None:
+        done = 0
+        try:
+            while done < self.n:
+                event = await run.next_event()
+                if event is None:
+                    continue
+                if isinstance(event, Accepted):
+                    self.accepted[k] = event
+                await queue.put((k, event))
+                done += isinstance(event, Finished)
+                if isinstance(event, Failed):
+                    return
+        except Exception as exc:  # handed to the consumer, which raises it or sends it as a frame
+            await queue.put((k, exc))
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every job's events as they come, tagged with the prompt's position."""
+        queue: asyncio.Queue[tuple[int, Event | BaseException]] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._events(k, run, queue)) for k, run in enumerate(self.runs)]
+        finished = 0
+        try:
+            while finished < len(self.runs) * self.n:
+                k, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished += isinstance(item, Finished)
+                yield k, item
+                if isinstance(item, Failed):
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def complete(self) -> p.Completion:
+        texts: dict[int, list[str]] = {}
+        builders: dict[int, LegacyLogprobsBuilder] = {}
+        finished: dict[int, Finished] = {}
+        try:
+            async for k, event in self._merged():
+                if isinstance(event, Failed):
+                    raise APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
+                if not isinstance(event, Delta | Finished):
+                    continue
+                index = k * self.n + event.index
+                texts.setdefault(index, [self._echo(k)]).append(event.text)
+                if self.req.logprobs is not None:
+                    builders.setdefault(index, LegacyLogprobsBuilder(len(self._echo(k)))).add(event.logprobs or [])
+                if isinstance(event, Finished):
+                    finished[index] = event
+        except TimeoutError:
+            raise APIError(504, "The request did not finish in time.", type="timeout", code="timeout") from None
+            for k, run in enumerate(self.runs):
+                run.outcome = finished_outcome({i: finished[k * self.n + i] for i in range(self.n)})
+        finally:
+            await self.close()
+        choices = [p.CompletionChoice(i, "".join(texts.get(i, [])), builders[i].out if i in builders else None,
+                                      finished[i].finish_reason) for i in sorted(finished)]
+        per_prompt = [usage_of(*[finished[k * self.n + i] for i in range(self.n)]) for k in range(len(self.runs))]
+        usage = p.Usage(sum(u.prompt_tokens for u in per_prompt), sum(u.completion_tokens for u in per_prompt),
+                        sum(u.total_tokens for u in per_prompt))
+        return p.Completion(self.completion_id, "text_completion", self.created, self.req.model, choices, usage)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        builders: dict[int, LegacyLogprobsBuilder] = {}
+        finished: dict[int, Finished] = {}
+        try:
+            for k in range(len(self.runs)):
+                yield self._echo_chunks(k)
+            async for k, event in self._merged():
+                if isinstance(event, Accepted):  # a queued prompt's acceptance came after the stream started
+                    yield self._echo_chunks(k)
+                    continue
+                if isinstance(event, Failed):
+                    err = APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
+                    yield b"data: " + err.to_json() + b"\n\n"
+                    return
+                if not isinstance(event, Delta | Finished):
+                    continue
+                index = k * self.n + event.index
+                logprobs = None
+                if self.req.logprobs is not None:
+                    builder = builders.setdefault(index, LegacyLogprobsBuilder(len(self._echo(k))))
+                    logprobs = builder.add(event.logprobs or [])
+                finish = event.finish_reason if isinstance(event, Finished) else None
+                if isinstance(event, Finished):
+                    finished[index] = event
+                if event.text or finish or logprobs:
+                    yield self._chunk(index, event.text, logprobs, finish)
+            if include_usage:
+                usage = p.Usage(sum(f.prompt_tokens for i, f in finished.items() if i % self.n == 0),
+                                sum(f.completion_tokens for f in finished.values()), 0)
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                payload = p.Completion(self.completion_id, "text_completion", self.created, self.req.model, [], usage)
+                yield b"data: " + _json.encode(payload) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except TimeoutError:
+            yield b"data: " + APIError(504, "The request did not finish in time.", type="timeout",
+                                       code="timeout").to_json() + b"\n\n"
+        finally:
+            await self.close()
+
+    def _echo_chunks(self, k: int) -> bytes:
+        """The prompt's text first, once per choice, when `echo` asks for it (and the worker has sent it)."""
+        echo = self._echo(k)
+        if not echo or k in self._echoed:
+            return b""
+        self._echoed.add(k)
+        return b"".join(self._chunk(k * self.n + i, echo, None, None) for i in range(self.n))
+
+    def _chunk(self, index: int, text: str, logprobs: p.LegacyLogprobs | None, finish: p.FinishReason | None) -> bytes:
+        choice = p.CompletionChoice(index, text, logprobs, finish)
+        payload = p.Completion(self.completion_id, "text_completion", self.created, self.req.model, [choice])
+        return b"data: " + _json.encode(payload) + b"\n\n"

@@ -1,0 +1,101 @@
+"""Legacy `POST /v1/completions` through the official openai SDK, checked against generate() on raw prompts."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.conftest import Server
+from tests.test_chat_e2e import _model
+
+PROMPTS = ["Once upon a time", "The ships sailed under the stars and"]
+
+
+def raw_reference(model_dir: str, prompt: str | list[int], max_tokens: int) -> tuple[str, int]:
+    model, tok = _model(model_dir)
+    ids = torch.tensor([prompt]) if isinstance(prompt, list) else tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+
+
+def test_string_prompt_greedy_and_usage(served: Server) -> None:
+    resp = served.client().completions.create(model=served.model, prompt=PROMPTS[0], temperature=0, max_tokens=12)
+    text, prompt_tokens = raw_reference(served.model, PROMPTS[0], 12)
+    assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
+    assert resp.choices[0].text == text and resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None and (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt_tokens, 12)
+
+
+def test_default_max_tokens_is_16_and_echo_prepends_the_prompt(served: Server) -> None:
+    resp = served.client().completions.create(model=served.model, prompt=PROMPTS[0], temperature=0, echo=True)
+    text, _ = raw_reference(served.model, PROMPTS[0], 16)
+    assert resp.usage is not None and resp.usage.completion_tokens == 16
+    assert resp.choices[0].text == PROMPTS[0] + text
+
+
+def test_token_id_prompt_equals_its_text(served: Server) -> None:
+    _, tok = _model(served.model)
+    ids = tok(PROMPTS[1])["input_ids"]
+    by_ids = served.client().completions.create(model=served.model, prompt=ids, temperature=0, max_tokens=8)
+    by_text = served.client().completions.create(model=served.model, prompt=PROMPTS[1], temperature=0, max_tokens=8)
+    assert by_ids.choices[0].text == by_text.choices[0].text == raw_reference(served.model, ids, 8)[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_prompts_times_n_choices(served: Server, stream: bool) -> None:
+    kwargs = {"model": served.model, "prompt": PROMPTS, "temperature": 0, "max_tokens": 6, "n": 2}
+    texts: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    if stream:
+        chunks = list(served.client().completions.create(stream=True, stream_options={"include_usage": True},
+                                                         **kwargs))
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+        usage = chunks[-1].usage
+    else:
+        resp = served.client().completions.create(**kwargs)
+        texts = {c.index: c.text for c in resp.choices}
+        finishes = {c.index: c.finish_reason for c in resp.choices}
+        usage = resp.usage
+    expected = [raw_reference(served.model, prompt, 6) for prompt in PROMPTS]
+    assert texts == {0: expected[0][0], 1: expected[0][0], 2: expected[1][0], 3: expected[1][0]}
+    assert set(finishes.values()) == {"length"}
+    assert usage is not None and usage.completion_tokens == 24
+    assert usage.prompt_tokens == expected[0][1] + expected[1][1]
+
+
+def test_legacy_logprobs_shape(served: Server) -> None:
+    resp = served.client().completions.create(model=served.model, prompt=PROMPTS[0], temperature=0, max_tokens=6,
+                                              logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(logprob, abs=1e-5)
+               for top, logprob in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": ["a", [1, 2]]}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [99999]}, "prompt"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+])
+def test_bad_completion_requests(served: Server, body: dict, param: str) -> None:
+    resp = httpx.post(f"{served.base_url}/v1/completions", json={"model": served.model, **body}, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_unknown_model_is_404(served: Server) -> None:
+    with pytest.raises(openai.NotFoundError):
+        served.client().completions.create(model="nope", prompt="x")

@@ -19,11 +19,12 @@ from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
 from api import errors, protocol
-from api.jobs import ChatContext, new_request_id
+from api.jobs import ChatContext, JobRun, new_request_id
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
 from api.serving_chat import ChatRun
 from api.serving_completions import CompletionRun
+from common.protocol import ChatJob, ChatMessage, SamplingParams
 from common.settings import Settings
 
 log = logging.getLogger("axion.api")
@@ -71,6 +72,32 @@ async def _echoing_request_id(start: Awaitable[T], headers: dict[str, str]) -> T
     except errors.APIError as exc:
         exc.headers.update(headers)
         raise
+
+
+@post("/tokenize", status_code=200)
+async def tokenize(request: Request[Any, Any, State], state: State) -> protocol.TokenizeResponse:
+    """vLLM's /tokenize: a raw prompt, or chat messages through the model's template."""
+    req = protocol.decode_body(await request.body(), protocol.TokenizeRequest)
+    if (req.prompt is None) == (req.messages is None):
+        raise errors.APIError(400, "Give exactly one of 'prompt' and 'messages'.", param="prompt",
+                              code="invalid_value")
+    if req.messages is not None:
+        protocol.validate_messages(req.messages)
+    messages = [ChatMessage(role=m.role, content=protocol.message_text(m), name=m.name) for m in req.messages or []]
+    job = ChatJob(request_id=new_request_id(request.headers.get("x-request-id")), model=req.model, task="tokenize",
+                  messages=messages, prompt=req.prompt, params=SamplingParams(), created=time.time(),
+                  add_special_tokens=req.add_special_tokens, add_generation_prompt=req.add_generation_prompt)
+    answer = await JobRun(_ctx(state), job, stream=False).answer()
+    return protocol.TokenizeResponse(len(answer.tokens), answer.max_model_len, answer.tokens)
+
+
+@post("/detokenize", status_code=200)
+async def detokenize(request: Request[Any, Any, State], state: State) -> protocol.DetokenizeResponse:
+    req = protocol.decode_body(await request.body(), protocol.DetokenizeRequest)
+    job = ChatJob(request_id=new_request_id(request.headers.get("x-request-id")), model=req.model,
+                  task="detokenize", messages=[], prompt_ids=req.tokens, params=SamplingParams(), created=time.time())
+    answer = await JobRun(_ctx(state), job, stream=False).answer()
+    return protocol.DetokenizeResponse(answer.text or "")
 
 
 @get("/v1/models")
@@ -136,7 +163,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
                 await client.aclose()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, health],
+        route_handlers=[chat_completions, completions, tokenize, detokenize, list_models, health],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

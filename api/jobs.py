@@ -19,7 +19,7 @@ from api.errors import APIError
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub, Subscription
 from common import keys
-from common.protocol import Accepted, ChatJob, Event, Failed, Finished, decode_event, encode
+from common.protocol import Accepted, ChatJob, Event, Failed, Finished, Tokenized, decode_event, encode
 from common.settings import Settings
 
 log = logging.getLogger("axion.api.jobs")
@@ -83,6 +83,8 @@ class JobRun:
             if isinstance(exc, TimeoutError):
                 raise self._timeout_error() from None
             raise
+        if isinstance(first, Tokenized):
+            return first  # type: ignore[return-value]  # only `answer()` runs jobs that end this way
         if isinstance(first, Failed):
             self.outcome = f"refused {first.status} {first.code}"
             await self.close()
@@ -91,6 +93,17 @@ class JobRun:
             await self.close()
             raise APIError(500, "Worker answered out of order.", code="internal_error")
         return first
+
+    async def answer(self) -> Tokenized:
+        """Run a job the worker answers at once (tokenize, detokenize) and return that answer."""
+        try:
+            first = await self.start()
+            if not isinstance(first, Tokenized):
+                raise APIError(500, "Worker answered out of order.", code="internal_error")
+            self.outcome = f"answered ({len(first.tokens)} tokens)"
+            return first
+        finally:
+            await self.close()
 
     def _left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

@@ -7,7 +7,7 @@ implement yet is refused with a 400 naming it when its value would change the re
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -27,6 +27,7 @@ Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 TokenId = Annotated[int, msgspec.Meta(ge=0)]
 
+T = TypeVar("T")
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 
@@ -116,10 +117,18 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
                            code="unsupported_parameter")
     if not req.model.strip():
         raise APIError(400, "'model' must be a non-empty string.", param="model", code="invalid_value")
-    if not req.messages:
+    validate_messages(req.messages)
+    validate_sampling(req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
+                       code="invalid_value")
+
+
+def validate_messages(messages: list[RequestMessage]) -> None:
+    if not messages:
         raise APIError(400, "'messages' must contain at least one message.", param="messages",
                        code="invalid_value")
-    for i, msg in enumerate(req.messages):
+    for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if msg.role not in ROLES:
             raise APIError(400, f"Invalid role '{msg.role}' in {where}; expected one of {', '.join(ROLES)}.",
@@ -134,10 +143,6 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
                                    param=f"{where}.content[{j}].type", code="unsupported_parameter")
         elif msg.content is None:
             raise APIError(400, f"{where} has no content.", param=f"{where}.content", code="invalid_value")
-    validate_sampling(req)
-    if req.top_logprobs and not req.logprobs:
-        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
-                       code="invalid_value")
 
 
 def validate_sampling(req: ChatCompletionRequest | CompletionRequest) -> None:
@@ -379,3 +384,41 @@ class Completion(msgspec.Struct):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+# ---- tokenize / detokenize (vLLM's shapes) ----------------------------------------------------------------------
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str | None = None
+    messages: list[RequestMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(msgspec.Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """Decode a request body into `kind`; every problem is an APIError(400) naming the field."""
+    from api.errors import from_decode_error
+
+    if not body.strip():
+        raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None

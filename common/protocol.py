@@ -54,6 +54,9 @@ class ChatJob(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     echo: bool = False
+    task: Literal["generate", "tokenize", "detokenize"] = "generate"
+    add_special_tokens: bool = True  # tokenize of a raw prompt
+    add_generation_prompt: bool = True  # tokenize of chat messages
     v: int = JOB_VERSION
 
 
@@ -114,7 +117,15 @@ class Failed(msgspec.Struct, tag_field="event", tag="error", kw_only=True):
     param: str | None = None
 
 
-Event = Accepted | Delta | Finished | Failed
+class Tokenized(msgspec.Struct, tag_field="event", tag="tokenized", kw_only=True):
+    """The answer to a `tokenize` job (`tokens`) or a `detokenize` job (`text`)."""
+
+    tokens: list[int]
+    text: str | None = None
+    max_model_len: int = 0
+
+
+Event = Accepted | Delta | Finished | Failed | Tokenized
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

@@ -99,3 +99,36 @@ def test_bad_completion_requests(served: Server, body: dict, param: str) -> None
 def test_unknown_model_is_404(served: Server) -> None:
     with pytest.raises(openai.NotFoundError):
         served.client().completions.create(model="nope", prompt="x")
+
+
+def test_tokenize_and_detokenize(served: Server) -> None:
+    _, tok = _model(served.model)
+    raw = httpx.post(f"{served.base_url}/tokenize", json={"model": served.model, "prompt": PROMPTS[1]}, timeout=30)
+    assert raw.status_code == 200, raw.text
+    body = raw.json()
+    assert body["tokens"] == tok(PROMPTS[1])["input_ids"] and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 256
+    bare = httpx.post(f"{served.base_url}/tokenize", timeout=30,
+                      json={"model": served.model, "prompt": PROMPTS[1], "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{served.base_url}/tokenize", json={"model": served.model, "messages": messages},
+                      timeout=30).json()
+    assert chat["tokens"] == tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    back = httpx.post(f"{served.base_url}/detokenize", json={"model": served.model, "tokens": bare["tokens"]},
+                      timeout=30).json()
+    assert back == {"prompt": PROMPTS[1]}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "pirate", "content": "x"}]}, 400, "messages[0].role"),
+    ("/detokenize", {"tokens": [99999]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
+    ("/detokenize", {"tokens": [1], "model": "nope"}, 404, "model"),
+])
+def test_bad_tokenize_requests(served: Server, path: str, body: dict, status: int, param: str) -> None:
+    resp = httpx.post(f"{served.base_url}{path}", json={"model": served.model, **body}, timeout=30)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, TokenLogprob
+from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, Tokenized, TokenLogprob
 from workers.chat.kv import new_cache
 from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import needs_processing, process_row, sample_row
-from workers.chat.sequence import Sequence, prepare
+from workers.chat.sequence import Sequence, prepare, tokenize
 
 log = logging.getLogger("axion.worker.engine")
 
@@ -58,6 +58,9 @@ class ChatEngine:
     def prepare(self, job: ChatJob) -> Sequence | Failed:
         """Template and check the request; its first choice (siblings attached), or the Failed that refuses it."""
         return prepare(job, self.tokenizer, self.max_seq_len, self.vocab_size, self.device)
+
+    def tokenize(self, job: ChatJob) -> Tokenized | Failed:
+        return tokenize(job, self.tokenizer, self.max_seq_len, self.vocab_size)
 
     def add(self, seq: Sequence) -> Accepted:
         """Queue a prepared request: choice 0 and its siblings."""

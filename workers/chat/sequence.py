@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from common.protocol import ChatJob, Failed, SamplingParams
+from common.protocol import ChatJob, Failed, SamplingParams, Tokenized
 from workers.chat.sampling import make_generator
 from workers.chat.text import TextTracker
 
@@ -105,6 +105,21 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int,
     return choices[0]
 
 
+def tokenize(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int) -> Tokenized | Failed:
+    """A `tokenize` job (chat messages through the template, or a raw prompt) or a `detokenize` job."""
+    if job.task == "detokenize":
+        ids = job.prompt_ids or []
+        if any(not 0 <= i < vocab_size for i in ids):
+            return Failed(status=400, param="tokens", code="invalid_value",
+                          message=f"Token ids must be in 0..{vocab_size - 1}.")
+        return Tokenized(tokens=ids, text=tokenizer.decode(ids), max_model_len=max_seq_len)
+    if job.prompt is not None:
+        ids = [int(t) for t in tokenizer(job.prompt, add_special_tokens=job.add_special_tokens)["input_ids"]]
+        return Tokenized(tokens=ids, max_model_len=max_seq_len)
+    prompt = _prompt_ids(job, tokenizer, vocab_size)
+    return prompt if isinstance(prompt, Failed) else Tokenized(tokens=prompt, max_model_len=max_seq_len)
+
+
 def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Failed:
     """Token ids as given, a raw prompt tokenized (with the tokenizer's special tokens), or the chat template."""
     if job.prompt_ids is not None:
@@ -118,7 +133,8 @@ def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Fa
     messages = [{"role": _role(m.role, tokenizer), "content": m.content} | ({"name": m.name} if m.name else {})
                 for m in job.messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=job.add_generation_prompt, tokenize=True,
+                                            return_dict=False)
     except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
         return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
                       param="messages", code="invalid_messages")

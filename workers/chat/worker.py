@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
-from common.protocol import Event, Failed, WorkerInfo, decode_job, encode
+from common.protocol import Event, Failed, Tokenized, WorkerInfo, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
 
@@ -139,10 +139,15 @@ class ChatWorker:
             log.error("dropping unreadable entry %s: %s", entry_id, exc)
             await self._ack(self.redis.pipeline(transaction=False), entry_id).execute()
             return
-        result = self.engine.prepare(job) if job.v == 1 else Failed(
-            status=400, message=f"unsupported job version {job.v}", code="unsupported_job_version")
+        if job.v != 1:
+            result: Sequence | Failed | Tokenized = Failed(status=400, message=f"unsupported job version {job.v}",
+                                                           code="unsupported_job_version")
+        elif job.task == "generate":
+            result = self.engine.prepare(job)
+        else:
+            result = self.engine.tokenize(job)
         channel = keys.reply_channel(job.request_id)
-        if isinstance(result, Failed):
+        if isinstance(result, Failed | Tokenized):  # answered at once: publish, then acknowledge
             pipe = self.redis.pipeline(transaction=False).publish(channel, encode(result))
             await self._ack(pipe, entry_id).execute()
             return

@@ -45,6 +45,18 @@ class RequestMessage(msgspec.Struct):
     tool_call_id: str | None = None
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: str
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
@@ -74,8 +86,8 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     repetition_penalty: RepetitionPenalty | None = None
     min_p: Probability | None = None
     stop_token_ids: list[TokenId] | None = None
+    response_format: ResponseFormat | None = None
     # Known OpenAI fields not implemented yet: refused when set to anything but their neutral value.
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -87,7 +99,6 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
 
 
 _NEUTRAL: dict[str, Any] = {
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
@@ -119,6 +130,10 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
         raise APIError(400, "'model' must be a non-empty string.", param="model", code="invalid_value")
     validate_messages(req.messages)
     validate_sampling(req)
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
+        raise APIError(400, "'response_format.json_schema.schema' is required for type 'json_schema'.",
+                       param="response_format", code="invalid_value")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
                        code="invalid_value")

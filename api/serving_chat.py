@@ -14,7 +14,17 @@ import msgspec
 from api import protocol as p
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
-from common.protocol import Accepted, ChatJob, ChatMessage, Delta, Failed, Finished, SamplingParams, TokenLogprob
+from common.protocol import (
+    Accepted,
+    ChatJob,
+    ChatMessage,
+    Delta,
+    Failed,
+    Finished,
+    GuidedDecoding,
+    SamplingParams,
+    TokenLogprob,
+)
 
 _json = msgspec.json.Encoder()
 
@@ -43,8 +53,14 @@ def sampling_params(req: p.ChatCompletionRequest | p.CompletionRequest, logprobs
 
 def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
     messages = [ChatMessage(role=m.role, content=p.message_text(m), name=m.name) for m in req.messages]
+    params = sampling_params(req, bool(req.logprobs))
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        params.guided = GuidedDecoding("json_object")
+    elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        params.guided = GuidedDecoding("json_schema", fmt.json_schema.schema, bool(fmt.json_schema.strict))
     return ChatJob(request_id=request_id, model=req.model, messages=messages, created=time.time(), n=req.n or 1,
-                   params=sampling_params(req, bool(req.logprobs)))
+                   params=params)
 
 
 class ChatRun(JobRun):

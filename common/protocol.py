@@ -7,7 +7,7 @@ fields may be added without a version bump (decoders ignore what they do not kno
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -18,6 +18,14 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
     name: str | None = None
+
+
+class GuidedDecoding(msgspec.Struct, omit_defaults=True):
+    """A constraint on the output's shape, enforced token by token: `response_format` json_object/json_schema."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    strict: bool = False
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -39,6 +47,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    guided: GuidedDecoding | None = None
 
 
 class ChatJob(msgspec.Struct, kw_only=True):

@@ -34,7 +34,7 @@ def test_job_roundtrip_and_parameter_mapping() -> None:
 @pytest.mark.parametrize(("fields", "param"), [
     ({"top_k": -2}, "top_k"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"seed": 2**64}, "seed"), ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                                 "messages[0].content[0].type"),
 ])

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, Tokenized, TokenLogprob
+from workers.chat.grammar import GrammarCompiler
 from workers.chat.kv import new_cache
 from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.prefix_cache import PrefixCache
@@ -40,6 +41,7 @@ class ChatEngine:
         self.eos_ids = sorted(_eos_ids(model, tokenizer))
         self.vocab_size = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
         self.token_bytes = TokenBytes(tokenizer)
+        self._grammar_compiler: GrammarCompiler | None = None
         self.rows: list[Sequence] = []
         self.pending: list[Sequence] = []
         self._cache: DynamicCache | None = None
@@ -57,7 +59,13 @@ class ChatEngine:
     # ---- admission -----------------------------------------------------------------------------------
     def prepare(self, job: ChatJob) -> Sequence | Failed:
         """Template and check the request; its first choice (siblings attached), or the Failed that refuses it."""
-        return prepare(job, self.tokenizer, self.max_seq_len, self.vocab_size, self.device)
+        return prepare(job, self.tokenizer, self.max_seq_len, self.vocab_size, self.device, self._grammars)
+
+    def _grammars(self) -> GrammarCompiler:
+        """Built on first use: walking the vocabulary takes up to a second, and most workers never need it."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids=self.eos_ids)
+        return self._grammar_compiler
 
     def tokenize(self, job: ChatJob) -> Tokenized | Failed:
         return tokenize(job, self.tokenizer, self.max_seq_len, self.vocab_size)
@@ -204,6 +212,8 @@ class ChatEngine:
                 logits[row, banned] = float("-inf")
             if needs_processing(seq.params):
                 process_row(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
+            if seq.matcher is not None:
+                seq.matcher.mask_logits(logits[row])
         greedy = [r for r, s in enumerate(seqs) if s.params.temperature == 0.0]
         tokens = [0] * len(seqs)
         if greedy:
@@ -232,9 +242,13 @@ class ChatEngine:
             return Failed(status=500, message=seq.error, type="server_error", code="sampling_error")
         seq.output_ids.append(token)
         logprobs = self._logprobs(seq, token)
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            seq.finish_reason = "error"
+            return Failed(status=500, message="The output left the required format.", type="server_error",
+                          code="grammar_error")
         is_eos = (token in self.eos_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
         text = seq.text.update(seq.output_ids[:-1] if is_eos else seq.output_ids)
-        if is_eos or seq.text.stopped:
+        if is_eos or seq.text.stopped or (seq.matcher is not None and seq.matcher.is_terminated()):
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= seq.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
             seq.finish_reason = "length"

@@ -6,6 +6,7 @@ build the `n` sequences. Sibling `i` samples with seed `seed + i`, so `n` choice
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import ChatJob, Failed, SamplingParams, Tokenized
+from workers.chat.grammar import Grammar, GrammarCompiler, Matcher
 from workers.chat.sampling import make_generator
 from workers.chat.text import TextTracker
 
@@ -52,6 +54,7 @@ class Sequence:
     siblings: list[Sequence] = field(default_factory=list)  # the other choices, on choice 0 only
     pending_logprobs: torch.Tensor | None = None  # log-softmax of the raw logits of the token being sampled
     echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
+    matcher: Matcher | None = None  # structured output: which tokens may come next
 
     @property
     def tag(self) -> Any:
@@ -72,10 +75,20 @@ def _role(role: str, tokenizer: Any) -> str:
     return role
 
 
-def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int,
-            device: torch.device) -> Sequence | Failed:
+def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, device: torch.device,
+            grammars: Callable[[], GrammarCompiler] | None = None) -> Sequence | Failed:
     """Choice 0 of the request (its siblings on `.siblings`), or the Failed event that refuses it."""
     params = job.params
+    grammar: Grammar | None = None
+    if params.guided is not None and grammars is not None:
+        try:
+            compiler = grammars()
+            guided = params.guided
+            grammar = (compiler.json_object() if guided.kind == "json_object"
+                       else compiler.json_schema(guided.schema or {}, strict=guided.strict))
+        except ValueError as exc:
+            return Failed(status=400, param="response_format", code="invalid_schema",
+                          message=f"The JSON schema cannot be enforced: {exc}")
     for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
@@ -96,7 +109,7 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int,
         Sequence(request_id=job.request_id, prompt_ids=prompt_ids, params=params, group=group, index=i,
                  max_new_tokens=wanted or max_seq_len - len(prompt_ids),
                  generator=make_generator(None if params.seed is None else params.seed + i, device),
-                 text=TextTracker(tokenizer, params.stop))
+                 text=TextTracker(tokenizer, params.stop), matcher=grammar.matcher() if grammar else None)
         for i in range(job.n)
     ]
     choices[0].siblings = choices[1:]

@@ -28,7 +28,7 @@ RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 TokenId = Annotated[int, msgspec.Meta(ge=0)]
 
 T = TypeVar("T")
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
 
 
@@ -37,12 +37,46 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class RequestMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: Any = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, omit_defaults=True):
+    """Unset fields are omitted and OpenAI's field order kept: the chat template renders what the client sent."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: NamedFunction
+    type: Literal["function"] = "function"
 
 
 class JsonSchemaFormat(msgspec.Struct):
@@ -87,9 +121,10 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     min_p: Probability | None = None
     stop_token_ids: list[TokenId] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Known OpenAI fields not implemented yet: refused when set to anything but their neutral value.
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -99,7 +134,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
 
 
 _NEUTRAL: dict[str, Any] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
 
@@ -130,6 +165,7 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
         raise APIError(400, "'model' must be a non-empty string.", param="model", code="invalid_value")
     validate_messages(req.messages)
     validate_sampling(req)
+    validate_tools(req)
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
         raise APIError(400, "'response_format.json_schema.schema' is required for type 'json_schema'.",
@@ -137,6 +173,25 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
                        code="invalid_value")
+
+
+def validate_tools(req: ChatCompletionRequest) -> None:
+    names = [t.function.name for t in req.tools or []]
+    if any(not n or not all(c.isalnum() or c in "_-" for c in n) or len(n) > 64 for n in names):
+        raise APIError(400, "Tool names must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'.", param="tools",
+                       code="invalid_value")
+    if len(set(names)) != len(names):
+        raise APIError(400, "Tool names must be unique.", param="tools", code="invalid_value")
+    choice = req.tool_choice
+    if choice not in (None, "none", "auto") and not names:
+        raise APIError(400, "'tool_choice' needs 'tools'.", param="tool_choice", code="invalid_value")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(400, f"'tool_choice' names '{choice.function.name}', which is not in 'tools'.",
+                       param="tool_choice", code="invalid_value")
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, "A forced 'tool_choice' cannot be combined with 'response_format'.",
+                       param="response_format", code="invalid_value")
 
 
 def validate_messages(messages: list[RequestMessage]) -> None:
@@ -148,9 +203,14 @@ def validate_messages(messages: list[RequestMessage]) -> None:
         if msg.role not in ROLES:
             raise APIError(400, f"Invalid role '{msg.role}' in {where}; expected one of {', '.join(ROLES)}.",
                            param=f"{where}.role", code="invalid_value")
-        if msg.tool_calls is not None or msg.tool_call_id is not None:
-            raise APIError(400, "Tool calls in messages are not supported by this server yet.",
-                           param=f"{where}.tool_calls", code="unsupported_parameter")
+        if msg.tool_calls and msg.role != "assistant":
+            raise APIError(400, f"Only assistant messages carry 'tool_calls' ({where}).",
+                           param=f"{where}.tool_calls", code="invalid_value")
+        if msg.role == "tool" and not msg.tool_call_id:
+            raise APIError(400, f"A tool message needs 'tool_call_id' ({where}).", param=f"{where}.tool_call_id",
+                           code="invalid_value")
+        if msg.content is None and msg.role == "assistant" and msg.tool_calls:
+            continue
         if isinstance(msg.content, list):
             for j, part in enumerate(msg.content):
                 if part.type != "text" or part.text is None:
@@ -203,7 +263,7 @@ def message_text(msg: RequestMessage) -> str:
 
 # ---- responses -------------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(msgspec.Struct):
@@ -217,9 +277,16 @@ class Usage(msgspec.Struct):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class AssistantMessage(msgspec.Struct):
+class ToolCallOut(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChoiceLogprobs(msgspec.Struct):
@@ -243,9 +310,17 @@ class ChatCompletion(msgspec.Struct):
     system_fingerprint: str | None = None
 
 
+class DeltaToolCall(msgspec.Struct):
+    index: int
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChoiceDelta(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(msgspec.Struct):

@@ -24,7 +24,16 @@ from common.protocol import (
     GuidedDecoding,
     SamplingParams,
     TokenLogprob,
+    ToolCall,
 )
+
+
+def _message(text: str, calls: list[ToolCall] | None) -> p.AssistantMessage:
+    """OpenAI's assistant message: with tool calls, `content` is null unless the model also wrote text."""
+    if not calls:
+        return p.AssistantMessage("assistant", text)
+    return p.AssistantMessage("assistant", text or None,
+                              [p.ToolCallOut(c.id, p.FunctionCall(c.name, c.arguments)) for c in calls])
 
 _json = msgspec.json.Encoder()
 
@@ -52,15 +61,21 @@ def sampling_params(req: p.ChatCompletionRequest | p.CompletionRequest, logprobs
 
 
 def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
-    messages = [ChatMessage(role=m.role, content=p.message_text(m), name=m.name) for m in req.messages]
+    messages = [ChatMessage(role=m.role, content=p.message_text(m), name=m.name, tool_call_id=m.tool_call_id,
+                            tool_calls=[ToolCall(c.id, c.function.name, c.function.arguments)
+                                        for c in m.tool_calls] if m.tool_calls else None)
+                for m in req.messages]
     params = sampling_params(req, bool(req.logprobs))
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
         params.guided = GuidedDecoding("json_object")
     elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
         params.guided = GuidedDecoding("json_schema", fmt.json_schema.schema, bool(fmt.json_schema.strict))
+    choice = req.tool_choice
     return ChatJob(request_id=request_id, model=req.model, messages=messages, created=time.time(), n=req.n or 1,
-                   params=params)
+                   params=params, tools=msgspec.to_builtins(req.tools) if req.tools else None,
+                   tool_choice=msgspec.to_builtins(choice) if choice is not None else None,
+                   parallel_tool_calls=req.parallel_tool_calls is not False)
 
 
 class ChatRun(JobRun):
@@ -95,7 +110,7 @@ class ChatRun(JobRun):
             self.outcome = finished_outcome(finished)
         finally:
             await self.close()
-        choices = [p.Choice(i, p.AssistantMessage("assistant", "".join(texts[i])),
+        choices = [p.Choice(i, _message("".join(texts[i]), finished[i].tool_calls),
                             p.ChoiceLogprobs(logprobs[i]) if self.req.logprobs else None, finished[i].finish_reason)
                    for i in range(n)]
         return p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model, choices,
@@ -128,7 +143,15 @@ class ChatRun(JobRun):
                     continue
                 logprobs = p.ChoiceLogprobs(event.logprobs) if event.logprobs else None
                 finish = event.finish_reason if isinstance(event, Finished) else None
-                if event.text or logprobs or finish:
+                calls = event.tool_calls if isinstance(event, Finished) else None
+                if event.text and calls:  # content before the calls, then the calls with the finish reason
+                    yield self._frame(event.index, p.ChoiceDelta(content=event.text), logprobs, None, include_usage)
+                    logprobs = None
+                if calls:
+                    delta = p.ChoiceDelta(tool_calls=[p.DeltaToolCall(i, c.id, p.FunctionCall(c.name, c.arguments))
+                                                      for i, c in enumerate(calls)])
+                    yield self._frame(event.index, delta, logprobs, finish, include_usage)
+                elif event.text or logprobs or finish:
                     delta = p.ChoiceDelta(content=event.text) if event.text else p.ChoiceDelta()
                     yield self._frame(event.index, delta, logprobs, finish, include_usage)
                 if isinstance(event, Finished):

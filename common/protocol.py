@@ -14,10 +14,20 @@ import msgspec
 JOB_VERSION = 1
 
 
+class ToolCall(msgspec.Struct):
+    """A function call the model made; `arguments` is a JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class ChatMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a `tool` turn: which call it answers
 
 
 class GuidedDecoding(msgspec.Struct, omit_defaults=True):
@@ -63,6 +73,9 @@ class ChatJob(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     echo: bool = False
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, passed to the chat template
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"function": {"name"}}
+    parallel_tool_calls: bool = True
     task: Literal["generate", "tokenize", "detokenize"] = "generate"
     add_special_tokens: bool = True  # tokenize of a raw prompt
     add_generation_prompt: bool = True  # tokenize of chat messages
@@ -108,12 +121,13 @@ class Finished(msgspec.Struct, tag_field="event", tag="done", kw_only=True):
 
     seq: int
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Failed(msgspec.Struct, tag_field="event", tag="error", kw_only=True):

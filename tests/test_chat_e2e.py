@@ -144,20 +144,26 @@ def test_unknown_model_is_404(served: Server) -> None:
 
 
 def test_prompt_over_context_length_is_400(served: Server) -> None:
-    long = " ".join(["word"] * 400)  # MAX_SEQ_LEN is 256 in this fixture
+    long = " ".join(["word"] * 1100)  # MAX_SEQ_LEN is 1024 in this fixture
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as info:
             served.client().chat.completions.create(model=served.model, stream=stream,
                                                     messages=[{"role": "user", "content": long}])
         assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:
-        served.client().chat.completions.create(model=served.model, max_tokens=250,
+        served.client().chat.completions.create(model=served.model, max_tokens=1010,
                                                 messages=[{"role": "user", "content": "short prompt"}])
     assert info.value.body["code"] == "context_length_exceeded"
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                   "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"n": 0}, "n"),
     ({"n": 129}, "n"),
     ({"top_logprobs": 3}, "top_logprobs"),

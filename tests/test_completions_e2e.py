@@ -107,7 +107,7 @@ def test_tokenize_and_detokenize(served: Server) -> None:
     assert raw.status_code == 200, raw.text
     body = raw.json()
     assert body["tokens"] == tok(PROMPTS[1])["input_ids"] and body["count"] == len(body["tokens"])
-    assert body["max_model_len"] == 256
+    assert body["max_model_len"] == 1024
     bare = httpx.post(f"{served.base_url}/tokenize", timeout=30,
                       json={"model": served.model, "prompt": PROMPTS[1], "add_special_tokens": False}).json()
     assert bare["tokens"] == tok(PROMPTS[1], add_special_tokens=False)["input_ids"]

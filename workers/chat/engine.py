@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, Tokenized, TokenLogprob
+from workers.chat import tools
 from workers.chat.grammar import GrammarCompiler
 from workers.chat.kv import new_cache
 from workers.chat.logprobs import TokenBytes, token_logprob
@@ -252,14 +253,20 @@ class ChatEngine:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= seq.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
             seq.finish_reason = "length"
+        calls = None
+        if seq.finish_reason is not None and seq.tool_format is not None:
+            content, calls = tools.parse(seq.text.text, seq.tool_format)
+            if calls:
+                seq.finish_reason = "tool_calls"
+                text += content[seq.text.sent:]
         if seq.finish_reason is None:
             return Delta(seq=seq.next_seq(), text=text, completion_tokens=len(seq.output_ids), index=seq.index,
                          logprobs=logprobs)
-        if not seq.text.stopped:
+        if not seq.text.stopped and not calls:
             text += seq.text.flush()
         return Finished(seq=seq.next_seq(), text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
                         prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                        cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs)
+                        cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> None:

@@ -6,6 +6,7 @@ build the `n` sequences. Sibling `i` samples with seed `seed + i`, so `n` choice
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from common.protocol import ChatJob, Failed, SamplingParams, Tokenized
+from common.protocol import ChatJob, ChatMessage, Failed, SamplingParams, Tokenized
+from workers.chat import tools
 from workers.chat.grammar import Grammar, GrammarCompiler, Matcher
 from workers.chat.sampling import make_generator
 from workers.chat.text import TextTracker
@@ -55,6 +57,7 @@ class Sequence:
     pending_logprobs: torch.Tensor | None = None  # log-softmax of the raw logits of the token being sampled
     echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
     matcher: Matcher | None = None  # structured output: which tokens may come next
+    tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
 
     @property
     def tag(self) -> Any:
@@ -68,6 +71,27 @@ class Sequence:
         return self.group.next_seq()
 
 
+def _template_message(m: ChatMessage, tokenizer: Any) -> dict[str, Any]:
+    """A message as Hugging Face chat templates take it; tool-call arguments as a dict, as they expect."""
+    out: dict[str, Any] = {"role": _role(m.role, tokenizer), "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
+                             for c in m.tool_calls]
+    return out
+
+
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def _role(role: str, tokenizer: Any) -> str:
     """OpenAI's `developer` role is `system` to templates that do not know it (most open models)."""
     if role == "developer" and "developer" not in (tokenizer.chat_template or ""):
@@ -79,16 +103,22 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
             grammars: Callable[[], GrammarCompiler] | None = None) -> Sequence | Failed:
     """Choice 0 of the request (its siblings on `.siblings`), or the Failed event that refuses it."""
     params = job.params
+    calling = bool(job.tools) and job.tool_choice != "none"
+    fmt = tools.detect_format(tokenizer.chat_template) if calling else None
     grammar: Grammar | None = None
-    if params.guided is not None and grammars is not None:
-        try:
-            compiler = grammars()
+    try:
+        forced = tools.forcing_grammar(job.tools or [], job.tool_choice or "auto", job.parallel_tool_calls,
+                                       fmt) if fmt else None
+        if grammars is not None and forced is not None:
+            grammar = grammars().lark(forced)
+        elif grammars is not None and params.guided is not None:
             guided = params.guided
-            grammar = (compiler.json_object() if guided.kind == "json_object"
-                       else compiler.json_schema(guided.schema or {}, strict=guided.strict))
-        except ValueError as exc:
-            return Failed(status=400, param="response_format", code="invalid_schema",
-                          message=f"The JSON schema cannot be enforced: {exc}")
+            grammar = (grammars().json_object() if guided.kind == "json_object"
+                       else grammars().json_schema(guided.schema or {}, strict=guided.strict))
+    except (ValueError, KeyError, IndexError) as exc:
+        param = "tools" if fmt else "response_format"
+        return Failed(status=400, param=param, code="invalid_schema",
+                      message=f"The JSON schema cannot be enforced: {exc}")
     for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
@@ -109,7 +139,9 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
         Sequence(request_id=job.request_id, prompt_ids=prompt_ids, params=params, group=group, index=i,
                  max_new_tokens=wanted or max_seq_len - len(prompt_ids),
                  generator=make_generator(None if params.seed is None else params.seed + i, device),
-                 text=TextTracker(tokenizer, params.stop), matcher=grammar.matcher() if grammar else None)
+                 text=TextTracker(tokenizer, params.stop, tools.markers(fmt) if fmt else None,
+                                  hold_leading_json=fmt == "llama3"),
+                 matcher=grammar.matcher() if grammar else None, tool_format=fmt)
         for i in range(job.n)
     ]
     choices[0].siblings = choices[1:]
@@ -143,11 +175,10 @@ def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Fa
         return list(job.prompt_ids)
     if job.prompt is not None:
         return [int(t) for t in tokenizer(job.prompt)["input_ids"]]
-    messages = [{"role": _role(m.role, tokenizer), "content": m.content} | ({"name": m.name} if m.name else {})
-                for m in job.messages]
+    messages = [_template_message(m, tokenizer) for m in job.messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=job.add_generation_prompt, tokenize=True,
-                                            return_dict=False)
+        ids = tokenizer.apply_chat_template(messages, tools=job.tools or None, tokenize=True, return_dict=False,
+                                            add_generation_prompt=job.add_generation_prompt)
     except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
         return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
                       param="messages", code="invalid_messages")

@@ -327,3 +327,51 @@ def test_queued_stream_gets_keepalive_comments(served: Server) -> None:
     text = "".join((json.loads(x[6:])["choices"][0]["delta"].get("content") or "") for x in lines
                    if x.startswith("data: {"))
     assert text == reference(served.model, messages, 6)[0]
+
+
+def test_penalties_bias_and_extras_through_the_sdk(served: Server) -> None:
+    import torch
+
+    from workers.chat.logprobs import TokenBytes
+
+    client = served.client()
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    model, tok = _model(served.model)
+    by_bytes = {tuple(TokenBytes(tok)(i)[1]): i for i in range(len(tok))}  # byte-level BPE: bytes name one entry
+
+    def ids(**kwargs: object) -> list[int]:
+        """The generated token ids, read back from the logprobs' exact bytes."""
+        resp = client.chat.completions.create(model=served.model, messages=messages, max_tokens=10, logprobs=True,
+                                              **{"temperature": 0, **kwargs})
+        return [by_bytes[tuple(t.bytes)] for t in resp.choices[0].logprobs.content]
+
+    greedy = ids()
+    assert ids(logit_bias={"100": 100}) == [100] * 10
+    assert ids(logit_bias={str(greedy[0]): -100})[0] != greedy[0]
+    # Penalties reach the engine intact: the server's tokens equal the engine's own on the same parameters
+    # (their effect is tested in tests/test_sampling.py).
+    from common.protocol import ChatJob, ChatMessage, SamplingParams
+    from workers.chat.engine import ChatEngine
+
+    engine = ChatEngine(model, tok, torch.device("cpu"), 1024)
+    params = SamplingParams(temperature=0.0, max_tokens=10, logit_bias={100: 8.0}, frequency_penalty=-2.0,
+                            presence_penalty=-1.0)  # negative: rewards repeats, so greedy output must change
+    seq = engine.prepare(ChatJob(request_id="x", model="m", messages=[ChatMessage("user", PROMPTS[1])],
+                                 params=params, created=0.0))
+    engine.add(seq)  # type: ignore[arg-type]
+    while engine.active:
+        engine.step()
+    penalised = ids(logit_bias={"100": 8}, frequency_penalty=-2.0, presence_penalty=-1.0)
+    assert penalised == seq.output_ids and penalised != greedy  # type: ignore[union-attr]
+    assert ids(temperature=1.0, seed=9, extra_body={"min_p": 1.0}) == greedy
+    stop_at = client.chat.completions.create(model=served.model, messages=messages, temperature=0, max_tokens=10,
+                                             extra_body={"stop_token_ids": [greedy[3]]})
+    assert stop_at.choices[0].finish_reason == "stop"
+    assert stop_at.usage is not None and stop_at.usage.completion_tokens == greedy.index(greedy[3]) + 1
+    repeated = client.chat.completions.create(model=served.model, messages=messages, temperature=0, max_tokens=10,
+                                              extra_body={"repetition_penalty": 1.5})
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, repetition_penalty=1.5)
+    assert repeated.choices[0].message.content == tok.decode(out[0, enc["input_ids"].shape[1]:],
+                                                             skip_special_tokens=True)

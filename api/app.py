@@ -19,6 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
 from api import errors, protocol
+from api import protocol_legacy as legacy
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
@@ -54,7 +55,7 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
 @post("/v1/completions", status_code=200)
 async def completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
     client_id = request.headers.get("x-request-id")
-    req = protocol.decode_completion_request(await request.body())
+    req = legacy.decode_completion_request(await request.body())
     run = CompletionRun(_ctx(state), req, new_request_id(client_id))
     headers = {"X-Request-Id": client_id or run.runs[0].request_id}
     await _echoing_request_id(run.start(), headers)
@@ -75,9 +76,9 @@ async def _echoing_request_id(start: Awaitable[T], headers: dict[str, str]) -> T
 
 
 @post("/tokenize", status_code=200)
-async def tokenize(request: Request[Any, Any, State], state: State) -> protocol.TokenizeResponse:
+async def tokenize(request: Request[Any, Any, State], state: State) -> legacy.TokenizeResponse:
     """vLLM's /tokenize: a raw prompt, or chat messages through the model's template."""
-    req = protocol.decode_body(await request.body(), protocol.TokenizeRequest)
+    req = protocol.decode_body(await request.body(), legacy.TokenizeRequest)
     if (req.prompt is None) == (req.messages is None):
         raise errors.APIError(400, "Give exactly one of 'prompt' and 'messages'.", param="prompt",
                               code="invalid_value")
@@ -88,16 +89,16 @@ async def tokenize(request: Request[Any, Any, State], state: State) -> protocol.
                   messages=messages, prompt=req.prompt, params=SamplingParams(), created=time.time(),
                   add_special_tokens=req.add_special_tokens, add_generation_prompt=req.add_generation_prompt)
     answer = await JobRun(_ctx(state), job, stream=False).answer()
-    return protocol.TokenizeResponse(len(answer.tokens), answer.max_model_len, answer.tokens)
+    return legacy.TokenizeResponse(len(answer.tokens), answer.max_model_len, answer.tokens)
 
 
 @post("/detokenize", status_code=200)
-async def detokenize(request: Request[Any, Any, State], state: State) -> protocol.DetokenizeResponse:
-    req = protocol.decode_body(await request.body(), protocol.DetokenizeRequest)
+async def detokenize(request: Request[Any, Any, State], state: State) -> legacy.DetokenizeResponse:
+    req = protocol.decode_body(await request.body(), legacy.DetokenizeRequest)
     job = ChatJob(request_id=new_request_id(request.headers.get("x-request-id")), model=req.model,
                   task="detokenize", messages=[], prompt_ids=req.tokens, params=SamplingParams(), created=time.time())
     answer = await JobRun(_ctx(state), job, stream=False).answer()
-    return protocol.DetokenizeResponse(answer.text or "")
+    return legacy.DetokenizeResponse(answer.text or "")
 
 
 @get("/v1/models")

@@ -7,12 +7,15 @@ implement yet is refused with a 400 naming it when its value would change the re
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from api.errors import APIError
+from api.errors import APIError, from_decode_error
 from common.protocol import TokenLogprob
+
+if TYPE_CHECKING:
+    from api.protocol_legacy import CompletionRequest
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -138,19 +141,9 @@ _NEUTRAL: dict[str, Any] = {
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
 
-_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-
-
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
     """Decode and validate a request body; every problem is an APIError(400) naming the field."""
-    from api.errors import from_decode_error
-
-    if not body.strip():
-        raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        req = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise from_decode_error(exc) from None
+    req = decode_body(body, ChatCompletionRequest)
     validate_chat_request(req)
     return req
 
@@ -363,152 +356,15 @@ class ModelList(msgspec.Struct):
     data: list[Model]
 
 
-# ---- legacy completions --------------------------------------------------------------------------------------
-
-class CompletionRequest(msgspec.Struct, kw_only=True):
-    model: str
-    # A string, a list of strings, token ids, or a list of token-id lists (msgspec allows one list type in a
-    # union, so the shape is checked by `completion_prompts`).
-    prompt: str | list[str | int | list[int]]
-    max_tokens: NonNegativeInt | None = 16
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    n: ChoiceCount | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    logprobs: TopLogprobs | None = None
-    echo: bool | None = False
-    stop: str | list[str] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Bias] | None = None
-    seed: Seed | None = None
-    user: str | None = None
-    best_of: ChoiceCount | None = None
-    suffix: str | None = None
-    top_k: int | None = None
-    min_p: Probability | None = None
-    min_tokens: NonNegativeInt | None = None
-    ignore_eos: bool | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    stop_token_ids: list[TokenId] | None = None
-
-    @property
-    def top_logprobs(self) -> int:
-        return self.logprobs or 0
-
-    @property
-    def max_completion_tokens(self) -> None:
-        return None
-
-
-MAX_PROMPTS = 64
-_completion_decoder = msgspec.json.Decoder(CompletionRequest)
-
-
-def decode_completion_request(body: bytes) -> CompletionRequest:
-    from api.errors import from_decode_error
-
-    if not body.strip():
-        raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        req = _completion_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise from_decode_error(exc) from None
-    prompts = completion_prompts(req)
-    if not prompts or len(prompts) > MAX_PROMPTS or any(p == "" for p in prompts):
-        raise APIError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} non-empty prompts.", param="prompt",
-                       code="invalid_value")
-    if req.suffix:
-        raise APIError(400, "'suffix' is not supported by this server.", param="suffix", code="unsupported_parameter")
-    if req.best_of is not None and req.best_of != (req.n or 1):
-        raise APIError(400, "'best_of' other than 'n' is not supported.", param="best_of",
-                       code="unsupported_parameter")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "'echo' together with 'logprobs' (prompt logprobs) is not supported yet.",
-                       param="echo", code="unsupported_parameter")
-    if req.max_tokens == 0:
-        raise APIError(400, "'max_tokens' must be at least 1.", param="max_tokens", code="invalid_value")
-    validate_sampling(req)
-    return req
-
-
-def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
-    """One prompt or several: a string, token ids, a list of strings, or a list of token-id lists."""
-    prompt = req.prompt
-    if isinstance(prompt, str):
-        return [prompt]
-    if all(isinstance(x, int) for x in prompt):
-        prompts: list[str | list[int]] = [list(prompt)] if prompt else []  # type: ignore[arg-type]
-    elif all(isinstance(x, str) for x in prompt) or all(isinstance(x, list) for x in prompt):
-        prompts = list(prompt)  # type: ignore[arg-type]
-    else:
-        raise APIError(400, "'prompt' mixes strings, token ids and token-id lists.", param="prompt",
-                       code="invalid_value")
-    for one in prompts:
-        if isinstance(one, list) and (not one or any(not isinstance(t, int) or t < 0 for t in one)):
-            raise APIError(400, "Token-id prompts must be non-empty lists of ids >= 0.", param="prompt",
-                           code="invalid_value")
-    return prompts
-
-
-class LegacyLogprobs(msgspec.Struct):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(msgspec.Struct):
-    index: int
-    text: str
-    logprobs: LegacyLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class Completion(msgspec.Struct):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-# ---- tokenize / detokenize (vLLM's shapes) ----------------------------------------------------------------------
-
-
-class TokenizeRequest(msgspec.Struct, kw_only=True):
-    model: str
-    prompt: str | None = None
-    messages: list[RequestMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-
-
-class TokenizeResponse(msgspec.Struct):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-
-
-class DetokenizeRequest(msgspec.Struct, kw_only=True):
-    model: str
-    tokens: list[TokenId]
-
-
-class DetokenizeResponse(msgspec.Struct):
-    prompt: str
+_decoders: dict[type, msgspec.json.Decoder] = {}
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:
     """Decode a request body into `kind`; every problem is an APIError(400) naming the field."""
-    from api.errors import from_decode_error
-
     if not body.strip():
         raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
     try:
-        return msgspec.json.decode(body, type=kind)
+        return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from api import protocol as p
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
+
+if TYPE_CHECKING:
+    from api.protocol_legacy import CompletionRequest
 from common.protocol import (
     Accepted,
     ChatJob,
@@ -38,7 +42,7 @@ def _message(text: str, calls: list[ToolCall] | None) -> p.AssistantMessage:
 _json = msgspec.json.Encoder()
 
 
-def sampling_params(req: p.ChatCompletionRequest | p.CompletionRequest, logprobs: bool) -> SamplingParams:
+def sampling_params(req: p.ChatCompletionRequest | CompletionRequest, logprobs: bool) -> SamplingParams:
     """The job's sampling parameters from the fields chat and legacy completions share."""
     return SamplingParams(
         temperature=1.0 if req.temperature is None else float(req.temperature),

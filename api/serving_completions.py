@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from api import protocol as p
+from api import protocol_legacy as lg
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
 from api.serving_chat import sampling_params
@@ -22,8 +23,8 @@ from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, T
 _json = msgspec.json.Encoder()
 
 
-def build_jobs(req: p.CompletionRequest, request_id: str) -> list[ChatJob]:
-    prompts = p.completion_prompts(req)
+def build_jobs(req: lg.CompletionRequest, request_id: str) -> list[ChatJob]:
+    prompts = lg.completion_prompts(req)
     params = sampling_params(req, req.logprobs is not None)
     return [ChatJob(request_id=request_id if len(prompts) == 1 else f"{request_id}-{k}", model=req.model,
                     messages=[], params=params, created=time.time(), n=req.n or 1, echo=bool(req.echo),
@@ -36,11 +37,11 @@ class LegacyLogprobsBuilder:
     """Accumulates TokenLogprob entries of one choice into the legacy shape, with character offsets."""
 
     def __init__(self, start: int) -> None:
-        self.out = p.LegacyLogprobs([], [], [], [])
+        self.out = lg.LegacyLogprobs([], [], [], [])
         self._offset = start
 
-    def add(self, entries: list[TokenLogprob]) -> p.LegacyLogprobs:
-        added = p.LegacyLogprobs([], [], [], [])
+    def add(self, entries: list[TokenLogprob]) -> lg.LegacyLogprobs:
+        added = lg.LegacyLogprobs([], [], [], [])
         for entry in entries:
             for target in (self.out, added):
                 target.tokens.append(entry.token)
@@ -52,7 +53,7 @@ class LegacyLogprobsBuilder:
 
 
 class CompletionRun:
-    def __init__(self, ctx: ChatContext, req: p.CompletionRequest, request_id: str) -> None:
+    def __init__(self, ctx: ChatContext, req: lg.CompletionRequest, request_id: str) -> None:
         self.req = req
         self.n = req.n or 1
         self.runs = [JobRun(ctx, job, bool(req.stream)) for job in build_jobs(req, request_id)]
@@ -114,7 +115,7 @@ class CompletionRun:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def complete(self) -> p.Completion:
+    async def complete(self) -> lg.Completion:
         texts: dict[int, list[str]] = {}
         builders: dict[int, LegacyLogprobsBuilder] = {}
         finished: dict[int, Finished] = {}
@@ -136,12 +137,12 @@ class CompletionRun:
                 run.outcome = finished_outcome({i: finished[k * self.n + i] for i in range(self.n)})
         finally:
             await self.close()
-        choices = [p.CompletionChoice(i, "".join(texts.get(i, [])), builders[i].out if i in builders else None,
+        choices = [lg.CompletionChoice(i, "".join(texts.get(i, [])), builders[i].out if i in builders else None,
                                       finished[i].finish_reason) for i in sorted(finished)]
         per_prompt = [usage_of(*[finished[k * self.n + i] for i in range(self.n)]) for k in range(len(self.runs))]
         usage = p.Usage(sum(u.prompt_tokens for u in per_prompt), sum(u.completion_tokens for u in per_prompt),
                         sum(u.total_tokens for u in per_prompt))
-        return p.Completion(self.completion_id, "text_completion", self.created, self.req.model, choices, usage)
+        return lg.Completion(self.completion_id, "text_completion", self.created, self.req.model, choices, usage)
 
     async def stream(self) -> AsyncIterator[bytes]:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
@@ -174,7 +175,7 @@ class CompletionRun:
                 usage = p.Usage(sum(f.prompt_tokens for i, f in finished.items() if i % self.n == 0),
                                 sum(f.completion_tokens for f in finished.values()), 0)
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                payload = p.Completion(self.completion_id, "text_completion", self.created, self.req.model, [], usage)
+                payload = lg.Completion(self.completion_id, "text_completion", self.created, self.req.model, [], usage)
                 yield b"data: " + _json.encode(payload) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except TimeoutError:
@@ -191,7 +192,7 @@ class CompletionRun:
         self._echoed.add(k)
         return b"".join(self._chunk(k * self.n + i, echo, None, None) for i in range(self.n))
 
-    def _chunk(self, index: int, text: str, logprobs: p.LegacyLogprobs | None, finish: p.FinishReason | None) -> bytes:
-        choice = p.CompletionChoice(index, text, logprobs, finish)
-        payload = p.Completion(self.completion_id, "text_completion", self.created, self.req.model, [choice])
+    def _chunk(self, index: int, text: str, logprobs: lg.LegacyLogprobs | None, finish: p.FinishReason | None) -> bytes:
+        choice = lg.CompletionChoice(index, text, logprobs, finish)
+        payload = lg.Completion(self.completion_id, "text_completion", self.created, self.req.model, [choice])
         return b"data: " + _json.encode(payload) + b"\n\n"

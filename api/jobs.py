@@ -19,7 +19,20 @@ from api.errors import APIError
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub, Subscription
 from common import keys
-from common.protocol import Accepted, ChatJob, Event, Failed, Finished, Tokenized, decode_event, encode
+from common.protocol import (
+    Accepted,
+    ChatJob,
+    Embedded,
+    EmbedJob,
+    Event,
+    Failed,
+    Finished,
+    RerankJob,
+    Scored,
+    Tokenized,
+    decode_event,
+    encode,
+)
 from common.settings import Settings
 
 log = logging.getLogger("axion.api.jobs")
@@ -40,9 +53,12 @@ class ChatContext:
 class JobRun:
     """One admitted job: owns its subscription and its concurrency slot until `close()`."""
 
-    def __init__(self, ctx: ChatContext, job: ChatJob, stream: bool) -> None:
+    def __init__(self, ctx: ChatContext, job: ChatJob | EmbedJob | RerankJob, stream: bool, *,
+                 stream_key: str | None = None, kind: str = "chat") -> None:
         self.ctx = ctx
         self.job = job
+        self.kind = kind
+        self.stream_key = stream_key or keys.chat_stream(job.model)
         self.streaming = stream
         self.request_id = job.request_id
         self.created = int(time.time())
@@ -66,11 +82,11 @@ class JobRun:
         ctx.open_requests += 1
         self._counted = True
         try:
-            await ctx.registry.require_model(self.job.model)
+            await ctx.registry.require_model(self.job.model, self.kind)
             await asyncio.wait_for(ctx.slots.acquire(), self._left())
             self._holds_slot = True
             self.sub = await ctx.hub.open(self.request_id)
-            await ctx.redis.xadd(keys.chat_stream(self.job.model), {"job": encode(self.job)})
+            await ctx.redis.xadd(self.stream_key, {"job": encode(self.job)})
             first = await self.next_event(ctx.settings.sse_keepalive_s if self.streaming else None)
             if first is None:
                 return None
@@ -83,7 +99,7 @@ class JobRun:
             if isinstance(exc, TimeoutError):
                 raise self._timeout_error() from None
             raise
-        if isinstance(first, Tokenized):
+        if isinstance(first, Tokenized | Embedded | Scored):
             return first  # type: ignore[return-value]  # only `answer()` runs jobs that end this way
         if isinstance(first, Failed):
             self.outcome = f"refused {first.status} {first.code}"
@@ -94,13 +110,13 @@ class JobRun:
             raise APIError(500, "Worker answered out of order.", code="internal_error")
         return first
 
-    async def answer(self) -> Tokenized:
-        """Run a job the worker answers at once (tokenize, detokenize) and return that answer."""
+    async def answer(self) -> Tokenized | Embedded | Scored:
+        """Run a job the worker answers in one event (tokenize, embeddings, rerank) and return that answer."""
         try:
             first = await self.start()
-            if not isinstance(first, Tokenized):
+            if not isinstance(first, Tokenized | Embedded | Scored):
                 raise APIError(500, "Worker answered out of order.", code="internal_error")
-            self.outcome = f"answered ({len(first.tokens)} tokens)"
+            self.outcome = f"answered ({type(first).__name__.lower()})"
             return first
         finally:
             await self.close()

@@ -40,19 +40,16 @@ class WorkerRegistry:
             self._read_at = time.monotonic()
         return self._workers
 
-    async def served_models(self) -> list[str]:
-        return sorted({w.model for w in await self.workers()})
+    async def served_models(self, kind: str | None = None) -> list[str]:
+        return sorted({w.model for w in await self.workers() if kind is None or w.kind == kind})
 
-    async def require_model(self, model: str) -> None:
-        """404 for a model no worker ever announced; 503 for a known one with no live worker now."""
-        if model in await self.served_models():
+    async def require_model(self, model: str, kind: str = "chat") -> None:
+        """404 for a model no worker ever announced; 503 for a known one with no live worker of `kind` now."""
+        if model in await self.served_models(kind):
             return
-        if model in await self.served_models_fresh():
+        if model in {w.model for w in await self.workers(fresh=True) if w.kind == kind}:
             return
         if await self._redis.sismember(keys.KNOWN_MODELS, model):
             raise APIError(503, f"No live worker serves the model '{model}' right now; retry shortly.",
                            code="model_unavailable", headers={"Retry-After": "5"})
         raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-
-    async def served_models_fresh(self) -> list[str]:
-        return sorted({w.model for w in await self.workers(fresh=True)})

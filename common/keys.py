@@ -23,6 +23,16 @@ def chat_stream(model: str) -> str:
     return f"{PREFIX}:chat:{model}:jobs"
 
 
+def embed_stream(model: str) -> str:
+    """The stream of embedding jobs for one served embedding model id."""
+    return f"{PREFIX}:embed:{model}:jobs"
+
+
+def rerank_stream(model: str) -> str:
+    """The stream of rerank jobs for one served cross-encoder model id."""
+    return f"{PREFIX}:rerank:{model}:jobs"
+
+
 def reply_channel(request_id: str) -> str:
     """The pub/sub channel on which a request's events come back to the API replica that holds its client."""
     return f"{PREFIX}:reply:{request_id}"

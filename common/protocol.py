@@ -140,6 +140,45 @@ class Failed(msgspec.Struct, tag_field="event", tag="error", kw_only=True):
     param: str | None = None
 
 
+class EmbedJob(msgspec.Struct, kw_only=True):
+    """Texts to embed, queued in `keys.embed_stream(model)`; `truncate` false means too long is a 400."""
+
+    request_id: str
+    model: str
+    texts: list[str]
+    created: float
+    truncate: bool = False
+    dimensions: int | None = None
+    v: int = JOB_VERSION
+
+
+class RerankJob(msgspec.Struct, kw_only=True):
+    """A query and documents to score, queued in `keys.rerank_stream(model)`."""
+
+    request_id: str
+    model: str
+    query: str
+    documents: list[str]
+    created: float
+    truncate: bool = False
+    v: int = JOB_VERSION
+
+
+class Embedded(msgspec.Struct, tag_field="event", tag="embedded", kw_only=True):
+    """Unit-length vectors, row after row, as little-endian float32 bytes (base64 in JSON)."""
+
+    vectors: bytes
+    dim: int
+    prompt_tokens: int
+
+
+class Scored(msgspec.Struct, tag_field="event", tag="scored", kw_only=True):
+    """Relevance in 0..1 per document, in the order given."""
+
+    scores: list[float]
+    prompt_tokens: int
+
+
 class Tokenized(msgspec.Struct, tag_field="event", tag="tokenized", kw_only=True):
     """The answer to a `tokenize` job (`tokens`) or a `detokenize` job (`text`)."""
 
@@ -148,14 +187,14 @@ class Tokenized(msgspec.Struct, tag_field="event", tag="tokenized", kw_only=True
     max_model_len: int = 0
 
 
-Event = Accepted | Delta | Finished | Failed | Tokenized
+Event = Accepted | Delta | Finished | Failed | Tokenized | Embedded | Scored
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
     """What a worker writes under `keys.worker_heartbeat(worker_id)` every few seconds, with a TTL."""
 
     worker_id: str
-    kind: Literal["chat"]
+    kind: Literal["chat", "embed", "rerank"]
     model: str
     device: str
     dtype: str

@@ -8,106 +8,53 @@ consumer group, where it can be reclaimed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
-import socket
-import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
-import psutil
 import redis.asyncio as aioredis
 import torch
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
-from common.protocol import Event, Failed, Tokenized, WorkerInfo, decode_job, encode
+from common.protocol import Event, Failed, Tokenized, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
+from workers.stream_worker import StreamWorker
 
 log = logging.getLogger("axion.worker")
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
-
-class ChatWorker:
+class ChatWorker(StreamWorker):
     def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
-        self.settings = settings
+        super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
+                         stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype)
         self.engine = engine
-        self.redis = redis
-        self.model_id = settings.model_id
-        self.stream = keys.chat_stream(self.model_id)
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.info = WorkerInfo(worker_id=self.worker_id, kind="chat", model=self.model_id,
-                               device=str(engine.device), dtype=dtype, hostname=socket.gethostname(),
-                               pid=os.getpid(), started=time.time(), max_batch_size=settings.max_batch_size)
-        self.stopping = asyncio.Event()
         self.steps = 0
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
         # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-engine")
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.stop)
-        await self._ensure_group()
-        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="axion-heartbeat")
-        log.info("worker %s serving %s from stream %s", self.worker_id, self.model_id, self.stream)
-        try:
-            while not self.stopping.is_set() or self.engine.active:
-                try:
-                    if not self.stopping.is_set():
-                        await self._read(block=self.engine.active == 0)
-                    if self.engine.active:
-                        await self._step()
-                except REDIS_ERRORS as exc:
-                    log.warning("Redis unavailable (%s); retrying in 1s", type(exc).__name__)
-                    await asyncio.sleep(1.0)
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(BaseException):
-                await heartbeat
-            with contextlib.suppress(*REDIS_ERRORS):
-                await self.redis.delete(keys.worker_heartbeat(self.worker_id))
-            self._torch_thread.shutdown(wait=False)
-            log.info("worker %s stopped after %d steps: %d decode steps, mean batch %.2f, %d prompt tokens "
-                     "computed, %d reused from the prefix cache", self.worker_id, self.steps,
-                     self.engine.decode_steps, self.engine.decoded_tokens / max(1, self.engine.decode_steps),
-                     self.engine.prefilled_tokens, self.engine.prefix_cache.reused_tokens)
+    def keep_running(self) -> bool:
+        """Once stopping, the sequences in flight still finish."""
+        return not self.stopping.is_set() or self.engine.active > 0
 
-    def stop(self) -> None:
-        """Stop reading new jobs; the loop finishes the sequences in flight, then returns."""
+    async def iteration(self) -> None:
         if not self.stopping.is_set():
-            log.info("worker %s stopping: finishing %d sequences in flight", self.worker_id, self.engine.active)
-        self.stopping.set()
+            await self._read(block=self.engine.active == 0)
+        if self.engine.active:
+            await self._step()
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    def on_stop(self) -> None:
+        self._torch_thread.shutdown(wait=False)
+        engine = self.engine
+        log.info("worker %s stopped after %d steps: %d decode steps, mean batch %.2f, %d prompt tokens "
+                 "computed, %d reused from the prefix cache", self.worker_id, self.steps, engine.decode_steps,
+                 engine.decoded_tokens / max(1, engine.decode_steps), engine.prefilled_tokens,
+                 engine.prefix_cache.reused_tokens)
 
-    async def _heartbeat_loop(self) -> None:
-        ttl = self.settings.heartbeat_ttl_s
-        await self.redis.sadd(keys.KNOWN_MODELS, self.model_id)
-        while True:
-            self._refresh_stats()
-            try:
-                await self.redis.set(keys.worker_heartbeat(self.worker_id), encode(self.info), px=int(ttl * 1000))
-            except REDIS_ERRORS as exc:
-                log.warning("heartbeat failed (%s)", type(exc).__name__)
-            await asyncio.sleep(ttl / 3)
-
-    def _refresh_stats(self) -> None:
+    def refresh_stats(self) -> None:
+        super().refresh_stats()
         info, engine = self.info, self.engine
         info.active_sequences = engine.active
         info.decode_steps, info.decoded_tokens = engine.decode_steps, engine.decoded_tokens
@@ -115,7 +62,6 @@ class ChatWorker:
         info.kv_cache_bytes = engine.kv_bytes()
         info.prefix_cache_bytes = engine.prefix_cache.nbytes
         info.prefix_cache_hits = engine.prefix_cache.hits
-        info.rss_bytes = psutil.Process().memory_info().rss
         info.weights_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         if engine.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(engine.device)
@@ -123,13 +69,8 @@ class ChatWorker:
 
     async def _read(self, block: bool) -> None:
         free = self.settings.max_batch_size - self.engine.active
-        if free <= 0:
-            return
-        block_ms = max(1, self.settings.batch_timeout_ms) if block else None
-        reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.stream: ">"},
-                                            count=free, block=block_ms)
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
+        if free > 0:
+            for entry_id, fields in await self.read(free, block):
                 await self._admit(entry_id, fields)
 
     async def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
@@ -137,7 +78,7 @@ class ChatWorker:
             job = decode_job(fields[b"job"])
         except (KeyError, msgspec.DecodeError) as exc:
             log.error("dropping unreadable entry %s: %s", entry_id, exc)
-            await self._ack(self.redis.pipeline(transaction=False), entry_id).execute()
+            await self.ack(self.redis.pipeline(transaction=False), entry_id).execute()
             return
         if job.v != 1:
             result: Sequence | Failed | Tokenized = Failed(status=400, message=f"unsupported job version {job.v}",
@@ -149,7 +90,7 @@ class ChatWorker:
         channel = keys.reply_channel(job.request_id)
         if isinstance(result, Failed | Tokenized):  # answered at once: publish, then acknowledge
             pipe = self.redis.pipeline(transaction=False).publish(channel, encode(result))
-            await self._ack(pipe, entry_id).execute()
+            await self.ack(pipe, entry_id).execute()
             return
         result.tag = entry_id
         await self.redis.publish(channel, encode(self.engine.add(result)))
@@ -190,14 +131,9 @@ class ChatWorker:
         for seq in released:
             seq.group.left -= 1
             if seq.group.left == 0:  # every choice of the request is done
-                self._ack(pipe, seq.tag)
+                self.ack(pipe, seq.tag)
         if events or released:
             await pipe.execute()
-
-    def _ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
-        pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
-        pipe.xdel(self.stream, entry_id)
-        return pipe
 
 
 async def serve_worker(settings: Settings) -> None:

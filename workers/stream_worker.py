@@ -1,0 +1,118 @@
+"""What every worker kind shares: a consumer group on its model's stream, a heartbeat key, a graceful stop.
+
+Delivery rule for every kind: an entry is XACKed (and XDELed, so XLEN counts only unanswered work) in the same
+pipeline as, and after, the PUBLISH of its final event. A worker that dies before that leaves the entry pending
+in the consumer group, where it can be reclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Literal
+
+import psutil
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common import keys
+from common.protocol import WorkerInfo, encode
+from common.settings import Settings
+
+log = logging.getLogger("axion.worker")
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class StreamWorker:
+    def __init__(self, settings: Settings, redis: aioredis.Redis, *, kind: Literal["chat", "embed", "rerank"],
+                 model_id: str, stream: str, device: str, dtype: str) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.model_id = model_id
+        self.stream = stream
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.info = WorkerInfo(worker_id=self.worker_id, kind=kind, model=model_id, device=device, dtype=dtype,
+                               hostname=socket.gethostname(), pid=os.getpid(), started=time.time(),
+                               max_batch_size=settings.max_batch_size)
+        self.stopping = asyncio.Event()
+
+    async def iteration(self) -> None:
+        """One turn of the loop: read, work, publish. Redis errors are retried by `run`."""
+        raise NotImplementedError
+
+    def keep_running(self) -> bool:
+        return not self.stopping.is_set()
+
+    def on_stop(self) -> None:
+        """Called once the loop has ended (release resources, log totals)."""
+
+    def refresh_stats(self) -> None:
+        self.info.rss_bytes = psutil.Process().memory_info().rss
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        await self._ensure_group()
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="axion-heartbeat")
+        log.info("worker %s serving %s from stream %s", self.worker_id, self.model_id, self.stream)
+        try:
+            while self.keep_running():
+                try:
+                    await self.iteration()
+                except REDIS_ERRORS as exc:
+                    log.warning("Redis unavailable (%s); retrying in 1s", type(exc).__name__)
+                    await asyncio.sleep(1.0)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await heartbeat
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.redis.delete(keys.worker_heartbeat(self.worker_id))
+            self.on_stop()
+
+    def stop(self) -> None:
+        """Stop reading new jobs; the loop finishes the work in flight, then returns."""
+        if not self.stopping.is_set():
+            log.info("worker %s stopping", self.worker_id)
+        self.stopping.set()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _heartbeat_loop(self) -> None:
+        ttl = self.settings.heartbeat_ttl_s
+        await self.redis.sadd(keys.KNOWN_MODELS, self.model_id)
+        while True:
+            self.refresh_stats()
+            try:
+                await self.redis.set(keys.worker_heartbeat(self.worker_id), encode(self.info), px=int(ttl * 1000))
+            except REDIS_ERRORS as exc:
+                log.warning("heartbeat failed (%s)", type(exc).__name__)
+            await asyncio.sleep(ttl / 3)
+
+    def ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
+        pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        return pipe
+
+    async def read(self, count: int, block: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Up to `count` new entries; blocks up to BATCH_TIMEOUT_MS when `block`."""
+        block_ms = max(1, self.settings.batch_timeout_ms) if block else None
+        reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.stream: ">"},
+                                            count=count, block=block_ms)
+        return [entry for _stream, entries in reply or [] for entry in entries]

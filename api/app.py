@@ -18,7 +18,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
-from api import errors, protocol
+from api import errors, protocol, serving_embed
 from api import protocol_legacy as legacy
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.registry import WorkerRegistry
@@ -101,6 +101,17 @@ async def detokenize(request: Request[Any, Any, State], state: State) -> legacy.
     return legacy.DetokenizeResponse(answer.text or "")
 
 
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
+    return await serving_embed.create_embeddings(_ctx(state), await request.body(), request.headers.get("x-request-id"))
+
+
+@post(["/v1/rerank", "/rerank"], status_code=200)
+async def rerank(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
+    """Cohere/Jina-shaped rerank, at the paths vLLM and llama.cpp serve it."""
+    return await serving_embed.rerank(_ctx(state), await request.body(), request.headers.get("x-request-id"))
+
+
 @get("/v1/models")
 async def list_models(state: State) -> protocol.ModelList:
     registry: WorkerRegistry = state.registry
@@ -164,7 +175,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
                 await client.aclose()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, tokenize, detokenize, list_models, health],
+        route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
+                        health],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

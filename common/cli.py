@@ -42,14 +42,20 @@ def run_api(settings: Settings) -> int:
 def run_worker(settings: Settings) -> int:
     import asyncio
 
-    from workers.chat.worker import serve_worker
+    if settings.worker_kind == "chat":
+        from workers.chat.worker import serve_worker
 
-    asyncio.run(serve_worker(settings))
+        asyncio.run(serve_worker(settings))
+    else:
+        from workers.embed.worker import serve_embed_worker
+
+        asyncio.run(serve_embed_worker(settings, settings.worker_kind))
     return 0
 
 
 def run_serve(settings: Settings) -> int:
-    """API + one chat worker as child processes, on REDIS_URL or on an embedded Redis started here."""
+    """API, one chat worker, and an embedding and a rerank worker as child processes, on REDIS_URL or on an
+    embedded Redis started here."""
     from common.redis_server import EmbeddedRedis, die_with_parent
 
     embedded: EmbeddedRedis | None = None
@@ -69,15 +75,26 @@ def run_serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    required: list[subprocess.Popen[bytes]] = []
+    optional: list[subprocess.Popen[bytes]] = []  # embedding and rerank workers: an exit is logged, not fatal
     try:
-        for role in ("worker", "api"):
-            children.append(subprocess.Popen([sys.executable, "-m", "common.cli", role], env=env,
-                                              preexec_fn=die_with_parent))
+        for role, kind in (("worker", "chat"), ("api", None), ("worker", "embed"), ("worker", "rerank")):
+            optional_kind = kind in ("embed", "rerank")
+            if optional_kind and not settings.serve_embeddings:
+                continue
+            child = subprocess.Popen([sys.executable, "-m", "common.cli", role], preexec_fn=die_with_parent,
+                                     env=env | ({"WORKER_KIND": kind} if kind else {}))
+            children.append(child)
+            (optional if optional_kind else required).append(child)
         log.info("serving %s on http://%s:%d (OpenAI API at /v1)", settings.model_id, settings.server_host,
                  settings.server_port)
         code = 0
         while not stopping:
-            exited = [c for c in children if c.poll() is not None]
+            for child in [c for c in optional if c.poll() is not None]:
+                log.error("an embedding or rerank worker exited with status %s (could its model not load?); "
+                          "chat keeps serving. SERVE_EMBEDDINGS=false turns them off.", child.returncode)
+                optional.remove(child)
+            exited = [c for c in required if c.poll() is not None]
             if exited:
                 code = exited[0].returncode or 1
                 log.error("a child process exited with status %s; stopping", exited[0].returncode)

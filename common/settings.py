@@ -42,6 +42,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     heartbeat_ttl_s: PositiveFloat = 10.0
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     sse_keepalive_s: PositiveFloat = 15.0
+    worker_kind: Literal["chat", "embed", "rerank"] = "chat"
+    embedding_model: str = "BAAI/bge-small-en-v1.5"
+    rerank_model: str = "BAAI/bge-reranker-base"
+    embed_device: Literal["cpu", "cuda"] = "cpu"
+    fastembed_cache_path: str | None = None
+    embed_cross_request_batching: bool = True
+    serve_embeddings: bool = True
     prefill_chunk_tokens: PositiveInt = 512
     prefix_cache_tokens: NonNegativeInt = 16384
 

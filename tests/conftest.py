@@ -121,8 +121,9 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """`axion serve` exactly as a user runs it: REDIS_URL unset, so it starts its own embedded Redis."""
     port = free_port()
     logs = tmp_path_factory.mktemp("logs")
-    proc = Proc(["serve"], axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="1024", SSE_KEEPALIVE_S="0.2",
-                                     MAX_BATCH_SIZE="2"), logs / "serve.log").start()
+    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="1024", SSE_KEEPALIVE_S="0.2", MAX_BATCH_SIZE="2",
+                    SERVE_EMBEDDINGS="false")
+    proc = Proc(["serve"], env, logs / "serve.log").start()
     server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
     try:
         wait_ready(server.base_url, [proc])

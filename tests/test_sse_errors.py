@@ -16,7 +16,8 @@ from tests.conftest import Proc, Server, axion_env, wait_ready
 def impatient(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`axion serve` whose requests time out after 1.5 s."""
     port = free_port()
-    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="4096", REQUEST_TIMEOUT_S="1.5")
+    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="4096", REQUEST_TIMEOUT_S="1.5",
+                    SERVE_EMBEDDINGS="false")
     proc = Proc(["serve"], env, tmp_path_factory.mktemp("impatient") / "serve.log").start()
     server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
     try:

@@ -1,0 +1,146 @@
+"""Embedding and rerank workers: every input of every job in one read becomes one batched model call.
+
+32 clients sending one sentence each therefore cost about one forward pass, not 32. Inputs are sorted by length
+before the call so the backend's internal batches pad little; results go back to their jobs in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+import redis.asyncio as aioredis
+
+from common import keys
+from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
+from common.settings import Settings
+from workers.stream_worker import StreamWorker
+
+log = logging.getLogger("axion.worker.embed")
+
+_embed_decoder = msgspec.json.Decoder(EmbedJob)
+_rerank_decoder = msgspec.json.Decoder(RerankJob)
+JOBS_PER_READ = 256
+
+
+class EmbedWorker(StreamWorker):
+    def __init__(self, settings: Settings, backend: Any, redis: aioredis.Redis,
+                 kind: Literal["embed", "rerank"]) -> None:
+        stream = (keys.embed_stream if kind == "embed" else keys.rerank_stream)(backend.model_id)
+        super().__init__(settings, redis, kind=kind, model_id=backend.model_id, stream=stream,
+                         device=getattr(backend, "device", "cpu"), dtype="float32")
+        self.backend = backend
+        self.kind = kind
+        self.cross_request_batching = settings.embed_cross_request_batching
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-embed")
+        self.calls = 0
+        self.items = 0
+
+    def on_stop(self) -> None:
+        self._thread.shutdown(wait=False)
+
+    def refresh_stats(self) -> None:
+        """Model calls and inputs so far, in the heartbeat's step counters: inputs per call is the batching."""
+        super().refresh_stats()
+        self.info.decode_steps, self.info.decoded_tokens = self.calls, self.items
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def iteration(self) -> None:
+        entries = await self.read(JOBS_PER_READ if self.cross_request_batching else 1, block=True)
+        if not entries:
+            return
+        jobs: list[tuple[bytes, Any]] = []
+        pipe = self.redis.pipeline(transaction=False)
+        decoder = _embed_decoder if self.kind == "embed" else _rerank_decoder
+        for entry_id, fields in entries:
+            try:
+                jobs.append((entry_id, decoder.decode(fields[b"job"])))
+            except (KeyError, msgspec.DecodeError) as exc:
+                log.error("dropping unreadable entry %s: %s", entry_id, exc)
+                self.ack(pipe, entry_id)
+        answers = await (self._embed(jobs) if self.kind == "embed" else self._rerank(jobs))
+        for (entry_id, job), answer in zip(jobs, answers, strict=True):
+            pipe.publish(keys.reply_channel(job.request_id), encode(answer))
+            self.ack(pipe, entry_id)
+        await pipe.execute()
+
+    async def _embed(self, jobs: list[tuple[bytes, EmbedJob]]) -> list[Embedded | Failed]:
+        texts = [text for _, job in jobs for text in job.texts]
+        counts: list[int] = await self._in_thread(self.backend.count_tokens, texts)
+        answers: list[Embedded | Failed | None] = []
+        wanted: list[int] = []  # positions in `texts` of the jobs that are not refused
+        start = 0
+        for _, job in jobs:
+            span = range(start, start + len(job.texts))
+            start += len(job.texts)
+            refusal = self._refuse(job, [counts[i] for i in span])
+            answers.append(refusal)
+            if refusal is None:
+                wanted.extend(span)
+        order = sorted(wanted, key=lambda i: counts[i])
+        vectors = np.zeros((len(texts), self.backend.dim), dtype=np.float32)
+        if order:
+            vectors[order] = await self._in_thread(self.backend.embed, [texts[i] for i in order])
+            self.calls += 1
+            self.items += len(order)
+        start = 0
+        for k, (_, job) in enumerate(jobs):
+            span = slice(start, start + len(job.texts))
+            start += len(job.texts)
+            if answers[k] is None:
+                rows = vectors[span]
+                if job.dimensions is not None:
+                    rows = rows[:, : job.dimensions]
+                    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+                used = sum(min(c, self.backend.max_tokens) for c in counts[span])
+                answers[k] = Embedded(vectors=rows.astype("<f4").tobytes(), dim=rows.shape[1], prompt_tokens=used)
+        return answers  # type: ignore[return-value]
+
+    def _refuse(self, job: EmbedJob, counts: list[int]) -> Failed | None:
+        if job.dimensions is not None and job.dimensions > self.backend.dim:
+            return Failed(status=400, param="dimensions", code="invalid_value",
+                          message=f"'dimensions' must be at most {self.backend.dim} for this model.")
+        too_long = [i for i, c in enumerate(counts) if c > self.backend.max_tokens]
+        if too_long and not job.truncate:
+            i = too_long[0]
+            return Failed(status=400, param=f"input[{i}]", code="context_length_exceeded",
+                          message=(f"Input {i} has {counts[i]} tokens; this model takes at most "
+                                   f"{self.backend.max_tokens}. Send 'truncate': true to cut it."))
+        return None
+
+    async def _rerank(self, jobs: list[tuple[bytes, RerankJob]]) -> list[Scored | Failed]:
+        answers: list[Scored | Failed] = []
+        for _, job in jobs:
+            counts: list[int] = await self._in_thread(self.backend.count_tokens,
+                                                      [(job.query, d) for d in job.documents])
+            too_long = [i for i, c in enumerate(counts) if c > self.backend.max_tokens]
+            if too_long and not job.truncate:
+                answers.append(Failed(status=400, param=f"documents[{too_long[0]}]", code="context_length_exceeded",
+                                      message=(f"Query and document {too_long[0]} have {counts[too_long[0]]} tokens; "
+                                               f"this model takes at most {self.backend.max_tokens}.")))
+                continue
+            logits: list[float] = await self._in_thread(self.backend.score, job.query, job.documents)
+            answers.append(Scored(scores=[1 / (1 + math.exp(-x)) for x in logits],
+                                  prompt_tokens=sum(min(c, self.backend.max_tokens) for c in counts)))
+        return answers
+
+
+async def serve_embed_worker(settings: Settings, kind: Literal["embed", "rerank"]) -> None:
+    from workers.embed.backends import load_embedding, load_reranker
+
+    name = settings.embedding_model if kind == "embed" else settings.rerank_model
+    loader = load_embedding if kind == "embed" else load_reranker
+    backend = await asyncio.to_thread(loader, name, device=settings.embed_device,
+                                      cache_dir=settings.fastembed_cache_path)
+    redis = aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    try:
+        await EmbedWorker(settings, backend, redis, kind).run()
+    finally:
+        await redis.aclose()

@@ -41,14 +41,27 @@ class RerankRequest(msgspec.Struct, kw_only=True):
     truncate: bool = False
 
 
+def _token_inputs(req: EmbeddingRequest) -> list[list[int]] | None:
+    """Token-id input: a list of ids (one input) or a list of id lists; None for text input."""
+    if isinstance(req.input, str) or not req.input:
+        return None
+    if all(isinstance(x, int) for x in req.input):
+        inputs = [list(req.input)]
+    elif all(isinstance(x, list) for x in req.input):
+        inputs = list(req.input)
+    else:
+        return None
+    if len(inputs) > MAX_ITEMS or any(not ids or any(not isinstance(i, int) or i < 0 for i in ids) for ids in inputs):
+        raise APIError(400, f"Token-id inputs must be 1 to {MAX_ITEMS} non-empty lists of ids >= 0.",
+                       param="input", code="invalid_value")
+    return inputs  # type: ignore[return-value]
+
+
 def _texts(req: EmbeddingRequest) -> list[str]:
     if isinstance(req.input, str):
         texts = [req.input]
     elif req.input and all(isinstance(x, str) for x in req.input):
         texts = list(req.input)  # type: ignore[arg-type]
-    elif req.input and all(isinstance(x, int | list) for x in req.input):
-        raise APIError(400, "Token-id inputs are not supported by this server yet; send text.", param="input",
-                       code="unsupported_parameter")
     else:
         raise APIError(400, "'input' must be a non-empty string or a list of strings.", param="input",
                        code="invalid_value")
@@ -63,13 +76,15 @@ def _texts(req: EmbeddingRequest) -> list[str]:
 
 async def create_embeddings(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[str, Any]:
     req = decode_body(body, EmbeddingRequest)
-    job = EmbedJob(request_id=new_request_id(client_id), model=req.model, texts=_texts(req), created=time.time(),
-                   truncate=req.truncate, dimensions=req.dimensions)
+    token_inputs = _token_inputs(req)
+    job = EmbedJob(request_id=new_request_id(client_id), model=req.model, created=time.time(),
+                   texts=[] if token_inputs else _texts(req), token_inputs=token_inputs, truncate=req.truncate,
+                   dimensions=req.dimensions)
     answer = await JobRun(ctx, job, stream=False, stream_key=keys.embed_stream(req.model), kind="embed").answer()
     assert isinstance(answer, Embedded)
     row = answer.dim * 4
     data = []
-    for i in range(len(job.texts)):
+    for i in range(len(token_inputs or job.texts)):
         raw = answer.vectors[i * row:(i + 1) * row]
         vector: Any = (base64.b64encode(raw).decode() if req.encoding_format == "base64"
                        else list(struct.unpack(f"<{answer.dim}f", raw)))

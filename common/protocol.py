@@ -149,6 +149,7 @@ class EmbedJob(msgspec.Struct, kw_only=True):
     created: float
     truncate: bool = False
     dimensions: int | None = None
+    token_inputs: list[list[int]] | None = None  # token-id inputs, decoded by the worker's tokenizer
     v: int = JOB_VERSION
 
 

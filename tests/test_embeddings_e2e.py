@@ -88,7 +88,8 @@ def test_dimensions_truncate_and_renormalise(embedding_server: Server) -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"input": ""}, "input[0]"), ({"input": []}, "input"), ({"input": ["ok"] * 2049}, "input"),
-    ({"input": [1, 2, 3]}, "input"), ({"input": "word " * 400}, "input[0]"), ({"input": 5}, "input"),
+    ({"input": [[1, 2], "x"]}, "input"), ({"input": [[]]}, "input"), ({"input": [99_999_999]}, "input"),
+    ({"input": "word " * 400}, "input[0]"), ({"input": 5}, "input"),
 ])
 def test_bad_embedding_inputs(embedding_server: Server, body: dict, param: str) -> None:
     resp = httpx.post(f"{embedding_server.base_url}/v1/embeddings", json={"model": embedding_server.model, **body},
@@ -177,3 +178,18 @@ def _torch_scores(folder: Path, query: str, docs: list[str]) -> list[float]:
 def test_bad_rerank_requests(embedding_server: Server, models: tuple[Path, Path], body: dict, param: str) -> None:
     resp = httpx.post(f"{embedding_server.base_url}/v1/rerank", json={"model": str(models[1]), **body}, timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+def test_token_id_inputs(embedding_server: Server) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    ids = [tok(s)["input_ids"] for s in SENTENCES[:2]]
+    client = embedding_server.client()
+    by_text = client.embeddings.create(model=embedding_server.model, input=SENTENCES[:2], encoding_format="float")
+    by_ids = client.embeddings.create(model=embedding_server.model, input=ids, encoding_format="float")
+    one = client.embeddings.create(model=embedding_server.model, input=ids[0], encoding_format="float")
+    assert len(by_ids.data) == 2 and len(one.data) == 1
+    for a, b in zip(by_text.data, by_ids.data, strict=True):
+        assert cosine(a.embedding, b.embedding) >= 0.9999
+    assert cosine(one.data[0].embedding, by_text.data[0].embedding) >= 0.9999

@@ -58,6 +58,10 @@ class EmbeddingBackend(Protocol):
         """Tokens each text has, special tokens included, before truncation."""
         ...
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (ValueError for ids outside the vocabulary)."""
+        ...
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """``[len(texts), dim]`` float32, L2-normalised; texts are truncated at ``max_tokens``."""
         ...
@@ -290,6 +294,14 @@ class FastEmbedEmbedding:
         assert self._count_tok is not None
         return [len(enc.ids) for enc in self._count_tok.encode_batch(list(texts))]
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids (OpenAI's token-array input) back to text, by this model's own tokenizer."""
+        if self._count_tok is None:
+            raise ValueError("this model's tokenizer is not available to decode token ids")
+        if any(not 0 <= i < self._count_tok.get_vocab_size() for i in ids):
+            raise ValueError("token id outside the vocabulary")
+        return str(self._count_tok.decode(ids, skip_special_tokens=True))
+
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
@@ -391,6 +403,12 @@ class TorchEmbedding:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return _hf_count(self._tok, self._count_tok, texts) if texts else []
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids (OpenAI's token-array input) back to text, by this model's own tokenizer."""
+        if any(not 0 <= i < len(self._tok) for i in ids):
+            raise ValueError("token id outside the vocabulary")
+        return str(self._tok.decode(ids, skip_special_tokens=True))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch

@@ -72,6 +72,14 @@ class EmbedWorker(StreamWorker):
         await pipe.execute()
 
     async def _embed(self, jobs: list[tuple[bytes, EmbedJob]]) -> list[Embedded | Failed]:
+        refused: dict[int, Failed] = {}
+        for k, (_, job) in enumerate(jobs):
+            if job.token_inputs:  # OpenAI's token-array input: back to text by this model's tokenizer
+                try:
+                    job.texts = [self.backend.decode(ids) for ids in job.token_inputs]
+                except ValueError as exc:
+                    refused[k] = Failed(status=400, param="input", code="invalid_value", message=str(exc))
+                    job.texts = []
         texts = [text for _, job in jobs for text in job.texts]
         counts: list[int] = await self._in_thread(self.backend.count_tokens, texts)
         answers: list[Embedded | Failed | None] = []
@@ -80,7 +88,7 @@ class EmbedWorker(StreamWorker):
         for _, job in jobs:
             span = range(start, start + len(job.texts))
             start += len(job.texts)
-            refusal = self._refuse(job, [counts[i] for i in span])
+            refusal = refused.get(len(answers)) or self._refuse(job, [counts[i] for i in span])
             answers.append(refusal)
             if refusal is None:
                 wanted.extend(span)

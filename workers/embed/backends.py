@@ -382,20 +382,27 @@ def _hf_count(hf_tok: Any, count_tok: Tokenizer | None, inputs: Sequence[Any]) -
     return out
 
 
-class TorchEmbedding:
+class _TorchModel:
+    """What both torch backends load: the tokenizer and a model of `model_class`, on the asked device."""
+
     backend = "torch"
 
-    def __init__(self, name: str, *, local: Path | None, device: str, cache_dir: str | None) -> None:
+    def _load(self, name: str, local: Path | None, device: str, cache_dir: str | None, model_class: str) -> Any:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
 
         self._torch = torch
         self._device = _torch_device(device)
-        src = str(local) if local is not None else name
         self.model_id = name
         self.device = device
-        self._tok = AutoTokenizer.from_pretrained(src, cache_dir=cache_dir)
-        self._model = AutoModel.from_pretrained(src, cache_dir=cache_dir).to(self._device).eval()
+        src = str(local) if local is not None else name
+        self._tok = transformers.AutoTokenizer.from_pretrained(src, cache_dir=cache_dir)
+        return getattr(transformers, model_class).from_pretrained(src, cache_dir=cache_dir)
+
+
+class TorchEmbedding(_TorchModel):
+    def __init__(self, name: str, *, local: Path | None, device: str, cache_dir: str | None) -> None:
+        self._model = self._load(name, local, device, cache_dir, "AutoModel").to(self._device).eval()
         self._pooling = _pooling_mode(name, local, cache_dir)
         self.max_tokens = _cap(_valid_length(self._tok.model_max_length), _st_max_seq_length(name, local, cache_dir))
         self._count_tok = _hf_counting_tokenizer(self._tok)
@@ -437,20 +444,9 @@ class TorchEmbedding:
         return out
 
 
-class TorchReranker:
-    backend = "torch"
-
+class TorchReranker(_TorchModel):
     def __init__(self, name: str, *, local: Path | None, device: str, cache_dir: str | None) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self._torch = torch
-        self._device = _torch_device(device)
-        src = str(local) if local is not None else name
-        self.model_id = name
-        self.device = device
-        self._tok = AutoTokenizer.from_pretrained(src, cache_dir=cache_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(src, cache_dir=cache_dir)
+        model = self._load(name, local, device, cache_dir, "AutoModelForSequenceClassification")
         if model.config.num_labels != 1:
             raise ValueError(f"{name}: a reranker must have one output logit, this one has {model.config.num_labels}")
         self._model = model.to(self._device).eval()

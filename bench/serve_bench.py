@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=64, help="tokens every request produces")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back per level")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="concurrency: paired engine/server runs per level; ratios are the median over repeats")
     p.add_argument("--max-batch-size", type=int, default=64, help="MAX_BATCH_SIZE of the server")
     p.add_argument("--max-seq-len", type=int, default=4096, help="MAX_SEQ_LEN of the server and the ChatEngine")
     p.add_argument("--baseline-requests", type=int, default=16, help="requests of the `generate` baselines")
@@ -77,28 +79,40 @@ def write_model(size: str, out_dir: str) -> None:
 
 
 def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, Any]:
-    """Engine-alone rows first (no server running), then the server at the same levels and prompts."""
-    out, rows = args.output_tokens, {"engine": [], "server": []}
+    """Paired runs: each repeat measures sequential `generate`, then at each level the engine alone and right
+    after it the server, so a ratio compares two runs a few seconds apart. The server stays up (idle, blocked on
+    its stream read) while the engine runs in this process; the two never run at the same time."""
+    out = args.output_tokens
+    rows: dict[str, Any] = {"engine": [], "server": [], "sequential": []}
+    model = tokenizer = None
     if not args.no_engine:
-        model, tokenizer = _engine.load(args.model)
-        rows["sequential"] = _engine.sequential_generate(model, tokenizer, prompts, out, args.baseline_requests)
-        rows["static"] = _engine.static_batch_generate(model, tokenizer, prompts, out, args.baseline_requests)
-        for c in args.levels:
-            rows["engine"].append(_engine.chat_engine(model, tokenizer, prompts, out, c, c * args.rounds,
-                                                      args.max_seq_len))
-        del model, tokenizer
-        gc.collect()
         if args.hf_cb:
             rows["hf_cb"] = _engine.hf_continuous_batching(args.model, prompts, out, 16)
+            gc.collect()
+        model, tokenizer = _engine.load(args.model)
+        rows["static"] = _engine.static_batch_generate(model, tokenizer, prompts, out, args.baseline_requests)
 
     async def drive(server: _client.Server) -> None:
         async with server.client(args.client) as client:
-            for c in args.levels:
-                rows["server"].append(await _client.run_level(server, client, prompts, c, args.rounds, out))
+            for repeat in range(args.repeats):
+                if model is not None:
+                    rows["sequential"].append(_tagged(_engine.sequential_generate(
+                        model, tokenizer, prompts, out, args.baseline_requests), repeat))
+                for c in args.levels:
+                    if model is not None:
+                        rows["engine"].append(_tagged(_engine.chat_engine(
+                            model, tokenizer, prompts, out, c, c * args.rounds, args.max_seq_len), repeat))
+                    rows["server"].append(_tagged(
+                        await _client.run_level(server, client, prompts, c, args.rounds, out), repeat))
 
     with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
         asyncio.run(drive(server))
     return rows
+
+
+def _tagged(stats: LevelStats, repeat: int) -> LevelStats:
+    stats.extra["repeat"] = repeat
+    return stats
 
 
 def run_poisson(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, Any]:
@@ -224,7 +238,8 @@ def table(rows: list[LevelStats]) -> str:
              "| chunk gap p50 ms | chunk gap p99 ms |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         c = "–" if r.concurrency == 0 else str(r.concurrency)
-        lines.append(f"| {r.system} | {c} | {r.requests} | {r.prompt_tokens_mean:.0f} | {r.tokens_per_s:.1f} | "
+        name = f"{r.system}, run {r.extra['repeat'] + 1}" if "repeat" in r.extra else r.system
+        lines.append(f"| {name} | {c} | {r.requests} | {r.prompt_tokens_mean:.0f} | {r.tokens_per_s:.1f} | "
                      f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, 2)} | {_f(r.itl_p99_ms, 2)} | "
                      f"{_f(r.gap_p50_ms, 2)} | {_f(r.gap_p99_ms, 2)} |")
     short = [f"{r.system} C={r.concurrency}: {r.short_requests}" for r in rows if r.short_requests]
@@ -240,31 +255,52 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def render_concurrency(rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    engine = {r.concurrency: r for r in rows["engine"]}
-    seq = rows.get("sequential")
+    """Per level: the median over repeats of each paired ratio (server and engine of the same repeat; server
+    and sequential `generate` of the same repeat), with the spread of the paired ratios."""
+    def by_repeat(name: str) -> dict[tuple[int, int], LevelStats]:
+        return {(r.extra.get("repeat", 0), r.concurrency): r for r in rows[name]}
+
+    engine, seq = by_repeat("engine"), {r.extra.get("repeat", 0): r for r in rows["sequential"]}
     lines = ["", "| C | server tok/s | engine-alone tok/s | server ÷ engine (target ≥ 0.95) | "
              "server ÷ sequential generate | CPU % worker / api / redis / driver |", "|--:|--:|--:|--:|--:|--:|"]
     derived: dict[str, Any] = {"per_level": []}
-    for r in rows["server"]:
-        e = engine.get(r.concurrency)
-        vs_engine = _ratio(r.tokens_per_s, e.tokens_per_s if e else None)
-        vs_seq = _ratio(r.tokens_per_s, seq.tokens_per_s if seq else None)
-        derived["per_level"].append({"concurrency": r.concurrency, "server_over_engine": vs_engine,
-                                     "server_over_sequential": vs_seq})
-        cpu = " / ".join(f"{v:.0f}" for v in r.extra.get("cpu_pct", {}).values())
-        lines.append(f"| {r.concurrency} | {r.tokens_per_s:.1f} | {_f(e.tokens_per_s if e else None)} | "
-                     f"{_f(vs_engine, 3)} | {_f(vs_seq, 2)}{'×' if vs_seq else ''} | {cpu} |")
+    for c in dict.fromkeys(r.concurrency for r in rows["server"]):
+        runs = [r for r in rows["server"] if r.concurrency == c]
+        pairs = [(r, engine.get((r.extra.get("repeat", 0), c)), seq.get(r.extra.get("repeat", 0))) for r in runs]
+        vs_engine = [v for r, e, _ in pairs if (v := _ratio(r.tokens_per_s, e.tokens_per_s if e else None))]
+        vs_seq = [v for r, _, q in pairs if (v := _ratio(r.tokens_per_s, q.tokens_per_s if q else None))]
+        engines = [e.tokens_per_s for _, e, _ in pairs if e]
+        derived["per_level"].append({"concurrency": c, "server_over_engine": percentile(vs_engine, 50),
+                                     "server_over_engine_runs": vs_engine,
+                                     "server_over_sequential": percentile(vs_seq, 50),
+                                     "server_over_sequential_runs": vs_seq})
+        cpu = " / ".join(f"{v:.0f}" for v in runs[-1].extra.get("cpu_pct", {}).values())
+        lines.append(f"| {c} | {percentile([r.tokens_per_s for r in runs], 50):.1f} | "
+                     f"{_f(percentile(engines, 50))} | {_median_spread(vs_engine, 3)} | "
+                     f"{_median_spread(vs_seq, 2, '×')} | {cpu} |")
     at16 = next((d["server_over_sequential"] for d in derived["per_level"] if d["concurrency"] == 16), None)
     derived["server16_over_sequential"] = at16
+    repeats = len(seq) or 1
     lines += ["", f"Target: server tok/s at C=16 ÷ sequential generate tok/s = {_f(at16, 2)} (target ≥ 7×).",
+              f"Each cell is the median of {repeats} paired run(s); brackets give the lowest and highest paired "
+              "ratio. Throughputs are medians over the runs.",
               f"CPU % = CPU time of each process over the level's wall time (100 = one core of {os.cpu_count()}); "
               "the driver is this process (the benchmark's client)."]
     return lines, derived
 
 
+def _median_spread(values: list[float], digits: int, unit: str = "") -> str:
+    if not values:
+        return "–"
+    middle = f"{_f(percentile(values, 50), digits)}{unit}"
+    if len(values) == 1:
+        return middle
+    return f"{middle} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+
+
 def render(mode: str, rows: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if mode == "concurrency":
-        ordered = [rows[k] for k in ("sequential", "static") if k in rows] + rows["engine"]
+        ordered = rows["sequential"] + ([rows["static"]] if "static" in rows else []) + rows["engine"]
         ordered += ([rows["hf_cb"]] if "hf_cb" in rows else []) + rows["server"]
         lines, derived = render_concurrency(rows)
         return {"markdown": "\n".join(["### Concurrency", "", table(ordered), *lines]), "derived": derived}

@@ -40,8 +40,8 @@ class ChatWorker(StreamWorker):
         return not self.stopping.is_set() or self.engine.active > 0
 
     async def iteration(self) -> None:
-        if not self.stopping.is_set():
-            await self._read(block=self.engine.active == 0)
+        if not self.engine.active and (free := self._free_slots()) > 0:
+            await self._admit_all(await self.read_burst(free))
         if self.engine.active:
             await self._step()
 
@@ -67,18 +67,24 @@ class ChatWorker(StreamWorker):
             free, total = torch.cuda.mem_get_info(engine.device)
             info.device_memory_used_bytes, info.device_memory_total_bytes = total - free, total
 
-    async def _read(self, block: bool) -> None:
-        free = self.settings.max_batch_size - self.engine.active
-        if free > 0:
-            for entry_id, fields in await self.read(free, block):
-                await self._admit(entry_id, fields)
+    def _free_slots(self) -> int:
+        return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.engine.active
 
-    async def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+
+    async def _admit_all(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Answer or enqueue each entry; their first events go out in one pipeline."""
+        if entries:
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id, fields in entries:
+                self._admit(pipe, entry_id, fields)
+            await pipe.execute()
+
+    def _admit(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             job = decode_job(fields[b"job"])
         except (KeyError, msgspec.DecodeError) as exc:
             log.error("dropping unreadable entry %s: %s", entry_id, exc)
-            await self.ack(self.redis.pipeline(transaction=False), entry_id).execute()
+            self.ack(pipe, entry_id)
             return
         if job.v != 1:
             result: Sequence | Failed | Tokenized = Failed(status=400, message=f"unsupported job version {job.v}",
@@ -89,11 +95,10 @@ class ChatWorker(StreamWorker):
             result = self.engine.tokenize(job)
         channel = keys.reply_channel(job.request_id)
         if isinstance(result, Failed | Tokenized):  # answered at once: publish, then acknowledge
-            pipe = self.redis.pipeline(transaction=False).publish(channel, encode(result))
-            await self.ack(pipe, entry_id).execute()
+            self.ack(pipe.publish(channel, encode(result)), entry_id)
             return
         result.tag = entry_id
-        await self.redis.publish(channel, encode(self.engine.add(result)))
+        pipe.publish(channel, encode(self.engine.add(result)))
 
     async def _step(self) -> None:
         """Prefill, publish (first tokens go out at once), decode, publish. The phases run strictly one after
@@ -102,7 +107,9 @@ class ChatWorker(StreamWorker):
         if self.engine.pending:
             await self._publish(*await self._in_torch_thread(self.engine.prefill_step))
         if self.engine.rows:
-            await self._publish(*await self._in_torch_thread(self.engine.decode_step))
+            await self._publish(*await self._in_torch_thread(self.engine.decode_step), read=True)
+        elif (free := self._free_slots()) > 0:
+            await self._admit_all(await self.read(free, block=False))
         self.steps += 1
 
     async def _in_torch_thread(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> tuple[
@@ -123,8 +130,10 @@ class ChatWorker(StreamWorker):
             released, self.engine.released = self.engine.released + dropped, []
             return [(seq, failure) for seq in dropped], released
 
-    async def _publish(self, events: list[tuple[Sequence, Event]], released: list[Sequence]) -> None:
-        """Events first, then XACK + XDEL of the jobs that are done, in one pipeline (in that order)."""
+    async def _publish(self, events: list[tuple[Sequence, Event]], released: list[Sequence],
+                       read: bool = False) -> None:
+        """Events first, then XACK + XDEL of the jobs that are done, in one pipeline (in that order). With
+        `read`, the same round trip also reads new jobs for the slots that are free once the released leave."""
         pipe = self.redis.pipeline(transaction=False)
         for seq, event in events:
             pipe.publish(keys.reply_channel(seq.request_id), encode(event))
@@ -132,8 +141,13 @@ class ChatWorker(StreamWorker):
             seq.group.left -= 1
             if seq.group.left == 0:  # every choice of the request is done
                 self.ack(pipe, seq.tag)
-        if events or released:
-            await pipe.execute()
+        free = self._free_slots() if read else 0
+        if free > 0:
+            self.read_in(pipe, free)
+        if events or released or free > 0:
+            replies = await pipe.execute()
+            if free > 0:
+                await self._admit_all(self.entries(replies[-1]))
 
 
 async def serve_worker(settings: Settings) -> None:

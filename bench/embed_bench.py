@@ -144,7 +144,9 @@ def run_server(server: EmbedServer, texts: list[str], warmup: list[str], clients
     recovered from the cumulative mean before and after, since /health gives only the mean."""
     asyncio.run(drive(server, warmup, clients, 1))
     mean_warm = server.mean_batch()
+    cpu_before = server.cpu_seconds()
     wall, lat = asyncio.run(drive(server, texts, clients, rounds))
+    cpu_after = server.cpu_seconds()
     mean_all = server.mean_batch()
     run_mean = None
     if mean_warm and mean_all:
@@ -153,7 +155,8 @@ def run_server(server: EmbedServer, texts: list[str], warmup: list[str], clients
     label = "server, batching " + ("on" if server.batching else "off (EMBED_CROSS_REQUEST_BATCHING=false)")
     return {"system": label, "sentences_per_s": len(texts) / wall, "p50_ms": 1000 * (percentile(lat, 50) or 0),
             "p99_ms": 1000 * (percentile(lat, 99) or 0), "requests": len(texts), "wall_s": wall,
-            "mean_decode_batch_cumulative": mean_all, "mean_decode_batch_run": run_mean}
+            "mean_decode_batch_cumulative": mean_all, "mean_decode_batch_run": run_mean,
+            "cpu_pct": {role: 100 * (cpu_after[role] - cpu_before[role]) / wall for role in cpu_before}}
 
 
 def header(args: argparse.Namespace, model_dir: Path) -> list[str]:
@@ -178,11 +181,13 @@ def report(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]]
     ratios = {"server_vs_in_process": on["sentences_per_s"] / base["sentences_per_s"],
               "batching_on_vs_off": on["sentences_per_s"] / off["sentences_per_s"]}
     lines = ["## Embeddings: 32 one-sentence clients vs in-process fastembed", "", *header(args, model_dir), "",
-             "| system | sentences/s | p50 ms | p99 ms | mean inputs per model call |", "|---|---:|---:|---:|---:|"]
+             "| system | sentences/s | p50 ms | p99 ms | mean inputs per model call | CPU % workers / api / redis / "
+             "driver |", "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         mean = row.get("mean_decode_batch_run")
         lines.append(f"| {row['system']} | {row['sentences_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
-                     f"| {'-' if mean is None else f'{mean:.2f}'} |")
+                     f"| {'-' if mean is None else f'{mean:.2f}'} | "
+                     f"{' / '.join(f'{v:.0f}' for v in row.get('cpu_pct', {}).values()) or '-'} |")
     verdict = {k: v >= t for (k, v), t in zip(ratios.items(), (0.8, 3.0), strict=True)}
     lines += ["", f"- server ÷ in-process: {ratios['server_vs_in_process']:.2f} (target ≥ 0.8: "
                   f"{'met' if verdict['server_vs_in_process'] else 'NOT met'})",
@@ -191,7 +196,9 @@ def report(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]]
               f"- in-process, one sentence per call: {base['one_per_call_sentences_per_s']:.1f} sentences/s "
               f"(batching's ceiling here: {base['sentences_per_s'] / base['one_per_call_sentences_per_s']:.2f}x)",
               "- in-process latency columns are the whole batch call; mean inputs per model call is the embed "
-              "worker's /health mean_decode_batch over the timed requests only (warm-up taken out)"]
+              "worker's /health mean_decode_batch over the timed requests only (warm-up taken out)",
+              "- CPU % = CPU time per process over the run's wall time (100 = one core); workers = the chat, embed "
+              "and rerank workers together (only the embed worker is busy); driver = this script's 32 clients"]
     print("\n".join(lines))
     return {"header": header(args, model_dir), "rows": rows, "ratios": ratios, "targets_met": verdict}
 

@@ -1,7 +1,9 @@
-"""Embedding and rerank workers: every input of every job in one read becomes one batched model call.
+"""Embedding and rerank workers: every input (or query-document pair) of every job in one read becomes one
+batched model call.
 
-32 clients sending one sentence each therefore cost about one forward pass, not 32. Inputs are sorted by length
-before the call so the backend's internal batches pad little; results go back to their jobs in input order.
+An idle worker that gets a job keeps reading while more arrive within a few milliseconds (`read_burst`), so 32
+clients sending one sentence each cost a few forward passes, not 32. Inputs are sorted by length before the
+call so the backend's internal batches pad little; results go back to their jobs in input order.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import redis.asyncio as aioredis
 from common import keys
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.settings import Settings
-from workers.stream_worker import StreamWorker
+from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker.embed")
 
@@ -53,9 +55,14 @@ class EmbedWorker(StreamWorker):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def iteration(self) -> None:
-        entries = await self.read(JOBS_PER_READ if self.cross_request_batching else 1, block=True)
-        if not entries:
-            return
+        if self.cross_request_batching:
+            entries = await self.read_burst(JOBS_PER_READ)
+        else:
+            entries = await self.read(1, block=True)
+        if entries:
+            await self._answer(entries)
+
+    async def _answer(self, entries: list[Entry]) -> None:
         jobs: list[tuple[bytes, Any]] = []
         pipe = self.redis.pipeline(transaction=False)
         decoder = _embed_decoder if self.kind == "embed" else _rerank_decoder
@@ -124,20 +131,40 @@ class EmbedWorker(StreamWorker):
         return None
 
     async def _rerank(self, jobs: list[tuple[bytes, RerankJob]]) -> list[Scored | Failed]:
-        answers: list[Scored | Failed] = []
+        """Every (query, document) pair of every job in one scoring call, sorted by length; scores go back to
+        their jobs in document order."""
+        pairs = [(job.query, doc) for _, job in jobs for doc in job.documents]
+        counts: list[int] = await self._in_thread(self.backend.count_tokens, pairs)
+        answers: list[Scored | Failed | None] = []
+        wanted: list[int] = []
+        start = 0
         for _, job in jobs:
-            counts: list[int] = await self._in_thread(self.backend.count_tokens,
-                                                      [(job.query, d) for d in job.documents])
-            too_long = [i for i, c in enumerate(counts) if c > self.backend.max_tokens]
+            span = range(start, start + len(job.documents))
+            start += len(job.documents)
+            too_long = [i for i, k in enumerate(span) if counts[k] > self.backend.max_tokens]
             if too_long and not job.truncate:
-                answers.append(Failed(status=400, param=f"documents[{too_long[0]}]", code="context_length_exceeded",
-                                      message=(f"Query and document {too_long[0]} have {counts[too_long[0]]} tokens; "
-                                               f"this model takes at most {self.backend.max_tokens}.")))
+                i = too_long[0]
+                answers.append(Failed(status=400, param=f"documents[{i}]", code="context_length_exceeded",
+                                      message=(f"Query and document {i} have {counts[span[i]]} tokens; this model "
+                                               f"takes at most {self.backend.max_tokens}.")))
                 continue
-            logits: list[float] = await self._in_thread(self.backend.score, job.query, job.documents)
-            answers.append(Scored(scores=[1 / (1 + math.exp(-x)) for x in logits],
-                                  prompt_tokens=sum(min(c, self.backend.max_tokens) for c in counts)))
-        return answers
+            answers.append(None)
+            wanted.extend(span)
+        order = sorted(wanted, key=lambda k: counts[k])
+        logits = [0.0] * len(pairs)
+        if order:
+            for k, x in zip(order, await self._in_thread(self.backend.score, [pairs[k] for k in order]), strict=True):
+                logits[k] = x
+            self.calls += 1
+            self.items += len(order)
+        start = 0
+        for n, (_, job) in enumerate(jobs):
+            span = range(start, start + len(job.documents))
+            start += len(job.documents)
+            if answers[n] is None:
+                answers[n] = Scored(scores=[1 / (1 + math.exp(-logits[k])) for k in span],
+                                    prompt_tokens=sum(min(counts[k], self.backend.max_tokens) for k in span))
+        return answers  # type: ignore[return-value]
 
 
 async def serve_embed_worker(settings: Settings, kind: Literal["embed", "rerank"]) -> None:

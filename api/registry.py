@@ -43,6 +43,11 @@ class WorkerRegistry:
     async def served_models(self, kind: str | None = None) -> list[str]:
         return sorted({w.model for w in await self.workers() if kind is None or w.kind == kind})
 
+    async def revision(self, model: str, kind: str = "chat") -> str:
+        """The revision of `model` as its live workers report it. During a rolling update two revisions serve
+        at once; the key then names both, and changes again once the old workers are gone."""
+        return "+".join(sorted({w.revision for w in await self.workers() if w.model == model and w.kind == kind}))
+
     async def require_model(self, model: str, kind: str = "chat") -> None:
         """404 for a model no worker ever announced; 503 for a known one with no live worker of `kind` now."""
         if model in await self.served_models(kind):

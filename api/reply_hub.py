@@ -22,11 +22,10 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 
 
 class Subscription:
-    """The events of one request, in arrival order, as raw JSON bytes."""
+    """The messages of one channel (a request's events, or a cache lease's done notice), in arrival order."""
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.channel = keys.reply_channel(request_id)
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.confirmed = asyncio.get_running_loop().create_future()
 
@@ -37,7 +36,7 @@ class Subscription:
 class ReplyHub:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._pubsub = redis.pubsub()
-        self._subs: dict[str, Subscription] = {}
+        self._subs: dict[str, set[Subscription]] = {}  # by channel: several waiters may share a cache channel
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self.replica_channel = f"{keys.PREFIX}:api:{uuid.uuid4().hex[:12]}"
@@ -57,11 +56,12 @@ class ReplyHub:
 
     @property
     def open_count(self) -> int:
-        return len(self._subs)
+        return sum(len(subs) for subs in self._subs.values())
 
-    async def open(self, request_id: str) -> Subscription:
-        sub = Subscription(request_id)
-        self._subs[sub.channel] = sub
+    async def open(self, request_id: str | None = None, *, channel: str | None = None) -> Subscription:
+        """Subscribe to a request's reply channel (or any `channel`); returns once Redis confirmed it."""
+        sub = Subscription(channel or keys.reply_channel(request_id or ""))
+        self._subs.setdefault(sub.channel, set()).add(sub)
         try:
             async with self._lock:
                 await self._pubsub.subscribe(sub.channel)
@@ -72,10 +72,14 @@ class ReplyHub:
         return sub
 
     async def close(self, sub: Subscription) -> None:
-        self._subs.pop(sub.channel, None)
+        subs = self._subs.get(sub.channel)
+        if subs is not None:
+            subs.discard(sub)
         with contextlib.suppress(Exception):
             async with self._lock:
-                await self._pubsub.unsubscribe(sub.channel)
+                if not self._subs.get(sub.channel):  # the last one out unsubscribes
+                    self._subs.pop(sub.channel, None)
+                    await self._pubsub.unsubscribe(sub.channel)
 
     async def _read_loop(self) -> None:
         while True:
@@ -91,10 +95,8 @@ class ReplyHub:
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
-            sub = self._subs.get(channel)
-            if sub is None:
-                continue
-            if message["type"] == "message":
-                sub.queue.put_nowait(message["data"])
-            elif message["type"] == "subscribe" and not sub.confirmed.done():
-                sub.confirmed.set_result(None)
+            for sub in self._subs.get(channel, ()):
+                if message["type"] == "message":
+                    sub.queue.put_nowait(message["data"])
+                elif message["type"] == "subscribe" and not sub.confirmed.done():
+                    sub.confirmed.set_result(None)

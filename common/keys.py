@@ -41,3 +41,38 @@ def reply_channel(request_id: str) -> str:
 def worker_heartbeat(worker_id: str) -> str:
     """A worker's self-description (JSON) under a short TTL; gone within the TTL after the worker dies."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def _cache_slot(namespace: str) -> str:
+    """Every key of a cache namespace shares one hash tag, so its Lua scripts stay in one Redis Cluster slot."""
+    return f"{PREFIX}:cache:{{{namespace}}}"
+
+
+def cache_entry_prefix(namespace: str) -> str:
+    """Entries of a cache namespace are `<prefix><member>` strings (member = the request's SHA-256)."""
+    return f"{_cache_slot(namespace)}:entry:"
+
+
+def cache_ranking(namespace: str) -> str:
+    """Sorted set of a namespace's members by last use (lowest score = least recently used = evicted first)."""
+    return f"{_cache_slot(namespace)}:lru"
+
+
+def cache_clock(namespace: str) -> str:
+    """Counter that ranks uses across all API replicas."""
+    return f"{_cache_slot(namespace)}:clock"
+
+
+def cache_stats(namespace: str) -> str:
+    """Hash with the namespace's `hits` and `misses`, summed over all replicas."""
+    return f"{_cache_slot(namespace)}:stats"
+
+
+def cache_lease(key: str) -> str:
+    """Single-flight lease on a chat cache key: held (with a TTL) by the request that generates the answer."""
+    return f"{PREFIX}:cache:lease:{key}"
+
+
+def cache_done_channel(key: str) -> str:
+    """Pub/sub channel on which a lease holder says it is done, so waiting requests read the cache."""
+    return f"{PREFIX}:cache:done:{key}"

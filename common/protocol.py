@@ -214,6 +214,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     rss_bytes: int = 0
     device_memory_used_bytes: int | None = None
     device_memory_total_bytes: int | None = None
+    revision: str = ""  # the loaded model's version: part of every response-cache key
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

@@ -16,6 +16,7 @@ import msgspec
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -33,6 +34,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_connections: PositiveInt = 100
     concurrent_requests: PositiveInt = 10
     cache_capacity: NonNegativeInt = 1000
+    cache_ttl_s: NonNegativeFloat = 0.0
+    cache_policy: Literal["deterministic", "all"] = "deterministic"
+    embed_cache_capacity: NonNegativeInt = 100_000
     batch_timeout_ms: NonNegativeInt = 50
     max_batch_size: PositiveInt = 8
     redis_url: str | None = None

@@ -36,7 +36,7 @@ GATHER_GAP_MS = 3  # an idle worker that got a job keeps reading while the next 
 
 class StreamWorker:
     def __init__(self, settings: Settings, redis: aioredis.Redis, *, kind: Literal["chat", "embed", "rerank"],
-                 model_id: str, stream: str, device: str, dtype: str) -> None:
+                 model_id: str, stream: str, device: str, dtype: str, revision: str = "") -> None:
         self.settings = settings
         self.redis = redis
         self.model_id = model_id
@@ -44,7 +44,7 @@ class StreamWorker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.info = WorkerInfo(worker_id=self.worker_id, kind=kind, model=model_id, device=device, dtype=dtype,
                                hostname=socket.gethostname(), pid=os.getpid(), started=time.time(),
-                               max_batch_size=settings.max_batch_size)
+                               max_batch_size=settings.max_batch_size, revision=revision)
         self.stopping = asyncio.Event()
 
     async def iteration(self) -> None:

@@ -20,6 +20,7 @@ from common import keys
 from common.protocol import Event, Failed, Tokenized, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
+from workers.revision import model_revision
 from workers.stream_worker import StreamWorker
 
 log = logging.getLogger("axion.worker")
@@ -27,8 +28,10 @@ log = logging.getLogger("axion.worker")
 
 class ChatWorker(StreamWorker):
     def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
+        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None))
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
-                         stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype)
+                         stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype,
+                         revision=revision)
         self.engine = engine
         self.steps = 0
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so

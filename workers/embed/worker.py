@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from common import keys
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.settings import Settings
+from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker.embed")
@@ -35,6 +36,7 @@ class EmbedWorker(StreamWorker):
                  kind: Literal["embed", "rerank"]) -> None:
         stream = (keys.embed_stream if kind == "embed" else keys.rerank_stream)(backend.model_id)
         super().__init__(settings, redis, kind=kind, model_id=backend.model_id, stream=stream,
+                         revision=model_revision(backend.model_id),
                          device=getattr(backend, "device", "cpu"), dtype="float32")
         self.backend = backend
         self.kind = kind

@@ -1,0 +1,23 @@
+"""A loaded model's revision: the response cache keys on it, so a new model version never serves old answers."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+MAX_FILES = 10_000
+
+
+def model_revision(name: str, commit_hash: str | None = None) -> str:
+    """For a local folder, a fingerprint of its files (relative path, size, modification time): replacing the
+    weights, the tokenizer or the chat template changes it without reading gigabytes. For a hub id, the commit
+    of the snapshot that was loaded (transformers records it as `config._commit_hash`)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and ".git" not in p.parts)[:MAX_FILES]
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return "dir-" + digest.hexdigest()[:16]
+    return commit_hash or "unknown"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -20,6 +21,7 @@ from litestar.response import Stream
 
 from api import errors, protocol, serving_embed
 from api import protocol_legacy as legacy
+from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
@@ -42,8 +44,27 @@ def _ctx(state: State) -> ChatContext:
 async def chat_completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
     client_id = request.headers.get("x-request-id")
     req = protocol.decode_chat_request(await request.body())
-    run = ChatRun(_ctx(state), req, new_request_id(client_id))
-    headers = {"X-Request-Id": client_id or run.request_id}
+    request_id = new_request_id(client_id)
+    headers = {"X-Request-Id": client_id or request_id}
+    cache: ChatCache = state.chat_cache
+    decision = await cache.decide(req, request.headers.get("cache-control"))
+    headers["x-axion-cache"] = decision.header
+    lease = None
+    if decision.read and decision.key:
+        hit = await cache.lookup(decision.key)
+        if hit is None:
+            hit, lease = await cache.claim(decision.key, request_id)
+        if hit is not None:
+            log.info("request %s model=%s stream=%s cache hit", request_id, req.model, bool(req.stream))
+            headers["x-axion-cache"] = "hit"
+            hit = as_fresh(hit, request_id, req.model)
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return Stream(replay_stream(hit, include_usage), media_type="text/event-stream",
+                              headers=SSE_HEADERS | headers)
+            return Response(msgspec.json.encode(hit), media_type="application/json", headers=headers)
+    save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
+    run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease)
     accepted = await _echoing_request_id(run.start(), headers)
     if req.stream:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
@@ -148,7 +169,7 @@ async def health(state: State) -> dict[str, Any]:
                         "device_total_bytes": w.device_memory_total_bytes},
              "prefix_cache_hits": w.prefix_cache_hits,
              "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
-             "prefilled_tokens": w.prefilled_tokens}
+             "prefilled_tokens": w.prefilled_tokens, "jobs_done": w.jobs_done, "revision": w.revision}
             for w in workers
         ],
         "models": models,
@@ -167,6 +188,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
         app.state.redis = client
         app.state.registry = registry
         app.state.chat = ChatContext(settings, client, hub, registry, asyncio.Semaphore(settings.concurrent_requests))
+        app.state.chat_cache = ChatCache(app.state.chat)
         try:
             yield
         finally:

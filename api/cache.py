@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -165,24 +164,19 @@ class SingleFlight:
     async def try_lead(self, key: str, holder: str) -> bool:
         return bool(await self.redis.set(keys.cache_lease(key), holder, nx=True, px=int(LEASE_S * 1000)))
 
-    @contextlib.asynccontextmanager
-    async def leading(self, key: str, holder: str) -> AsyncIterator[None]:
-        """Hold the lease (renewed) while generating; on the way out, free it and tell the waiters."""
-        renew = asyncio.create_task(self._renew(key, holder))
-        try:
-            yield
-        finally:
-            renew.cancel()
-            with contextlib.suppress(Exception):
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.delete(keys.cache_lease(key)).publish(keys.cache_done_channel(key), b"done")
-                await pipe.execute()
-
-    async def _renew(self, key: str, holder: str) -> None:
+    async def renew(self, key: str, holder: str) -> None:
+        """Keep the lease alive while its holder generates (run as a task, cancelled by the holder)."""
         while True:
             await asyncio.sleep(LEASE_RENEW_S)
             with contextlib.suppress(Exception):
                 await self.redis.set(keys.cache_lease(key), holder, xx=True, px=int(LEASE_S * 1000))
+
+    async def release(self, key: str) -> None:
+        """Free the lease and tell the waiters to read the cache (or to generate, when nothing was stored)."""
+        with contextlib.suppress(Exception):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(keys.cache_lease(key)).publish(keys.cache_done_channel(key), b"done")
+            await pipe.execute()
 
     async def wait(self, key: str, store: LruStore, timeout: float) -> bytes | None:
         """Wait (at most `timeout`) for the leader; the cached answer, or None when the leader failed, died or

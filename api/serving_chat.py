@@ -7,7 +7,7 @@ async iterator of SSE frames, raising APIError for anything the client must hear
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,6 +17,7 @@ from api.errors import APIError
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
 
 if TYPE_CHECKING:
+    from api.chat_cache import Lease
     from api.protocol_legacy import CompletionRequest
 from common.protocol import (
     Accepted,
@@ -83,20 +84,54 @@ def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
 
 
 class ChatRun(JobRun):
-    """A chat completion: the job's events as a `chat.completion` or as `chat.completion.chunk` frames."""
+    """A chat completion: the job's events as a `chat.completion` or as `chat.completion.chunk` frames.
 
-    def __init__(self, ctx: ChatContext, req: p.ChatCompletionRequest, request_id: str) -> None:
+    Both forms collect the whole answer as it goes, so a finished run, streamed or not, hands its
+    `chat.completion` to `on_complete` (the response cache)."""
+
+    def __init__(self, ctx: ChatContext, req: p.ChatCompletionRequest, request_id: str,
+                 on_complete: Callable[[p.ChatCompletion], Awaitable[None]] | None = None,
+                 lease: Lease | None = None) -> None:
         super().__init__(ctx, build_job(req, request_id), bool(req.stream))
         self.req = req
+        self.lease = lease  # single-flight: identical requests wait for this run; freed when it ends
         self.completion_id = f"chatcmpl-{request_id}"
+        self.on_complete = on_complete
+        n = req.n or 1
+        self._texts: list[list[str]] = [[] for _ in range(n)]
+        self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self._finished: dict[int, Finished] = {}
+
+    async def close(self) -> None:
+        await super().close()
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            await lease.release()
+
+    def _record(self, event: Delta | Finished) -> None:
+        self._texts[event.index].append(event.text)
+        self._logprobs[event.index].extend(event.logprobs or [])
+        if isinstance(event, Finished):
+            self._finished[event.index] = event
+
+    async def _done(self) -> p.ChatCompletion:
+        """The finished run as one `chat.completion`, handed to `on_complete` on the way."""
+        finished = self._finished
+        self.outcome = finished_outcome(finished)
+        choices = [p.Choice(i, _message("".join(self._texts[i]), finished[i].tool_calls),
+                            p.ChoiceLogprobs(self._logprobs[i]) if self.req.logprobs else None,
+                            finished[i].finish_reason)
+                   for i in range(len(self._texts))]
+        completion = p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model, choices,
+                                      usage_of(*finished.values()))
+        if self.on_complete is not None:
+            await self.on_complete(completion)
+        return completion
 
     async def complete(self, accepted: Accepted) -> p.ChatCompletion:
         n = self.req.n or 1
-        texts: list[list[str]] = [[] for _ in range(n)]
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        finished: dict[int, Finished] = {}
         try:
-            while len(finished) < n:
+            while len(self._finished) < n:
                 try:
                     event = await self.next_event()
                 except TimeoutError:
@@ -107,24 +142,16 @@ class ChatRun(JobRun):
                     raise APIError(event.status, event.message, type=event.type, param=event.param,
                                    code=event.code)
                 if isinstance(event, Delta | Finished):
-                    texts[event.index].append(event.text)
-                    logprobs[event.index].extend(event.logprobs or [])
-                if isinstance(event, Finished):
-                    finished[event.index] = event
-            self.outcome = finished_outcome(finished)
+                    self._record(event)
+            return await self._done()
         finally:
             await self.close()
-        choices = [p.Choice(i, _message("".join(texts[i]), finished[i].tool_calls),
-                            p.ChoiceLogprobs(logprobs[i]) if self.req.logprobs else None, finished[i].finish_reason)
-                   for i in range(n)]
-        return p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model, choices,
-                                usage_of(*finished.values()))
 
     async def stream(self, accepted: Accepted | None) -> AsyncIterator[bytes]:
         """SSE frames; a failure after the first frame is sent as a `data: {"error": ...}` frame."""
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         n = self.req.n or 1
-        finished: dict[int, Finished] = {}
+        finished = self._finished
         try:
             for i in range(n):
                 yield self._frame(i, p.ChoiceDelta(role="assistant", content=""), None, None, include_usage)
@@ -145,6 +172,7 @@ class ChatRun(JobRun):
                     return
                 if not isinstance(event, Delta | Finished):
                     continue
+                self._record(event)
                 logprobs = p.ChoiceLogprobs(event.logprobs) if event.logprobs else None
                 finish = event.finish_reason if isinstance(event, Finished) else None
                 calls = event.tool_calls if isinstance(event, Finished) else None
@@ -158,13 +186,10 @@ class ChatRun(JobRun):
                 elif event.text or logprobs or finish:
                     delta = p.ChoiceDelta(content=event.text) if event.text else p.ChoiceDelta()
                     yield self._frame(event.index, delta, logprobs, finish, include_usage)
-                if isinstance(event, Finished):
-                    finished[event.index] = event
-            self.outcome = finished_outcome(finished)
+            completion = await self._done()
             if include_usage:
                 yield self._encode(p.ChatCompletionUsageChunk(
-                    self.completion_id, "chat.completion.chunk", self.created, self.req.model, [],
-                    usage_of(*finished.values())))
+                    self.completion_id, "chat.completion.chunk", self.created, self.req.model, [], completion.usage))
             yield b"data: [DONE]\n\n"
         finally:
             await self.close()

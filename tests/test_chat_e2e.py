@@ -304,19 +304,23 @@ def test_request_id_is_echoed_and_logged(served: Server) -> None:
 
 
 def test_queued_stream_gets_keepalive_comments(served: Server) -> None:
-    """MAX_BATCH_SIZE is 2 and SSE_KEEPALIVE_S 0.2 here: behind six long requests, ours waits in the stream."""
+    """MAX_BATCH_SIZE is 2 and SSE_KEEPALIVE_S 0.2 here: behind six long requests, ours waits in the stream.
+    `Cache-Control: no-store` keeps the response cache out: the six would otherwise share one generation."""
     import threading
+
+    no_store = {"Cache-Control": "no-store"}
 
     long = {"model": served.model, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 230,
             "temperature": 0, "ignore_eos": True}
     blockers = [threading.Thread(target=httpx.post, args=(f"{served.base_url}/v1/chat/completions",),
-                                 kwargs={"json": long, "timeout": 60}) for _ in range(6)]
+                                 kwargs={"json": long, "timeout": 60, "headers": no_store}) for _ in range(6)]
     for thread in blockers:
         thread.start()
     time.sleep(0.3)
     messages = [{"role": "user", "content": PROMPTS[0]}]
     body = {"model": served.model, "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{served.base_url}/v1/chat/completions", json=body, timeout=60) as resp:
+    with httpx.stream("POST", f"{served.base_url}/v1/chat/completions", json=body, timeout=60,
+                      headers=no_store) as resp:
         lines = [line for line in resp.iter_lines() if line]
     for thread in blockers:
         thread.join()

@@ -108,6 +108,7 @@ class StreamWorker:
             await asyncio.sleep(ttl / 3)
 
     def ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
+        self.info.jobs_done += 1
         pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
         pipe.xdel(self.stream, entry_id)
         return pipe

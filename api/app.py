@@ -64,13 +64,51 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
                               headers=SSE_HEADERS | headers)
             return Response(msgspec.json.encode(hit), media_type="application/json", headers=headers)
     save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
-    run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease)
+    run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease,
+                  timeout_s=_request_timeout(request, _ctx(state).settings.request_timeout_s))
     accepted = await _echoing_request_id(run.start(), headers)
     if req.stream:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
-    completion = await run.complete(accepted)
+    completion = await _unless_client_leaves(request, run.complete(accepted))
     return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
+
+
+def _request_timeout(request: Request[Any, Any, State], cap: float) -> float:
+    """`X-Request-Timeout: <seconds>` shortens this request's deadline; REQUEST_TIMEOUT_S is the cap."""
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return cap
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise errors.APIError(400, "X-Request-Timeout must be a positive number of seconds.",
+                              param="X-Request-Timeout", code="invalid_value")
+    return min(value, cap)
+
+
+async def _unless_client_leaves(request: Request[Any, Any, State], work: Awaitable[T]) -> T:
+    """Await a non-streamed answer, but give up on it when the client disconnects: the run is cancelled,
+    its `close` flags the job, and the worker drops it instead of generating for nobody."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise errors.APIError(499, "The client closed the request.", code="client_closed_request")
+    finally:
+        watcher.cancel()
 
 
 @post("/v1/completions", status_code=200)
@@ -169,7 +207,7 @@ async def health(state: State) -> dict[str, Any]:
                         "device_total_bytes": w.device_memory_total_bytes},
              "prefix_cache_hits": w.prefix_cache_hits,
              "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
-             "prefilled_tokens": w.prefilled_tokens, "jobs_done": w.jobs_done, "revision": w.revision}
+             "prefilled_tokens": w.prefilled_tokens, "jobs_done": w.jobs_done, "decoded_tokens": w.decoded_tokens, "revision": w.revision}
             for w in workers
         ],
         "models": models,

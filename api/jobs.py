@@ -7,6 +7,7 @@ into their own OpenAI objects. Free of the web framework.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -54,7 +55,7 @@ class JobRun:
     """One admitted job: owns its subscription and its concurrency slot until `close()`."""
 
     def __init__(self, ctx: ChatContext, job: ChatJob | EmbedJob | RerankJob, stream: bool, *,
-                 stream_key: str | None = None, kind: str = "chat") -> None:
+                 stream_key: str | None = None, kind: str = "chat", timeout_s: float | None = None) -> None:
         self.ctx = ctx
         self.job = job
         self.kind = kind
@@ -62,11 +63,15 @@ class JobRun:
         self.streaming = stream
         self.request_id = job.request_id
         self.created = int(time.time())
-        self.deadline = time.monotonic() + ctx.settings.request_timeout_s
+        self.timeout_s = timeout_s or ctx.settings.request_timeout_s
+        self.deadline = time.monotonic() + self.timeout_s
+        if isinstance(job, ChatJob):
+            job.deadline = time.time() + self.timeout_s
         self.sub: Subscription | None = None
         self._holds_slot = False
         self._counted = False
-        self._last_seq = -1
+        self._last_seq: dict[int, int] = {}  # per choice: the last token event relayed
+        self.completed = False  # the final answer arrived: nothing to cancel on close
         self._started = time.monotonic()
         self.outcome = "client went away"
 
@@ -117,6 +122,7 @@ class JobRun:
             if not isinstance(first, Tokenized | Embedded | Scored):
                 raise APIError(500, "Worker answered out of order.", code="internal_error")
             self.outcome = f"answered ({type(first).__name__.lower()})"
+            self.completed = True
             return first
         finally:
             await self.close()
@@ -125,7 +131,7 @@ class JobRun:
         return max(0.0, self.deadline - time.monotonic())
 
     def _timeout_error(self) -> APIError:
-        return APIError(504, f"The request did not finish within {self.ctx.settings.request_timeout_s:g}s.",
+        return APIError(504, f"The request did not finish within {self.timeout_s:g}s.",
                         type="timeout", code="timeout")
 
     async def next_event(self, wait: float | None = None) -> Event | None:
@@ -142,12 +148,17 @@ class JobRun:
             event = decode_event(raw)
             seq = getattr(event, "seq", None)
             if seq is not None:
-                if seq <= self._last_seq:
-                    continue  # a repeat (e.g. replayed after a worker restart): already relayed
-                self._last_seq = seq
+                index = getattr(event, "index", 0)
+                if seq <= self._last_seq.get(index, -1):
+                    continue  # a repeat: a worker that resumed a crashed one replays what was relayed
+                self._last_seq[index] = seq
             return event
 
     async def close(self) -> None:
+        if self.sub is not None and not self.completed:  # the client left or timed out: stop the work
+            with contextlib.suppress(Exception):
+                await self.ctx.redis.set(keys.cancel_flag(self.request_id), b"1",
+                                         ex=max(1, int(self.timeout_s) + 60))
         if self._counted:
             log.info("request %s model=%s stream=%s %s in %.0f ms", self.request_id, self.job.model, self.streaming,
                      self.outcome, (time.monotonic() - self._started) * 1000)

@@ -91,8 +91,8 @@ class ChatRun(JobRun):
 
     def __init__(self, ctx: ChatContext, req: p.ChatCompletionRequest, request_id: str,
                  on_complete: Callable[[p.ChatCompletion], Awaitable[None]] | None = None,
-                 lease: Lease | None = None) -> None:
-        super().__init__(ctx, build_job(req, request_id), bool(req.stream))
+                 lease: Lease | None = None, timeout_s: float | None = None) -> None:
+        super().__init__(ctx, build_job(req, request_id), bool(req.stream), timeout_s=timeout_s)
         self.req = req
         self.lease = lease  # single-flight: identical requests wait for this run; freed when it ends
         self.completion_id = f"chatcmpl-{request_id}"
@@ -116,6 +116,7 @@ class ChatRun(JobRun):
 
     async def _done(self) -> p.ChatCompletion:
         """The finished run as one `chat.completion`, handed to `on_complete` on the way."""
+        self.completed = True
         finished = self._finished
         self.outcome = finished_outcome(finished)
         choices = [p.Choice(i, _message("".join(self._texts[i]), finished[i].tool_calls),

@@ -91,6 +91,7 @@ class CompletionRun:
                 done += isinstance(event, Finished)
                 if isinstance(event, Failed):
                     return
+            run.completed = True
         except Exception as exc:  # handed to the consumer, which raises it or sends it as a frame
             await queue.put((k, exc))
 

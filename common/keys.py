@@ -76,3 +76,19 @@ def cache_lease(key: str) -> str:
 def cache_done_channel(key: str) -> str:
     """Pub/sub channel on which a lease holder says it is done, so waiting requests read the cache."""
     return f"{PREFIX}:cache:done:{key}"
+
+
+def cancel_flag(request_id: str) -> str:
+    """Set (with a TTL) by the API when a request's client went away or timed out; workers drop the job."""
+    return f"{PREFIX}:cancel:{request_id}"
+
+
+def progress(request_id: str, index: int) -> str:
+    """List of the token ids choice `index` of a request has generated so far (short-lived): a worker that
+    reclaims the job from a crashed one resumes from them instead of starting over."""
+    return f"{PREFIX}:progress:{request_id}:{index}"
+
+
+def dead_letter_stream(kind: str, model: str) -> str:
+    """Jobs delivered more than MAX_DELIVERIES times (their workers kept dying), kept for inspection."""
+    return f"{PREFIX}:{kind}:{model}:dead"

@@ -79,6 +79,7 @@ class ChatJob(msgspec.Struct, kw_only=True):
     task: Literal["generate", "tokenize", "detokenize"] = "generate"
     add_special_tokens: bool = True  # tokenize of a raw prompt
     add_generation_prompt: bool = True  # tokenize of chat messages
+    deadline: float | None = None  # epoch seconds: a worker skips the job (504) once it has passed
     v: int = JOB_VERSION
 
 
@@ -105,8 +106,10 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
 
 
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):
-    """New text of choice `index`. `seq` counts the events of one request (all its choices) from 0, so a reader
-    can drop repeats; `logprobs` covers the token(s) this event adds, even while their text is held back."""
+    """New text of choice `index`. `seq` is the index of the token this event adds within its choice (from 0),
+    so a reader drops repeats per choice: a worker that resumes a crashed worker's job replays the tokens
+    already generated under the same numbers. `logprobs` covers the token this event adds, even while its
+    text is held back."""
 
     seq: int
     text: str

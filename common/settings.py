@@ -44,6 +44,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     request_timeout_s: PositiveFloat = 600.0
     heartbeat_ttl_s: PositiveFloat = 10.0
+    visibility_timeout_s: PositiveFloat = 15.0
+    max_deliveries: PositiveInt = 3
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     sse_keepalive_s: PositiveFloat = 15.0
     worker_kind: Literal["chat", "embed", "rerank"] = "chat"

@@ -60,6 +60,10 @@ class StreamWorker:
     def refresh_stats(self) -> None:
         self.info.rss_bytes = psutil.Process().memory_info().rss
 
+    def in_flight(self) -> list[bytes]:
+        """Entry ids this worker has read and not yet acknowledged (kept alive by the heartbeat)."""
+        return []
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,10 +103,13 @@ class StreamWorker:
     async def _heartbeat_loop(self) -> None:
         ttl = self.settings.heartbeat_ttl_s
         await self.redis.sadd(keys.KNOWN_MODELS, self.model_id)
+        from workers.recovery import refresh_own
+
         while True:
             self.refresh_stats()
             try:
                 await self.redis.set(keys.worker_heartbeat(self.worker_id), encode(self.info), px=int(ttl * 1000))
+                await refresh_own(self.redis, self.stream, self.worker_id, self.in_flight())
             except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed (%s)", type(exc).__name__)
             await asyncio.sleep(ttl / 3)

@@ -99,6 +99,7 @@ class ChatEngine:
     def decode_step(self) -> list[tuple[Sequence, Event]]:
         """One forward pass over every running sequence: one token (an event) each."""
         events: list[tuple[Sequence, Event]] = []
+        self._drop_finished()  # cancelled since the last step: out before this pass, not after it
         if self.rows:
             self._decode(events)
             self._drop_finished()
@@ -132,42 +133,43 @@ class ChatEngine:
                 waiting.append(seq)
                 continue
             if seq.cache is None:
-                seq.cache, seq.computed = self.prefix_cache.lookup(seq.prompt_ids, self.model.config)
+                seq.cache, seq.computed = self.prefix_cache.lookup(seq.prefill_ids, self.model.config)
                 seq.cached_tokens = seq.computed
-            remaining = len(seq.prompt_ids) - seq.computed
+            remaining = len(seq.prefill_ids) - seq.computed
             if seq.computed == 0 and remaining <= budget:
                 together.append(seq)
                 budget -= remaining
                 continue
             n = min(budget, remaining)
-            chunk = torch.tensor([seq.prompt_ids[seq.computed:seq.computed + n]], device=self.device)
+            chunk = torch.tensor([seq.prefill_ids[seq.computed:seq.computed + n]], device=self.device)
             out = self.model(input_ids=chunk, cache=seq.cache, use_cache=True, logits_to_keep=1)
             seq.computed += n
             budget -= n
             self.prefilled_tokens += n
-            if seq.computed < len(seq.prompt_ids):
+            if seq.computed < len(seq.prefill_ids):
                 waiting.append(seq)
                 continue
             cache, seq.cache = seq.cache, None
-            mask = torch.ones((1, len(seq.prompt_ids)), dtype=torch.long, device=self.device)
+            mask = torch.ones((1, len(seq.prefill_ids)), dtype=torch.long, device=self.device)
             self._join([seq], cache, mask, out.logits[:, -1, :], events)
         if together:
             self._prefill_together(together, events)
         self.pending = waiting
 
     def _prefill_together(self, seqs: list[Sequence], events: list[tuple[Sequence, Event]]) -> None:
-        length = max(len(s.prompt_ids) for s in seqs)
+        length = max(len(s.prefill_ids) for s in seqs)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (length - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+        ids = torch.tensor([[pad] * (length - len(s.prefill_ids)) + s.prefill_ids for s in seqs],
+                           device=self.device)
+        mask = torch.tensor([[0] * (length - len(s.prefill_ids)) + [1] * len(s.prefill_ids) for s in seqs],
                             device=self.device)
         cache = new_cache(self.model.config)
         kwargs = {} if len(seqs) == 1 else {"attention_mask": mask,
                                             "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
         for seq in seqs:
-            seq.cache, seq.computed = None, len(seq.prompt_ids)
-            self.prefilled_tokens += len(seq.prompt_ids)
+            seq.cache, seq.computed = None, len(seq.prefill_ids)
+            self.prefilled_tokens += len(seq.prefill_ids)
         self._join(seqs, cache, mask, out.logits[:, -1, :], events)
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, last_logits: torch.Tensor,
@@ -175,11 +177,28 @@ class ChatEngine:
         """Prompts done: keep their blocks for reuse, sample each first token, move the rows into the batch."""
         length = mask.shape[1]
         for row, seq in enumerate(seqs):
-            self.prefix_cache.store(seq.prompt_ids, cache, row=row, offset=length - len(seq.prompt_ids))
-        tokens = self._sample(last_logits.float(), seqs)
+            self.prefix_cache.store(seq.prefill_ids, cache, row=row, offset=length - len(seq.prefill_ids))
+        fresh = [(row, seq) for row, seq in enumerate(seqs) if not seq.resume]
+        sampled = self._sample(last_logits[[row for row, _ in fresh]].float(), [seq for _, seq in fresh])
+        tokens = [seq.resume[-1] if seq.resume else 0 for seq in seqs]
+        for (row, _), token in zip(fresh, sampled, strict=True):
+            tokens[row] = token
         self._merge(cache, mask, tokens, seqs)
         for seq, token in zip(seqs, tokens, strict=True):
+            if seq.resume:
+                self._replay(seq, events)
+            else:
+                events.append((seq, self._advance(seq, token)))
+
+    def _replay(self, seq: Sequence, events: list[tuple[Sequence, Event]]) -> None:
+        """A resumed sequence: the crashed worker's tokens again, as the same numbered events (the API drops
+        those it already relayed), so text, stop strings, grammar and tool parsing end up where they were."""
+        resume, seq.resume = seq.resume, []
+        seq.recorded = len(resume)
+        for token in resume:
             events.append((seq, self._advance(seq, token)))
+            if seq.finish_reason is not None:
+                break
 
     def _decode(self, events: list[tuple[Sequence, Event]]) -> None:
         assert self._cache is not None and self._mask is not None
@@ -260,11 +279,11 @@ class ChatEngine:
                 seq.finish_reason = "tool_calls"
                 text += content[seq.text.sent:]
         if seq.finish_reason is None:
-            return Delta(seq=seq.next_seq(), text=text, completion_tokens=len(seq.output_ids), index=seq.index,
+            return Delta(seq=len(seq.output_ids) - 1, text=text, completion_tokens=len(seq.output_ids), index=seq.index,
                          logprobs=logprobs)
         if not seq.text.stopped and not calls:
             text += seq.text.flush()
-        return Finished(seq=seq.next_seq(), text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+        return Finished(seq=len(seq.output_ids) - 1, text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
                         prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                         cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
 

@@ -23,17 +23,13 @@ from workers.chat.text import TextTracker
 
 @dataclass(eq=False)
 class RequestGroup:
-    """What the `n` sequences of one request share: the job's id and stream entry, one event counter."""
+    """What the `n` sequences of one request share: the job's id and stream entry."""
 
     request_id: str
     size: int
     tag: Any = None  # the runner's handle (the stream entry id)
-    events: int = 0
     left: int = 0  # sequences not yet released
-
-    def next_seq(self) -> int:
-        self.events += 1
-        return self.events - 1
+    deadline: float | None = None  # epoch seconds (from the job)
 
 
 @dataclass(eq=False)
@@ -58,6 +54,14 @@ class Sequence:
     echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
     matcher: Matcher | None = None  # structured output: which tokens may come next
     tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
+    resume: list[int] = field(default_factory=list)  # tokens a crashed worker generated: replayed, not sampled
+    recorded: int = 0  # output tokens already written to the request's progress list in Redis
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What the KV cache is built from: the prompt, plus all but the last resumed token (which is fed to
+        the first decoding step, as a freshly sampled token would be)."""
+        return self.prompt_ids + self.resume[:-1] if self.resume else self.prompt_ids
 
     @property
     def tag(self) -> Any:
@@ -67,8 +71,6 @@ class Sequence:
     def tag(self, value: Any) -> None:
         self.group.tag = value
 
-    def next_seq(self) -> int:
-        return self.group.next_seq()
 
 
 def _template_message(m: ChatMessage, tokenizer: Any) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
                       message=(f"This model's maximum context length is {max_seq_len} tokens. However, "
                                f"you requested {len(prompt_ids) + (wanted or 0)} tokens "
                                f"({len(prompt_ids)} in the messages, {wanted or 0} in the completion)."))
-    group = RequestGroup(request_id=job.request_id, size=job.n, left=job.n)
+    group = RequestGroup(request_id=job.request_id, size=job.n, left=job.n, deadline=job.deadline)
     choices = [
         Sequence(request_id=job.request_id, prompt_ids=prompt_ids, params=params, group=group, index=i,
                  max_new_tokens=wanted or max_seq_len - len(prompt_ids),

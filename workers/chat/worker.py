@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,11 +18,12 @@ import redis.asyncio as aioredis
 import torch
 
 from common import keys
-from common.protocol import Event, Failed, Tokenized, decode_job, encode
+from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
+from workers.recovery import dead_letter, take_over
 from workers.revision import model_revision
-from workers.stream_worker import StreamWorker
+from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker")
 
@@ -34,6 +36,7 @@ class ChatWorker(StreamWorker):
                          revision=revision)
         self.engine = engine
         self.steps = 0
+        self._last_takeover = float("-inf")
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
         # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-engine")
@@ -43,6 +46,7 @@ class ChatWorker(StreamWorker):
         return not self.stopping.is_set() or self.engine.active > 0
 
     async def iteration(self) -> None:
+        await self._take_over()
         if not self.engine.active and (free := self._free_slots()) > 0:
             await self._admit_all(await self.read_burst(free))
         if self.engine.active:
@@ -74,24 +78,52 @@ class ChatWorker(StreamWorker):
         return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.engine.active
 
 
-    async def _admit_all(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Answer or enqueue each entry; their first events go out in one pipeline."""
-        if entries:
-            pipe = self.redis.pipeline(transaction=False)
-            for entry_id, fields in entries:
-                self._admit(pipe, entry_id, fields)
-            await pipe.execute()
+    def in_flight(self) -> list[bytes]:
+        return list({seq.tag for seq in self.engine.rows + self.engine.pending if seq.tag is not None})
 
-    def _admit(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            job = decode_job(fields[b"job"])
-        except (KeyError, msgspec.DecodeError) as exc:
-            log.error("dropping unreadable entry %s: %s", entry_id, exc)
-            self.ack(pipe, entry_id)
+    async def _admit_all(self, entries: list[Entry], deliveries: list[int] | None = None) -> None:
+        """Answer or enqueue each entry; their first events go out in one pipeline. A job whose client has
+        gone is dropped, one past its deadline refused (504); a job taken over from a dead worker resumes from
+        the tokens that worker recorded, and one delivered too often goes to the dead-letter stream."""
+        if not entries:
             return
+        jobs: list[tuple[bytes, dict[bytes, bytes], ChatJob | None, int]] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for k, (entry_id, fields) in enumerate(entries):
+            try:
+                job: ChatJob | None = decode_job(fields[b"job"])
+            except (KeyError, msgspec.DecodeError) as exc:
+                log.error("dropping unreadable entry %s: %s", entry_id, exc)
+                job = None
+            jobs.append((entry_id, fields, job, deliveries[k] if deliveries else 1))
+            if job is not None:
+                pipe.exists(keys.cancel_flag(job.request_id))
+                for i in range(job.n if deliveries else 0):
+                    pipe.lrange(keys.progress(job.request_id, i), 0, -1)
+        replies = iter(await pipe.execute())
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, fields, job, delivered in jobs:
+            if job is None:
+                self.ack(pipe, entry_id)
+                continue
+            cancelled = bool(next(replies))
+            progress = [[int(t) for t in next(replies)] for _ in range(job.n if deliveries else 0)]
+            if cancelled:
+                self.ack(pipe, entry_id)
+            elif delivered > self.settings.max_deliveries:
+                dead_letter(pipe, keys.dead_letter_stream("chat", job.model), fields, job.request_id, delivered)
+                self.ack(pipe, entry_id)
+            else:
+                self._admit(pipe, entry_id, job, progress)
+        await pipe.execute()
+
+    def _admit(self, pipe: aioredis.client.Pipeline, entry_id: bytes, job: ChatJob, progress: list[list[int]]) -> None:
         if job.v != 1:
             result: Sequence | Failed | Tokenized = Failed(status=400, message=f"unsupported job version {job.v}",
                                                            code="unsupported_job_version")
+        elif job.deadline is not None and job.deadline < time.time():
+            result = Failed(status=504, type="timeout", code="timeout",
+                            message="The request's deadline passed while it waited for a worker.")
         elif job.task == "generate":
             result = self.engine.prepare(job)
         else:
@@ -101,7 +133,20 @@ class ChatWorker(StreamWorker):
             self.ack(pipe.publish(channel, encode(result)), entry_id)
             return
         result.tag = entry_id
+        for seq, done in zip([result, *result.siblings], progress, strict=False):
+            seq.resume = done
         pipe.publish(channel, encode(self.engine.add(result)))
+
+    async def _take_over(self) -> None:
+        """Every VISIBILITY_TIMEOUT_S / 3, free slots go first to the jobs of workers that stopped."""
+        now = time.monotonic()
+        if now - self._last_takeover < self.settings.visibility_timeout_s / 3:
+            return
+        self._last_takeover = now
+        if (free := self._free_slots()) > 0:
+            claimed = await take_over(self.redis, self.stream, self.worker_id,
+                                      int(self.settings.visibility_timeout_s * 1000), free)
+            await self._admit_all([entry for entry, _ in claimed], [count for _, count in claimed])
 
     async def _step(self) -> None:
         """Prefill, publish (first tokens go out at once), decode, publish. The phases run strictly one after
@@ -135,20 +180,39 @@ class ChatWorker(StreamWorker):
 
     async def _publish(self, events: list[tuple[Sequence, Event]], released: list[Sequence],
                        read: bool = False) -> None:
-        """Events first, then XACK + XDEL of the jobs that are done, in one pipeline (in that order). With
-        `read`, the same round trip also reads new jobs for the slots that are free once the released leave."""
+        """One pipeline, in this order: each sequence's new tokens onto its progress list (so a worker that
+        takes the job over resumes from them), the events, XACK + XDEL of the jobs that are done (and their
+        progress lists dropped). With `read`, the same round trip also reads new jobs for the free slots and
+        checks the cancel flags of the running requests."""
         pipe = self.redis.pipeline(transaction=False)
+        ttl = int(self.settings.request_timeout_s) + 60
+        for seq, _ in events:
+            if len(seq.output_ids) > seq.recorded:
+                key = keys.progress(seq.request_id, seq.index)
+                pipe.rpush(key, *seq.output_ids[seq.recorded:])
+                if seq.recorded == 0:
+                    pipe.expire(key, ttl)
+                seq.recorded = len(seq.output_ids)
         for seq, event in events:
             pipe.publish(keys.reply_channel(seq.request_id), encode(event))
         for seq in released:
             seq.group.left -= 1
             if seq.group.left == 0:  # every choice of the request is done
                 self.ack(pipe, seq.tag)
+                pipe.delete(*(keys.progress(seq.request_id, i) for i in range(seq.group.size)))
+        running = sorted({seq.request_id for seq in self.engine.rows + self.engine.pending}) if read else []
+        if running:
+            pipe.mget([keys.cancel_flag(r) for r in running])
         free = self._free_slots() if read else 0
         if free > 0:
             self.read_in(pipe, free)
-        if events or released or free > 0:
+        if events or released or free > 0 or running:
             replies = await pipe.execute()
+            if running:
+                flags = replies[-2] if free > 0 else replies[-1]
+                for request_id, flag in zip(running, flags, strict=True):
+                    if flag:
+                        self.engine.cancel(request_id)
             if free > 0:
                 await self._admit_all(self.entries(replies[-1]))
 

@@ -207,7 +207,8 @@ async def health(state: State) -> dict[str, Any]:
                         "device_total_bytes": w.device_memory_total_bytes},
              "prefix_cache_hits": w.prefix_cache_hits,
              "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
-             "prefilled_tokens": w.prefilled_tokens, "jobs_done": w.jobs_done, "decoded_tokens": w.decoded_tokens, "revision": w.revision}
+             "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
+             "revision": w.revision}
             for w in workers
         ],
         "models": models,

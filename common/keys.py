@@ -41,3 +41,13 @@ def reply_channel(request_id: str) -> str:
 def worker_heartbeat(worker_id: str) -> str:
     """A worker's self-description (JSON) under a short TTL; gone within the TTL after the worker dies."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+#: Hash of the API keys `axion keys` manages: field = SHA-256 hex of the key, value = its JSON record
+#: (`common/apikeys.py`). The key itself is never stored.
+API_KEYS = f"{PREFIX}:apikeys"
+
+
+def rate_limit_bucket(key_id: str, dimension: str) -> str:
+    """One key's token bucket for `requests` or `tokens` per minute (a hash: level, ts), shared by every replica."""
+    return f"{PREFIX}:ratelimit:{key_id}:{dimension}"

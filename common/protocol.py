@@ -214,6 +214,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     rss_bytes: int = 0
     device_memory_used_bytes: int | None = None
     device_memory_total_bytes: int | None = None
+    vocab_size: int = 0  # token ids the model accepts (0: not announced); the API refuses others before queueing
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

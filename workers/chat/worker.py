@@ -30,6 +30,7 @@ class ChatWorker(StreamWorker):
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
                          stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype)
         self.engine = engine
+        self.info.vocab_size = engine.vocab_size
         self.steps = 0
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
         # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.

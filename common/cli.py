@@ -1,4 +1,5 @@
-"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev tiny-model DIR`.
+"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev tiny-model DIR`, and
+`keys create|list|revoke` (API keys in Redis).
 
 Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
 only its own half.

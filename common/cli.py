@@ -1,5 +1,6 @@
-"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev tiny-model DIR`, and
-`keys create|list|revoke` (API keys in Redis).
+"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev`, `keys` (API keys).
+
+`dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis.
 
 Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
 only its own half.

@@ -81,10 +81,10 @@ def token_id_fields(path: str, body: dict[str, Any]) -> list[tuple[str, list[Any
 
 
 def check_vocabulary(path: str, body: dict[str, Any], vocab_size: int) -> None:
-    """400 for a token id outside 0..vocab_size-1 in any token-id field."""
+    """400 for a token id at or above vocab_size in any token-id field (negative ones are the typed decoders'
+    to name, element by element)."""
     for param, ids in token_id_fields(path, body):
-        bad = next((i for i in ids if isinstance(i, int) and not isinstance(i, bool) and not 0 <= i < vocab_size),
-                   None)
+        bad = next((i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= vocab_size), None)
         if bad is not None:
             raise APIError(400, f"Token id {bad} in '{param}' is outside the vocabulary (0..{vocab_size - 1}).",
                            param=param, code="invalid_value")

@@ -96,7 +96,7 @@ def _jobs_added(served: Server) -> int:
 def test_token_ids_outside_the_vocabulary_are_refused_before_queueing(served: Server, http: httpx.Client) -> None:
     before = _jobs_added(served)
     cases = [("/v1/completions", {"prompt": [1, 2, 10**6], "max_tokens": 1}, "prompt"),
-             ("/v1/completions", {"prompt": [[1], [2, -1]], "max_tokens": 1}, "prompt[1]"),
+             ("/v1/completions", {"prompt": [[1], [2, 10**6]], "max_tokens": 1}, "prompt[1]"),
              ("/v1/chat/completions", {"messages": USER, "stop_token_ids": [10**6]}, "stop_token_ids"),
              ("/v1/chat/completions", {"messages": USER, "logit_bias": {str(10**6): 1}}, "logit_bias"),
              ("/detokenize", {"tokens": [3, 10**6]}, "tokens")]

@@ -70,3 +70,16 @@ def test_bodies_are_limited_before_the_handler(redis_url: str) -> None:
         unknown = c.post("/tokenize", json={"model": "org/unknown", "prompt": "x"}, headers=auth)
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
         assert len(unknown.headers["x-request-id"]) == 32
+
+
+def test_generated_request_id_is_the_one_in_logs_and_headers(redis_url: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """With CORS on (whose middleware reads the headers first) the id the guard makes is still the one the
+    handler sees, logs and echoes."""
+    with client(redis_url, CORS_ALLOW_ORIGINS="https://app.example") as c, caplog.at_level("INFO", "axion"):
+        resp = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
+                                                       "Origin": "https://app.example"},
+                      json={"model": "org/none", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 404 and resp.headers["access-control-allow-origin"] == "https://app.example"
+        rid = resp.headers["x-request-id"]
+        assert len(rid) == 32 and f"request {rid}." in caplog.text

@@ -16,13 +16,15 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
+from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
-from api import errors, protocol, serving_embed
+from api import auth, errors, protocol, serving_embed
 from api import protocol_legacy as legacy
 from api.chat_cache import ChatCache, as_fresh, replay_stream
+from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
+from api.openapi import openapi_config
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
 from api.serving_chat import ChatRun
@@ -179,7 +181,7 @@ async def list_models(state: State) -> protocol.ModelList:
     for w in workers:
         first_seen[w.model] = min(first_seen.get(w.model, w.started), w.started)
     return protocol.ModelList("list", [protocol.Model(m, "model", int(t), "axion") for m, t in
-                                       sorted(first_seen.items())])
+                                       sorted(first_seen.items()) if auth.may_use(m)])
 
 
 @get("/health")
@@ -240,11 +242,13 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
                         health],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
+        middleware=[DefineMiddleware(RequestGuard, settings=settings)],
+        cors_config=cors_config(settings),
         exception_handlers={
             errors.APIError: errors.handle_api_error,
             HTTPException: errors.handle_http_exception,
             Exception: errors.handle_unexpected,
         },
-        openapi_config=OpenAPIConfig(title="Axion", version="0.1.0"),
+        openapi_config=openapi_config(),
         logging_config=None,
     )

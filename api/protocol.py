@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from api.protocol_legacy import CompletionRequest
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]  # 0 keeps only the most likely token, as OpenAI
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -33,6 +33,7 @@ TokenId = Annotated[int, msgspec.Meta(ge=0)]
 T = TypeVar("T")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 class ContentPart(msgspec.Struct):
@@ -170,6 +171,8 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
 
 def validate_tools(req: ChatCompletionRequest) -> None:
     names = [t.function.name for t in req.tools or []]
+    if len(names) > MAX_TOOLS:
+        raise APIError(400, f"'tools' holds at most {MAX_TOOLS} functions.", param="tools", code="invalid_value")
     if any(not n or not all(c.isalnum() or c in "_-" for c in n) or len(n) > 64 for n in names):
         raise APIError(400, "Tool names must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'.", param="tools",
                        code="invalid_value")
@@ -206,9 +209,12 @@ def validate_messages(messages: list[RequestMessage]) -> None:
             continue
         if isinstance(msg.content, list):
             for j, part in enumerate(msg.content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise APIError(400, f"Content part type '{part.type}' is not supported; only 'text'.",
                                    param=f"{where}.content[{j}].type", code="unsupported_parameter")
+                if part.text is None:
+                    raise APIError(400, f"A 'text' content part needs a 'text' string ({where}.content[{j}]).",
+                                   param=f"{where}.content[{j}].text", code="invalid_value")
         elif msg.content is None:
             raise APIError(400, f"{where} has no content.", param=f"{where}.content", code="invalid_value")
 
@@ -368,3 +374,5 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None
+    except RecursionError:  # msgspec's answer to very deep nesting: the client's mistake, not a 500
+        raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None

@@ -11,8 +11,10 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 
+from api.auth import may_use
 from api.errors import APIError
 from common import keys
+from common.model_ids import model_id_problem
 from common.protocol import WorkerInfo, decode_worker
 
 CACHE_S = 0.5
@@ -49,12 +51,26 @@ class WorkerRegistry:
         return "+".join(sorted({w.revision for w in await self.workers() if w.model == model and w.kind == kind}))
 
     async def require_model(self, model: str, kind: str = "chat") -> None:
-        """404 for a model no worker ever announced; 503 for a known one with no live worker of `kind` now."""
+        """404 for a model no worker ever announced, or one the caller's key may not use (the same answer, so a
+        key learns nothing about models outside its list); 400 for a model served only by workers of another
+        kind (a chat model asked for embeddings); 503 for a known one with no live worker of `kind` now."""
+        if not may_use(model) or model_id_problem(model, allow_paths=True) is not None:
+            raise model_not_found(model)
         if model in await self.served_models(kind):
             return
-        if model in {w.model for w in await self.workers(fresh=True) if w.kind == kind}:
+        live = await self.workers(fresh=True)
+        if model in {w.model for w in live if w.kind == kind}:
             return
+        others = sorted({w.kind for w in live if w.model == model})
+        if others:
+            raise APIError(400, f"The model '{model}' is a {'/'.join(others)} model; this endpoint needs a {kind} "
+                           "model.", param="model", code="model_not_supported")
         if await self._redis.sismember(keys.KNOWN_MODELS, model):
             raise APIError(503, f"No live worker serves the model '{model}' right now; retry shortly.",
                            code="model_unavailable", headers={"Retry-After": "5"})
-        raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        raise model_not_found(model)
+
+
+def model_not_found(model: str) -> APIError:
+    """The one 404 for a model that does not exist, or that the caller may not know exists."""
+    return APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")

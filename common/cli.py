@@ -1,4 +1,6 @@
-"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev tiny-model DIR`.
+"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev`, `keys` (API keys).
+
+`dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis.
 
 Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
 only its own half.
@@ -14,13 +16,19 @@ import subprocess
 import sys
 import time
 
-from common.settings import Settings, load_or_exit
+from common.logctx import RequestIdFilter
+from common.model_ids import load_problem
+from common.settings import Settings, load_or_exit, split_list
 
 log = logging.getLogger("axion")
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    """Log lines carry the request id (`common/logctx.py`); no prompt text or key is logged at INFO or above."""
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] [%(request_id)s] %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -39,8 +47,25 @@ def run_api(settings: Settings) -> int:
     return 0
 
 
+def check_models(settings: Settings, kind: str) -> None:
+    """Refuse at start to load a model id that breaks the shape rules or MODEL_ALLOWLIST (`common/model_ids.py`):
+    one line and status 2, like a bad setting."""
+    names = {"chat": (("MODEL_NAME", settings.model_name), ("SERVED_MODEL_NAME", settings.model_id)),
+             "embed": (("EMBEDDING_MODEL", settings.embedding_model),),
+             "rerank": (("RERANK_MODEL", settings.rerank_model),)}[kind]
+    for variable, name in names:
+        problem = load_problem(name, allow_paths=settings.allow_model_paths,
+                               patterns=split_list(settings.model_allowlist))
+        if problem:
+            hint = " (ALLOW_MODEL_PATHS=true allows local folders)" if name.startswith("/") else ""
+            print(f"axion: invalid setting {variable}={name!r}: {problem}{hint}", file=sys.stderr)
+            raise SystemExit(2)
+
+
 def run_worker(settings: Settings) -> int:
     import asyncio
+
+    check_models(settings, settings.worker_kind)
 
     if settings.worker_kind == "chat":
         from workers.chat.worker import serve_worker
@@ -58,6 +83,7 @@ def run_serve(settings: Settings) -> int:
     embedded Redis started here."""
     from common.redis_server import EmbeddedRedis, die_with_parent
 
+    check_models(settings, "chat")
     embedded: EmbeddedRedis | None = None
     env = dict(os.environ)
     if not settings.redis_url:
@@ -127,11 +153,16 @@ def run_dev(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="axion", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["serve", "api", "worker", "dev"],
-                        help="serve: API + worker (+ embedded Redis); api / worker: fleet mode; dev: tools")
+    parser.add_argument("command", choices=["serve", "api", "worker", "dev", "keys"],
+                        help="serve: API + worker (+ embedded Redis); api / worker: fleet mode; dev: tools; "
+                             "keys: manage API keys in Redis")
     args, rest = parser.parse_known_args(argv)
     if args.command == "dev":
         return run_dev(rest)
+    if args.command == "keys":
+        from common.apikeys import main as keys_main
+
+        return keys_main(rest)
     if rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     settings = load_or_exit()

@@ -92,3 +92,13 @@ def progress(request_id: str, index: int) -> str:
 def dead_letter_stream(kind: str, model: str) -> str:
     """Jobs delivered more than MAX_DELIVERIES times (their workers kept dying), kept for inspection."""
     return f"{PREFIX}:{kind}:{model}:dead"
+
+
+#: Hash of the API keys `axion keys` manages: field = SHA-256 hex of the key, value = its JSON record
+#: (`common/apikeys.py`). The key itself is never stored.
+API_KEYS = f"{PREFIX}:apikeys"
+
+
+def rate_limit_bucket(key_id: str, dimension: str) -> str:
+    """One key's token bucket for `requests` or `tokens` per minute (a hash: level, ts), shared by every replica."""
+    return f"{PREFIX}:ratelimit:{key_id}:{dimension}"

@@ -219,6 +219,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     device_memory_total_bytes: int | None = None
     revision: str = ""  # the loaded model's version: part of every response-cache key
     jobs_done: int = 0  # stream entries answered and acknowledged since start
+    vocab_size: int = 0  # token ids the model accepts (0: not announced); the API refuses others before queueing
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

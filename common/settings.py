@@ -57,11 +57,33 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     serve_embeddings: bool = True
     prefill_chunk_tokens: PositiveInt = 512
     prefix_cache_tokens: NonNegativeInt = 16384
+    # Security (README "Security"): keys, rate limits, CORS, request limits, which models may be loaded.
+    api_keys: str = ""
+    require_api_key: bool = False
+    open_paths: str = "/health"
+    rate_limit_rpm: NonNegativeInt = 0
+    rate_limit_tpm: NonNegativeInt = 0
+    cors_allow_origins: str = ""
+    max_messages: PositiveInt = 1024
+    max_inputs: PositiveInt = 2048
+    max_string_chars: PositiveInt = 1_000_000
+    model_allowlist: str = ""
+    allow_model_paths: bool = False
 
     @property
     def model_id(self) -> str:
         """The id clients put in `model`: SERVED_MODEL_NAME, else MODEL_NAME as given."""
         return self.served_model_name or self.model_name
+
+    @property
+    def auth_required(self) -> bool:
+        """Keys are checked when any are configured in API_KEYS, or when REQUIRE_API_KEY asks for Redis keys."""
+        return self.require_api_key or bool(split_list(self.api_keys))
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting as a list, blanks dropped (`"a, b,"` is `["a", "b"]`)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class SettingsError(ValueError):

@@ -181,7 +181,7 @@ def test_prompt_over_context_length_is_400(served: Server) -> None:
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
      "response_format"),
     ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.01}, "top_p"),  # 0 is valid, as in OpenAI
     ({"max_tokens": 0}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": []}, "messages"),

@@ -7,6 +7,8 @@ import torch
 
 from common.protocol import SamplingParams
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is argmax in all but name, and tiny values overflow the division
+
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
@@ -40,7 +42,7 @@ def process_row(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[i
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from a [vocab] row of float32 logits (already masked and processed)."""
-    if params.temperature == 0.0:
+    if params.temperature < MIN_TEMPERATURE:  # 0 is greedy; a denormal one would overflow the logits to inf
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
@@ -54,7 +56,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token once the mass before it already reaches top_p; the top token always stays.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop[0] = False  # top_p == 0 would otherwise drop it too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # every token masked (say, by stop_token_ids under min_tokens)
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -35,6 +35,7 @@ class ChatWorker(StreamWorker):
                          stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype,
                          revision=revision)
         self.engine = engine
+        self.info.vocab_size = engine.vocab_size
         self.steps = 0
         self._last_takeover = float("-inf")
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so

@@ -1,0 +1,191 @@
+"""The middleware every route passes through, before its handler (and before any response cache):
+
+1. a request id: the client's X-Request-Id when it is a sane token, else a new one, set on the request (so the
+   handler echoes it), on every log line (`common/logctx.py`) and on every response;
+2. the caller: API keys (`api/auth.py`) on every path but OPEN_PATHS;
+3. the body, read once with MAX_BODY_BYTES enforced (413) and replayed to the handler;
+4. what can be refused from the body as plain JSON: sizes and token ids (`api/limits.py`), the shape of
+   `model`, and a key's model list (a model the key may not use is a 404 exactly like an unknown one);
+5. the key's rate limits (`api/ratelimit.py`), whose x-ratelimit-* headers go on the response.
+
+Being an app-level middleware it covers every route, including ones added later, and a handler cannot opt out.
+A refusal is answered here, in OpenAI's envelope, before anything is queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import msgspec
+from litestar.config.cors import CORSConfig
+from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
+from litestar.utils.scope.state import ScopeState
+
+from api import auth, limits
+from api.auth import Authenticator, Principal
+from api.errors import APIError
+from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter, estimate_tokens
+from api.registry import model_not_found
+from common import logctx
+from common.model_ids import model_id_problem
+from common.settings import Settings, split_list
+
+log = logging.getLogger("axion.api.guard")
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def sane_request_id(value: str | None) -> bool:
+    return bool(value) and len(value) <= 128 and all(c.isalnum() or c in "._:-" for c in value)  # type: ignore[union-attr]
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._auth: Authenticator | None = None
+        self._limiter: RateLimiter | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id")
+        if not sane_request_id(request_id):
+            request_id = uuid.uuid4().hex
+            scope["headers"] = [*((k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"),
+                                (b"x-request-id", request_id.encode())]
+            ScopeState.from_scope(scope).headers = Empty  # parsed already by the CORS middleware, if it is on
+        id_token = logctx.request_id.set(request_id)  # type: ignore[arg-type]
+        principal_token = auth.current.set(None)
+        extra: dict[str, str] = {}
+        try:
+            try:
+                body = await self._admit(scope, receive, headers, extra)
+            except APIError as exc:
+                if exc.status in (401, 429, 413):
+                    log.info("refused %s %s: %d %s", scope["method"], scope["path"], exc.status, exc.code)
+                await self._refuse(exc, request_id, extra, send)  # type: ignore[arg-type]
+                return
+            await self.app(scope, _replay(body, receive) if body is not None else receive,
+                           _with_headers(send, extra | {"x-request-id": request_id}))  # type: ignore[operator]
+        finally:
+            auth.current.reset(principal_token)
+            logctx.request_id.reset(id_token)
+
+    async def _admit(self, scope: Scope, receive: Receive, headers: dict[str, str],
+                     extra: dict[str, str]) -> bytes | None:
+        """Run checks 2-5; return the body read (None when none was read); raise APIError to refuse."""
+        state = scope["litestar_app"].state
+        if self._auth is None:
+            self._auth = Authenticator(self.settings, state.redis)
+            self._limiter = RateLimiter(state.redis)
+        path, method = scope["path"], scope["method"]
+        if method == "OPTIONS" or self._auth.is_open(path):
+            return None
+        principal = await self._auth.authenticate(headers.get("authorization"))
+        auth.current.set(principal)
+        body = await _read_body(receive, headers, self.settings.max_body_bytes) if method in BODY_METHODS else None
+        parsed: Any = None
+        if body:
+            try:
+                parsed = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                parsed = None  # the endpoint's own decoder explains what is wrong with it
+            except RecursionError:
+                raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
+        if isinstance(parsed, dict):
+            await self._check_body(path, parsed, principal, state.registry)
+        if self._limiter is not None and (principal.rpm > 0 or principal.tpm > 0):
+            decision = await self._limiter.take(principal, estimate_tokens(path, parsed, self.settings.max_seq_len))
+            extra.update(decision.headers)
+            if decision.error is not None:
+                log.info("rate limited: key %s (%s)", principal.id, decision.error.type)
+                raise decision.error
+        return body
+
+    async def _check_body(self, path: str, body: dict[str, Any], principal: Principal, registry: Any) -> None:
+        limits.check_sizes(body, self.settings)
+        model = body.get("model")
+        if not isinstance(model, str):
+            return
+        problem = model_id_problem(model, allow_paths=self.settings.allow_model_paths)
+        if problem:
+            raise APIError(400, f"Invalid 'model': {problem}", param="model", code="invalid_value")
+        if not principal.may_use(model):
+            raise model_not_found(model)
+        kind = limits.ENDPOINT_KIND.get(path)
+        if kind is not None and limits.token_id_fields(path, body):
+            sizes = [w.vocab_size for w in await registry.workers() if w.model == model and w.kind == kind]
+            if sizes and min(sizes) > 0:
+                limits.check_vocabulary(path, body, min(sizes))
+
+    @staticmethod
+    async def _refuse(exc: APIError, request_id: str, extra: dict[str, str], send: Send) -> None:
+        headers = extra | exc.headers | {"x-request-id": request_id, "content-type": "application/json"}
+        body = exc.to_json()
+        await send({"type": "http.response.start", "status": exc.status,
+                    "headers": [(k.encode(), v.encode()) for k, v in
+                                (headers | {"content-length": str(len(body))}).items()]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    """The whole body, or a 413 as soon as it (or its Content-Length) is over `limit`."""
+    too_large = APIError(413, "Request body too large.", code="request_too_large")
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the already-read body over once, then defers to the real one (disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay  # type: ignore[return-value]
+
+
+def _with_headers(send: Send, headers: dict[str, str]) -> Send:
+    """A `send` that adds `headers` to the response start, leaving those the handler set alone."""
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {k.lower() for k, _ in message.get("headers", [])}
+            added = [(k.encode(), v.encode()) for k, v in headers.items() if k.encode() not in present]
+            message = {**message, "headers": [*message.get("headers", []), *added]}  # type: ignore[typeddict-item]
+        await send(message)
+
+    return wrapped
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    """CORS only when CORS_ALLOW_ORIGINS names origins (`*` for any): browsers may then call the API directly,
+    with keys in the Authorization header and the request-id and rate-limit headers readable."""
+    origins = split_list(settings.cors_allow_origins)
+    if not origins:
+        return None
+    return CORSConfig(allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                      allow_headers=["authorization", "content-type", "x-request-id"],
+                      expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS], max_age=600)

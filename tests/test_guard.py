@@ -1,0 +1,85 @@
+"""The request guard covers routes it has never heard of (say a `/metrics` added later), OPEN_PATHS included,
+and refuses what it can before the handler runs. Litestar's test client on the real app, real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from litestar import get
+from litestar.testing import TestClient
+
+from api.app import create_app
+from common.redis_server import EmbeddedRedis
+from common.settings import load_settings
+
+KEY = "axn-guard-test-key"
+
+
+@get("/metrics", media_type="text/plain")
+async def metrics() -> str:
+    return "axion_up 1\n"
+
+
+@get("/health/ready")
+async def ready() -> dict[str, bool]:
+    return {"ready": True}
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+def client(redis_url: str, **env: str) -> TestClient:
+    app = create_app(load_settings({"REDIS_URL": redis_url, "API_KEYS": KEY, **env}))
+    app.register(metrics)
+    app.register(ready)
+    return TestClient(app)
+
+
+def test_routes_added_later_need_a_key_unless_open(redis_url: str) -> None:
+    with client(redis_url) as c:
+        for path in ("/metrics", "/health/ready"):
+            refused = c.get(path)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+            assert c.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert c.get("/health").status_code == 200
+    with client(redis_url, OPEN_PATHS="/health,/health/ready,/metrics") as c:
+        assert c.get("/metrics").text == "axion_up 1\n" and c.get("/health/ready").status_code == 200
+        assert c.get("/v1/models").status_code == 401
+
+
+def test_bodies_are_limited_before_the_handler(redis_url: str) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with client(redis_url, MAX_BODY_BYTES="1000", MAX_MESSAGES="2", MAX_STRING_CHARS="50") as c:
+        big = c.post("/v1/chat/completions", content=b"{" + b" " * 2000 + b"}", headers=auth)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        messages = [{"role": "user", "content": "hi"}] * 3
+        many = c.post("/v1/chat/completions", json={"model": "m", "messages": messages}, headers=auth)
+        assert many.status_code == 400 and many.json()["error"]["param"] == "messages"
+        long = c.post("/v1/embeddings", json={"model": "m", "input": ["ok", "x" * 51]}, headers=auth)
+        assert long.status_code == 400 and long.json()["error"]["param"] == "input[1]"
+        deep = c.post("/v1/completions", content=b'{"prompt": ' + b"[" * 400 + b"]" * 400 + b"}", headers=auth)
+        assert deep.status_code in (400, 413)
+        bad_model = c.post("/tokenize", json={"model": "../../etc/passwd", "prompt": "x"}, headers=auth)
+        assert bad_model.status_code == 400 and bad_model.json()["error"]["param"] == "model"
+        absolute = c.post("/tokenize", json={"model": "/etc/passwd", "prompt": "x"}, headers=auth)
+        assert absolute.status_code == 400 and "Absolute paths" in absolute.json()["error"]["message"]
+        unknown = c.post("/tokenize", json={"model": "org/unknown", "prompt": "x"}, headers=auth)
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+        assert len(unknown.headers["x-request-id"]) == 32
+
+
+def test_generated_request_id_is_the_one_in_logs_and_headers(redis_url: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """With CORS on (whose middleware reads the headers first) the id the guard makes is still the one the
+    handler sees, logs and echoes."""
+    with client(redis_url, CORS_ALLOW_ORIGINS="https://app.example") as c, caplog.at_level("INFO", "axion"):
+        resp = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
+                                                       "Origin": "https://app.example"},
+                      json={"model": "org/none", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 404 and resp.headers["access-control-allow-origin"] == "https://app.example"
+        rid = resp.headers["x-request-id"]
+        assert len(rid) == 32 and f"request {rid}." in caplog.text

@@ -21,6 +21,7 @@ from litestar.response import Stream
 
 from api import auth, errors, protocol, serving_embed
 from api import protocol_legacy as legacy
+from api.cache import cache_stats
 from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
@@ -163,8 +164,11 @@ async def detokenize(request: Request[Any, Any, State], state: State) -> legacy.
 
 
 @post("/v1/embeddings", status_code=200)
-async def embeddings(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
-    return await serving_embed.create_embeddings(_ctx(state), await request.body(), request.headers.get("x-request-id"))
+async def embeddings(request: Request[Any, Any, State], state: State) -> Response[Any]:
+    body, cache = await serving_embed.create_embeddings(_ctx(state), await request.body(),
+                                                        request.headers.get("x-request-id"),
+                                                        request.headers.get("cache-control"))
+    return Response(msgspec.json.encode(body), media_type="application/json", headers={"x-axion-cache": cache})
 
 
 @post(["/v1/rerank", "/rerank"], status_code=200)
@@ -192,9 +196,10 @@ async def health(state: State) -> dict[str, Any]:
     try:
         await asyncio.wait_for(redis.ping(), 1.0)
         reachable, workers = True, await registry.workers()
+        cache = await cache_stats(redis, _ctx(state).settings)
     except Exception as exc:
         log.warning("health: Redis unreachable (%s)", type(exc).__name__)
-        reachable, workers = False, []
+        reachable, workers, cache = False, [], None
     models = sorted({w.model for w in workers})
     return {
         "status": "ok" if reachable and workers else "degraded",
@@ -210,11 +215,14 @@ async def health(state: State) -> dict[str, Any]:
              "prefix_cache_hits": w.prefix_cache_hits,
              "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
              "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
-             "revision": w.revision}
+             "revision": w.revision,
+             # model calls (decode steps) and items computed (inputs embedded, pairs scored, tokens decoded)
+             "model_calls": w.decode_steps, "computed_items": w.decoded_tokens}
             for w in workers
         ],
         "models": models,
         "open_requests": _ctx(state).open_requests,
+        "cache": cache,
     }
 
 

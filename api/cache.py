@@ -24,12 +24,15 @@ import msgspec
 import redis.asyncio as aioredis
 
 from common import keys
+from common.settings import Settings
 
 if TYPE_CHECKING:
     from api.reply_hub import ReplyHub
 
 log = logging.getLogger("axion.api.cache")
 
+CHAT_NAMESPACE = "chat"  # whole chat-completion responses
+EMBED_NAMESPACE = "embed"  # one vector per (model, revision, input, dimensions, truncate)
 KEY_VERSION = "1"  # bump when the canonical form changes: old entries then simply miss
 LEASE_S = 30.0  # a single-flight lease lives this long unless its holder renews it
 LEASE_RENEW_S = 10.0
@@ -119,6 +122,14 @@ class LruStore:
         raw = await self.redis.hgetall(self._stats)
         return {"hits": int(raw.get(b"hits", 0)), "misses": int(raw.get(b"misses", 0)),
                 "entries": int(await self.redis.zcard(self._ranking)), "capacity": self.capacity}
+
+
+async def cache_stats(redis: aioredis.Redis, settings: Settings) -> dict[str, dict[str, int]]:
+    """Hits, misses, entries and capacity of every namespace, summed over all API replicas (for /health).
+    Embedding counts are per input, not per request: a request of 10 inputs with 3 cached adds 3 hits."""
+    stores = {"chat": LruStore(redis, CHAT_NAMESPACE, settings.cache_capacity),
+              "embed": LruStore(redis, EMBED_NAMESPACE, settings.embed_cache_capacity)}
+    return {name: await store.stats() for name, store in stores.items()}
 
 
 def cache_key(model: str, revision: str, request: dict[str, Any]) -> str:

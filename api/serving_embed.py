@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from api.embed_cache import Row, embed_store, lookup, members, permissions, split
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.protocol import decode_body
@@ -74,23 +75,54 @@ def _texts(req: EmbeddingRequest) -> list[str]:
     return texts
 
 
-async def create_embeddings(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[str, Any]:
+async def create_embeddings(ctx: ChatContext, body: bytes, client_id: str | None,
+                            cache_control: str | None = None) -> tuple[dict[str, Any], str]:
+    """The OpenAI embeddings object and the `x-axion-cache` value. Cached inputs come from the embedding cache;
+    the others (each distinct one once) go to the model in one job and into the cache."""
     req = decode_body(body, EmbeddingRequest)
     token_inputs = _token_inputs(req)
+    inputs: list[str] | list[list[int]] = token_inputs or _texts(req)
+    await ctx.registry.require_model(req.model, "embed")  # 404/503 hold even when every input is cached
+    store = embed_store(ctx.redis, ctx.settings)
+    read, write = permissions(store, cache_control)
+    revision = await ctx.registry.revision(req.model, "embed")
+    found = await lookup(store, members(req.model, revision, inputs, req.dimensions, req.truncate), read, write)
+    untold = 0  # tokens of computed inputs that an older worker reported only as a total
+    if todo := found.missing:
+        positions = list(todo.values())
+        answer = await _run(ctx, req, client_id, [inputs[i] for i in positions], token_inputs is not None,
+                            positions)
+        computed = split(answer.vectors, answer.dim, answer.tokens or [0] * len(positions))
+        if answer.tokens is None:
+            untold = answer.prompt_tokens  # such rows are not cached, and a repeated input counts once
+        elif write:
+            await store.put_many([(m, row.pack()) for m, row in zip(todo, computed, strict=True)])
+        by_member = dict(zip(todo, computed, strict=True))
+        found.rows = [row or by_member[m] for m, row in zip(found.members, found.rows, strict=True)]
+    rows: list[Row] = found.rows  # type: ignore[assignment]  # every row is filled now
+    data = [{"object": "embedding", "index": i, "embedding": _vector(row.vector, req.encoding_format)}
+            for i, row in enumerate(rows)]
+    tokens = sum(row.tokens for row in rows) + untold
+    return ({"object": "list", "data": data, "model": req.model,
+             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, found.header)
+
+
+async def _run(ctx: ChatContext, req: EmbeddingRequest, client_id: str | None, inputs: list[Any],
+               token_ids: bool, positions: list[int]) -> Embedded:
+    """One embedding job for `inputs`; `positions` are their indexes in the client's request, which error
+    messages name."""
     job = EmbedJob(request_id=new_request_id(client_id), model=req.model, created=time.time(),
-                   texts=[] if token_inputs else _texts(req), token_inputs=token_inputs, truncate=req.truncate,
-                   dimensions=req.dimensions)
+                   texts=[] if token_ids else inputs, token_inputs=inputs if token_ids else None,
+                   truncate=req.truncate, dimensions=req.dimensions, positions=positions)
     answer = await JobRun(ctx, job, stream=False, stream_key=keys.embed_stream(req.model), kind="embed").answer()
     assert isinstance(answer, Embedded)
-    row = answer.dim * 4
-    data = []
-    for i in range(len(token_inputs or job.texts)):
-        raw = answer.vectors[i * row:(i + 1) * row]
-        vector: Any = (base64.b64encode(raw).decode() if req.encoding_format == "base64"
-                       else list(struct.unpack(f"<{answer.dim}f", raw)))
-        data.append({"object": "embedding", "index": i, "embedding": vector})
-    return {"object": "list", "data": data, "model": req.model,
-            "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens}}
+    return answer
+
+
+def _vector(raw: bytes, encoding_format: str) -> Any:
+    if encoding_format == "base64":
+        return base64.b64encode(raw).decode()
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 async def rerank(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[str, Any]:

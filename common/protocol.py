@@ -153,6 +153,9 @@ class EmbedJob(msgspec.Struct, kw_only=True):
     truncate: bool = False
     dimensions: int | None = None
     token_inputs: list[list[int]] | None = None  # token-id inputs, decoded by the worker's tokenizer
+    # The client's input index of each text, when the API sends only the inputs its cache lacks: errors name
+    # the client's index (None: the texts are the whole request, in order).
+    positions: list[int] | None = None
     v: int = JOB_VERSION
 
 
@@ -174,6 +177,7 @@ class Embedded(msgspec.Struct, tag_field="event", tag="embedded", kw_only=True):
     vectors: bytes
     dim: int
     prompt_tokens: int
+    tokens: list[int] | None = None  # per input (after truncation): a cached vector still reports its tokens
 
 
 class Scored(msgspec.Struct, tag_field="event", tag="scored", kw_only=True):

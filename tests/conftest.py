@@ -28,6 +28,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real all-MiniLM-L6-v2 weights exported to ONNX (served by fastembed); once per session (~5 s)."""
+    from workers.embed.devmodels import export_minilm_onnx
+
+    return export_minilm_onnx(tmp_path_factory.mktemp("minilm") / "minilm-onnx")
+
+
+@pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
         yield server

@@ -19,16 +19,15 @@ import pytest
 from common.redis_server import free_port
 from tests.conftest import Proc, Server, axion_env, get_json, wait_ready
 from workers.embed.backends import load_embedding
-from workers.embed.devmodels import build_tiny_cross_encoder, export_minilm_onnx, minilm_dir
+from workers.embed.devmodels import build_tiny_cross_encoder, minilm_dir
 
 SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.",
              "Cats sleep most of the day.", "A kitten naps on the sofa."]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("embed-models")
-    return export_minilm_onnx(root / "minilm-onnx"), build_tiny_cross_encoder(root / "cross-encoder")
+def models(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return minilm_onnx, build_tiny_cross_encoder(tmp_path_factory.mktemp("embed-models") / "cross-encoder")
 
 
 @pytest.fixture(scope="module")

@@ -116,8 +116,9 @@ class EmbedWorker(StreamWorker):
                 if job.dimensions is not None:
                     rows = rows[:, : job.dimensions]
                     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-                used = sum(min(c, self.backend.max_tokens) for c in counts[span])
-                answers[k] = Embedded(vectors=rows.astype("<f4").tobytes(), dim=rows.shape[1], prompt_tokens=used)
+                used = [min(c, self.backend.max_tokens) for c in counts[span]]
+                answers[k] = Embedded(vectors=rows.astype("<f4").tobytes(), dim=rows.shape[1],
+                                      prompt_tokens=sum(used), tokens=used)
         return answers  # type: ignore[return-value]
 
     def _refuse(self, job: EmbedJob, counts: list[int]) -> Failed | None:
@@ -126,9 +127,10 @@ class EmbedWorker(StreamWorker):
                           message=f"'dimensions' must be at most {self.backend.dim} for this model.")
         too_long = [i for i, c in enumerate(counts) if c > self.backend.max_tokens]
         if too_long and not job.truncate:
-            i = too_long[0]
+            n = counts[too_long[0]]
+            i = job.positions[too_long[0]] if job.positions else too_long[0]  # the client's index
             return Failed(status=400, param=f"input[{i}]", code="context_length_exceeded",
-                          message=(f"Input {i} has {counts[i]} tokens; this model takes at most "
+                          message=(f"Input {i} has {n} tokens; this model takes at most "
                                    f"{self.backend.max_tokens}. Send 'truncate': true to cut it."))
         return None
 

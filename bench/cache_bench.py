@@ -56,7 +56,7 @@ CHAT_MESSAGES = [{"role": "user", "content": "Say something about caches."}]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--endpoint", choices=["embeddings", "chat"], default="embeddings",
+    p.add_argument("--endpoint", choices=["embeddings", "chat"], default="chat",
                    help="what the cache hit is: an embedding (default until the chat cache lands) or a chat answer")
     p.add_argument("--concurrency", type=int, default=32, help="keep-alive connections, each closed-loop")
     p.add_argument("--requests", type=int, default=5000, help="timed requests per system per repeat")

@@ -186,3 +186,32 @@ def test_deadline_gives_504_in_time(fleet: Fleet) -> None:
     bad = httpx.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, 400, stream=False),
                      headers={"X-Request-Timeout": "soon"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+
+
+def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream(fleet: Fleet) -> None:
+    """A job a 'ghost' consumer took and never answered, already delivered 5 times (MAX_DELIVERIES is 3)."""
+    from common.protocol import ChatJob, ChatMessage, SamplingParams, decode_event, encode
+
+    fleet.ensure_two_workers()
+    r = redis.Redis.from_url(fleet.redis_url)
+    stream, model = keys.chat_stream(str(fleet.model_dir)), str(fleet.model_dir)
+    job = ChatJob(request_id="poison-1", model=model, messages=[ChatMessage(role="user", content="hi")],
+                  params=SamplingParams(temperature=0.0, max_tokens=4), created=time.time())
+    pubsub = r.pubsub()
+    pubsub.subscribe(keys.reply_channel(job.request_id))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    with r.pipeline(transaction=True) as tx:  # atomically, so no live worker reads it first
+        tx.xadd(stream, {"job": encode(job)})
+        tx.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)  # pretend: a worker that then died
+        entry = tx.execute()[0]
+    r.xclaim(stream, keys.WORKER_GROUP, "ghost", 0, [entry], retrycount=5)
+    message = None
+    deadline = time.monotonic() + 15
+    while message is None and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+    assert message is not None, "no answer for the poison job"
+    failure = decode_event(message["data"])
+    assert (failure.status, failure.code) == (503, "worker_lost")
+    dead = r.xrange(keys.dead_letter_stream("chat", model))
+    assert [fields[b"deliveries"] for _, fields in dead] == [b"6"]
+    assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0

@@ -165,7 +165,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         client = redis or redis_client.connect(settings)
-        hub = ReplyHub(client)
+        hub = ReplyHub(client, timeout_s=settings.redis_timeout_s)
         await hub.start()
         registry = WorkerRegistry(client, default_models=(settings.model_id,), grace_s=settings.worker_grace_s)
         app.state.redis = client

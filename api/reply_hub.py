@@ -8,7 +8,8 @@ The same rule decides what a lost connection means. Whatever was published while
 request waiting on it at that moment gets a 503 `redis_unavailable` event (a streaming client gets it as an error
 frame) instead of waiting for tokens that will never come or relaying an answer with a hole in it. The reader
 reconnects by itself (redis-py resubscribes the channels still open); new requests are refused with the same
-503 until it has, and `connected` tells /health.
+503 until it has, and `connected` tells /health. A Redis that hangs instead of closing the connection is found
+by a PING after `timeout_s` of silence: no PONG within `timeout_s` more counts as a lost connection.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import APIError, redis_unavailable
 from common import keys
@@ -58,8 +61,11 @@ class Subscription:
 
 
 class ReplyHub:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, timeout_s: float = 2.0) -> None:
         self._pubsub = redis.pubsub()
+        self.timeout_s = timeout_s
+        self._heard_at = time.monotonic()  # when the connection last proved alive (any message)
+        self._ping_at: float | None = None  # when an unanswered PING went out
         self._subs: dict[str, set[Subscription]] = {}  # by channel: several waiters may share a cache channel
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -135,7 +141,8 @@ class ReplyHub:
             try:
                 if self._pubsub.connection is None:  # never connected yet (Redis was down at start)
                     await self._connect()
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await self._pubsub.get_message(timeout=min(1.0, self.timeout_s))
+                await self._keepalive(message is not None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: the next read reconnects and resubscribes.
@@ -151,6 +158,22 @@ class ReplyHub:
                     sub.queue.put_nowait(message["data"])
                 elif message["type"] == "subscribe" and not sub.confirmed.done():
                     sub.confirmed.set_result(None)
+
+    async def _keepalive(self, heard: bool) -> None:
+        """PING a silent connection; raise when the PONG is overdue (the server hangs: no error would come)."""
+        now = time.monotonic()
+        if heard:
+            self._heard_at, self._ping_at = now, None
+        elif self._ping_at is not None:
+            if now - self._ping_at > self.timeout_s:
+                self._ping_at = None
+                if self._pubsub.connection is not None:
+                    await self._pubsub.connection.disconnect()
+                raise RedisTimeoutError(f"no PONG within {self.timeout_s:g}s")
+        elif now - self._heard_at > self.timeout_s:
+            self._ping_at = now
+            async with self._lock:
+                await self._pubsub.ping()
 
     def _lost(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -181,6 +204,7 @@ class ReplyHub:
         self.connected = True
         self.last_error = None
         self._down_logged = False
+        self._heard_at, self._ping_at = time.monotonic(), None
 
     def _fail(self, confirmed_only: bool) -> None:
         for subs in self._subs.values():

@@ -1,10 +1,13 @@
-"""A Redis outage under traffic: one `axion api` and one `axion worker` on a redis-server this test stops for 3 s
-and starts again, empty, on the same port. Requests during the outage get a quick 503, /health says why, and
-once Redis is back the same processes serve again by themselves."""
+"""Redis outages under traffic: one `axion api` and one `axion worker` on a redis-server that these tests stop
+for 3 s and start again, empty, on the same port, then freeze (SIGSTOP: connections stay open, nothing answers).
+Requests during the outage get a quick 503, /health says why, and once Redis is back the same processes serve
+again by themselves."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -135,3 +138,49 @@ def test_redis_outage_gives_quick_503s_and_the_fleet_recovers_by_itself(stack: S
     assert all(p.process.poll() is None for p in stack.procs)
     print(f"outage: {len(statuses)} requests answered 503 in at most {max(s[2] for s in statuses):.3f}s; "
           f"served again {recovery_s:.2f}s after Redis came back")
+
+
+def test_a_hung_redis_is_noticed_within_the_timeouts(stack: Stack) -> None:
+    """SIGSTOP leaves every connection open and silent: only the timeouts (REDIS_TIMEOUT_S=1 here) can tell.
+    New requests get their 503 within about that bound, and the reply hub's PING finds the stream in flight."""
+    client = httpx.Client(timeout=30)
+    assert chat(stack, client).status_code == 200
+    pids = [p.process.pid for p in stack.procs]
+    frames: list[dict] = []
+    reader = threading.Thread(target=stream_events, args=(stack, 1000, frames), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not any("choices" in f for f in frames) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any("choices" in f for f in frames), frames
+
+    assert stack.redis.process is not None
+    redis_pid = stack.redis.process.pid
+    os.kill(redis_pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        start = time.monotonic()
+        resp = chat(stack, client)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "redis_unavailable", resp.text
+        assert time.monotonic() - start < 2.5
+        start = time.monotonic()
+        health = client.get(f"{stack.base_url}/health")
+        assert health.status_code == 200 and health.json()["redis"]["reachable"] is False
+        assert time.monotonic() - start < 1.5
+        reader.join(timeout=5)
+        assert not reader.is_alive(), "the stream in flight hung with Redis"
+        hung_s = time.monotonic() - frozen_at
+        errors = [f["error"] for f in frames if "error" in f]
+        assert errors and errors[0]["code"] == "redis_unavailable", frames[-3:]
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+
+    back_at = time.monotonic()
+    while (resp := chat(stack, client)).status_code != 200:
+        assert resp.status_code == 503, resp.text
+        assert time.monotonic() - back_at < 15, "no request succeeded within 15 s of Redis resuming"
+        time.sleep(0.2)
+    assert client.get(f"{stack.base_url}/health/ready").status_code == 200
+    assert [p.process.pid for p in stack.procs] == pids
+    print(f"hung Redis: the stream in flight failed after {hung_s:.2f}s; "
+          f"served again {time.monotonic() - back_at:.2f}s after it resumed")

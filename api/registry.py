@@ -54,10 +54,14 @@ class WorkerRegistry:
 
     async def _read(self) -> list[WorkerInfo]:
         ids = await self._redis.zrange(keys.WORKER_INDEX, 0, -1)
-        if not ids:
-            return []
+        if ids:
+            names = [keys.worker_heartbeat(i.decode()) for i in ids]
+        else:  # workers from before the index (a rolling upgrade that started with the API) beat no index entry
+            names = [name async for name in self._redis.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN, count=500)]
+            if not names:
+                return []
         found: list[WorkerInfo] = []
-        for raw in await self._redis.mget([keys.worker_heartbeat(i.decode()) for i in ids]):
+        for raw in await self._redis.mget(names):
             if raw is None:
                 continue  # expired: the worker died (or has not beaten since a Redis restart)
             try:

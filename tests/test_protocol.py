@@ -107,3 +107,16 @@ def test_registry_waits_the_grace_period_and_knows_its_default_model() -> None:
         assert time.monotonic() - start < 1.0
 
     asyncio.run(scenario())
+
+
+def test_registry_sees_workers_that_write_no_index_entry() -> None:
+    """A worker of the previous release only sets its heartbeat key: a rolling upgrade that starts with the
+    API must still see it (the registry scans when the index is empty)."""
+    async def scenario() -> None:
+        r = fakeredis.FakeAsyncRedis()
+        worker = WorkerInfo(worker_id="old", kind="chat", model="m", device="cpu", dtype="float32", hostname="h",
+                            pid=1, started=0.0)
+        await r.set(keys.worker_heartbeat("old"), encode(worker), px=10_000)
+        assert [w.worker_id for w in await WorkerRegistry(r).workers()] == ["old"]
+
+    asyncio.run(scenario())

@@ -20,8 +20,8 @@ from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
 from api import auth, errors, protocol, serving_embed
+from api import health as health_views
 from api import protocol_legacy as legacy
-from api.cache import cache_stats
 from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
@@ -30,6 +30,7 @@ from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
 from api.serving_chat import ChatRun
 from api.serving_completions import CompletionRun
+from common import redis_client
 from common.protocol import ChatJob, ChatMessage, SamplingParams
 from common.settings import Settings
 
@@ -190,50 +191,26 @@ async def list_models(state: State) -> protocol.ModelList:
 
 @get("/health")
 async def health(state: State) -> dict[str, Any]:
-    """Liveness plus a view of the fleet; answers even when Redis is down (then says so)."""
-    redis: aioredis.Redis = state.redis
-    registry: WorkerRegistry = state.registry
-    try:
-        await asyncio.wait_for(redis.ping(), 1.0)
-        reachable, workers = True, await registry.workers()
-        cache = await cache_stats(redis, _ctx(state).settings)
-    except Exception as exc:
-        log.warning("health: Redis unreachable (%s)", type(exc).__name__)
-        reachable, workers, cache = False, [], None
-    models = sorted({w.model for w in workers})
-    return {
-        "status": "ok" if reachable and workers else "degraded",
-        "redis": {"reachable": reachable},
-        "workers": [
-            {"id": w.worker_id, "kind": w.kind, "model": w.model, "device": w.device, "dtype": w.dtype,
-             "active_sequences": w.active_sequences, "max_batch_size": w.max_batch_size,
-             "uptime_s": round(time.time() - w.started, 1),
-             "memory": {"weights_bytes": w.weights_bytes, "kv_cache_bytes": w.kv_cache_bytes,
-                        "prefix_cache_bytes": w.prefix_cache_bytes, "rss_bytes": w.rss_bytes,
-                        "device_used_bytes": w.device_memory_used_bytes,
-                        "device_total_bytes": w.device_memory_total_bytes},
-             "prefix_cache_hits": w.prefix_cache_hits,
-             "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
-             "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
-             "revision": w.revision,
-             # model calls (decode steps) and items computed (inputs embedded, pairs scored, tokens decoded)
-             "model_calls": w.decode_steps, "computed_items": w.decoded_tokens}
-            for w in workers
-        ],
-        "models": models,
-        "open_requests": _ctx(state).open_requests,
-        "cache": cache,
-    }
+    """Liveness: always 200 while the process answers, Redis or not; `status` and `reasons` say what is wrong."""
+    ctx = _ctx(state)
+    return await health_views.liveness(ctx.settings, ctx.redis, ctx.registry, ctx.hub, ctx.open_requests)
+
+
+@get("/health/ready")
+async def health_ready(state: State) -> Response[dict[str, Any]]:
+    """Readiness: 200 when this replica can serve its default model now, else 503 with the reasons."""
+    ctx = _ctx(state)
+    status, body = await health_views.readiness(ctx.settings, ctx.redis, ctx.registry, ctx.hub, ctx.open_requests)
+    return Response(body, status_code=status)
 
 
 def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        client = redis or aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                            health_check_interval=30)
-        hub = ReplyHub(client)
+        client = redis or redis_client.connect(settings)
+        hub = ReplyHub(client, timeout_s=settings.redis_timeout_s)
         await hub.start()
-        registry = WorkerRegistry(client)
+        registry = WorkerRegistry(client, default_models=(settings.model_id,), grace_s=settings.worker_grace_s)
         app.state.redis = client
         app.state.registry = registry
         app.state.chat = ChatContext(settings, client, hub, registry, asyncio.Semaphore(settings.concurrent_requests))
@@ -247,13 +224,14 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
 
     return Litestar(
         route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
-                        health],
+                        health, health_ready],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         middleware=[DefineMiddleware(RequestGuard, settings=settings)],
         cors_config=cors_config(settings),
         exception_handlers={
             errors.APIError: errors.handle_api_error,
+            **dict.fromkeys(errors.REDIS_DOWN, errors.handle_redis_down),
             HTTPException: errors.handle_http_exception,
             Exception: errors.handle_unexpected,
         },

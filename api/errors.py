@@ -7,9 +7,22 @@ be answered with a 5xx (it would be sent three times).
 
 from __future__ import annotations
 
+import logging
+import time
+
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("axion.api")
+
+#: Redis failures that mean "Redis is not reachable now" (refused, reset, timed out, still loading its data): the
+#: request is answered 503 `redis_unavailable`, which clients retry, never 500.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+#: Retry-After for answers that say "busy, come back": the SDK honours it (and retries 429 and 503 anyway).
+RETRY_AFTER_S = {429: "1", 503: "2"}
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
@@ -37,7 +50,30 @@ class APIError(Exception):
 
 
 def error_response(err: APIError) -> Response[bytes]:
-    return Response(err.to_json(), status_code=err.status, media_type="application/json", headers=err.headers)
+    headers = err.headers
+    if err.status in RETRY_AFTER_S and "Retry-After" not in headers:
+        headers = headers | {"Retry-After": RETRY_AFTER_S[err.status]}
+    return Response(err.to_json(), status_code=err.status, media_type="application/json", headers=headers)
+
+
+def redis_unavailable(detail: str = "") -> APIError:
+    """503 for a request that needs Redis (the job queue and reply channels) while it cannot be reached."""
+    message = "The job queue (Redis) is unreachable; retry shortly."
+    return APIError(503, f"{message} {detail}".strip(), code="redis_unavailable", headers={"Retry-After": "2"})
+
+
+_last_redis_log = 0.0
+
+
+def handle_redis_down(_: Request, exc: Exception) -> Response[bytes]:
+    """A Redis command failed for want of Redis: 503 at once (the client's timeout settings bound how long it
+    tried). Logged at most once a second, since during an outage every request lands here."""
+    global _last_redis_log
+    now = time.monotonic()
+    if now - _last_redis_log > 1.0:
+        _last_redis_log = now
+        log.warning("Redis unreachable (%s: %s); answering 503", type(exc).__name__, exc)
+    return error_response(redis_unavailable())
 
 
 def from_decode_error(exc: msgspec.DecodeError) -> APIError:
@@ -71,7 +107,5 @@ def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
 
 def handle_unexpected(_: Request, exc: Exception) -> Response[bytes]:
     """Last resort: log the trace, answer 500 without it (no stack trace ever reaches a client)."""
-    import logging
-
-    logging.getLogger("axion.api").exception("unhandled error: %s", type(exc).__name__)
+    log.exception("unhandled error: %s", type(exc).__name__)
     return error_response(APIError(500, "Internal server error.", code="internal_error"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from api import protocol as p
+from api.admission import QueueGate
 from api.errors import APIError
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub, Subscription
@@ -49,6 +50,11 @@ class ChatContext:
     registry: WorkerRegistry
     slots: asyncio.Semaphore
     open_requests: int = 0
+    queue: QueueGate | None = None  # the MAX_QUEUED_JOBS bound; built from `redis` and `settings` when not given
+
+    def __post_init__(self) -> None:
+        if self.queue is None:
+            self.queue = QueueGate(self.redis, self.settings.max_queued_jobs)
 
 
 class JobRun:
@@ -78,8 +84,12 @@ class JobRun:
     async def start(self) -> Accepted | None:
         """Admit, subscribe, enqueue, and wait until a worker accepts the prompt (or refuses it, as an APIError).
 
-        A streaming request waits at most one keep-alive interval: if it is still queued then, None comes back
-        and the stream starts with keep-alive comments; a later refusal arrives as an error frame."""
+        Admission, in order: this replica's MAX_CONNECTIONS (429 at once), a live worker for the model (404
+        unknown; 503 after the WORKER_GRACE_S wait), one of this replica's CONCURRENT_REQUESTS slots (waited
+        for, but a full model queue is a 429 before the wait), the model's MAX_QUEUED_JOBS (429, checked in the
+        same step as the XADD). A streaming request waits at most one keep-alive interval: if it is still queued
+        then, None comes back and the stream starts with keep-alive comments; a later refusal arrives as an
+        error frame."""
         ctx = self.ctx
         if ctx.open_requests >= ctx.settings.max_connections:
             raise APIError(429, "Too many open requests on this server; retry shortly.",
@@ -87,11 +97,11 @@ class JobRun:
         ctx.open_requests += 1
         self._counted = True
         try:
-            await ctx.registry.require_model(self.job.model, self.kind)
-            await asyncio.wait_for(ctx.slots.acquire(), self._left())
-            self._holds_slot = True
+            await ctx.registry.require_model(self.job.model, self.kind, self.deadline)
+            await self._take_slot()
             self.sub = await ctx.hub.open(self.request_id)
-            await ctx.redis.xadd(self.stream_key, {"job": encode(self.job)})
+            assert ctx.queue is not None
+            await ctx.queue.enqueue(self.stream_key, self.job.model, encode(self.job))
             first = await self.next_event(ctx.settings.sse_keepalive_s if self.streaming else None)
             if first is None:
                 return None
@@ -114,6 +124,16 @@ class JobRun:
             await self.close()
             raise APIError(500, "Worker answered out of order.", code="internal_error")
         return first
+
+    async def _take_slot(self) -> None:
+        """One of this replica's CONCURRENT_REQUESTS slots; when none is free, check the model's queue first,
+        so a request that would only wait to be refused is refused now."""
+        ctx = self.ctx
+        if ctx.slots.locked():
+            assert ctx.queue is not None
+            await ctx.queue.check(self.stream_key, self.job.model)
+        await asyncio.wait_for(ctx.slots.acquire(), self._left())
+        self._holds_slot = True
 
     async def answer(self) -> Tokenized | Embedded | Scored:
         """Run a job the worker answers in one event (tokenize, embeddings, rerank) and return that answer."""

@@ -17,6 +17,10 @@ KNOWN_MODELS = f"{PREFIX}:models"
 #: Pattern matching every live worker's heartbeat key.
 WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
 
+#: Sorted set of worker ids by the unix time of their last heartbeat: the API reads it (ZRANGE, then MGET of the
+#: heartbeat keys) instead of SCANning the whole keyspace, which holds every cache entry too.
+WORKER_INDEX = f"{PREFIX}:workers"
+
 
 def chat_stream(model: str) -> str:
     """The stream of chat jobs for one served model id."""
@@ -31,6 +35,16 @@ def embed_stream(model: str) -> str:
 def rerank_stream(model: str) -> str:
     """The stream of rerank jobs for one served cross-encoder model id."""
     return f"{PREFIX}:rerank:{model}:jobs"
+
+
+def job_stream(kind: str, model: str) -> str:
+    """The job stream of a worker kind (`chat`, `embed`, `rerank`) for one model id."""
+    return f"{PREFIX}:{kind}:{model}:jobs"
+
+
+def dead_letter_stream(kind: str, model: str) -> str:
+    """Jobs of `kind` for `model` given up on (delivered too often without an answer); kept for inspection."""
+    return f"{PREFIX}:{kind}:{model}:dead"
 
 
 def reply_channel(request_id: str) -> str:
@@ -87,11 +101,6 @@ def progress(request_id: str, index: int) -> str:
     """List of the token ids choice `index` of a request has generated so far (short-lived): a worker that
     reclaims the job from a crashed one resumes from them instead of starting over."""
     return f"{PREFIX}:progress:{request_id}:{index}"
-
-
-def dead_letter_stream(kind: str, model: str) -> str:
-    """Jobs delivered more than MAX_DELIVERIES times (their workers kept dying), kept for inspection."""
-    return f"{PREFIX}:{kind}:{model}:dead"
 
 
 #: Hash of the API keys `axion keys` manages: field = SHA-256 hex of the key, value = its JSON record

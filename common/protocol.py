@@ -224,6 +224,14 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     revision: str = ""  # the loaded model's version: part of every response-cache key
     jobs_done: int = 0  # stream entries answered and acknowledged since start
     vocab_size: int = 0  # token ids the model accepts (0: not announced); the API refuses others before queueing
+    # Rates over the last heartbeat interval, computed by the worker from its own counters (so a reader needs no
+    # history): decoded tokens per second (inputs per second for embed and rerank workers), and the worker
+    # process's CPU use (100 = one core busy).
+    tokens_per_s: float = 0.0
+    jobs_per_s: float = 0.0
+    cpu_percent: float = 0.0
+    beat_interval_s: float = 0.0  # how often this worker beats: a reader can tell a late beat from a dead worker
+    beat_at: float = 0.0  # unix time of this beat (the worker's clock)
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

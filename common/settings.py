@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     server_port: Port = 3000
     max_connections: PositiveInt = 100
     concurrent_requests: PositiveInt = 10
+    max_queued_jobs: PositiveInt = 256
+    worker_grace_s: NonNegativeFloat = 2.0
+    redis_timeout_s: PositiveFloat = 2.0
     cache_capacity: NonNegativeInt = 1000
     cache_ttl_s: NonNegativeFloat = 0.0
     cache_policy: Literal["deterministic", "all"] = "deterministic"

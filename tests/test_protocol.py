@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import fakeredis
 import pytest
@@ -12,7 +13,7 @@ from api.errors import APIError
 from api.protocol import decode_chat_request, output_limit, stop_list
 from api.registry import WorkerRegistry
 from api.serving_chat import build_job
-from common import keys
+from common import heartbeat, keys
 from common.protocol import WorkerInfo, decode_job, encode
 
 
@@ -72,8 +73,50 @@ def test_registry_tells_unknown_from_unavailable() -> None:
         assert info.value.status == 503 and "Retry-After" in info.value.headers
         worker = WorkerInfo(worker_id="w1", kind="chat", model="m", device="cpu", dtype="float32", hostname="h",
                             pid=1, started=0.0)
-        await r.set(keys.worker_heartbeat("w1"), encode(worker), px=10_000)
+        await heartbeat.write(r.pipeline(transaction=False), worker, ttl_s=10).execute()
         await registry.require_model("m")
         assert await registry.served_models() == ["m"]
+
+    asyncio.run(scenario())
+
+
+def test_registry_waits_the_grace_period_and_knows_its_default_model() -> None:
+    """The replica's own default model is a 503 (retried by clients) even when Redis forgot every model, after
+    waiting up to the grace period for a worker; a worker that beats during the wait is taken at once."""
+    async def scenario() -> None:
+        r = fakeredis.FakeAsyncRedis()
+        registry = WorkerRegistry(r, default_models=("m",), grace_s=0.3)
+        start = time.monotonic()
+        with pytest.raises(APIError) as info:
+            await registry.require_model("m")
+        assert info.value.status == 503 and 0.3 <= time.monotonic() - start < 1.0
+        with pytest.raises(APIError) as info:
+            await registry.require_model("other")
+        assert info.value.status == 404
+
+        worker = WorkerInfo(worker_id="w1", kind="chat", model="m", device="cpu", dtype="float32", hostname="h",
+                            pid=1, started=0.0)
+
+        async def beat_later() -> None:
+            await asyncio.sleep(0.1)
+            await heartbeat.write(r.pipeline(transaction=False), worker, ttl_s=10).execute()
+
+        registry.grace_s = 5.0
+        start = time.monotonic()
+        await asyncio.gather(registry.require_model("m"), beat_later())
+        assert time.monotonic() - start < 1.0
+
+    asyncio.run(scenario())
+
+
+def test_registry_sees_workers_that_write_no_index_entry() -> None:
+    """A worker of the previous release only sets its heartbeat key: a rolling upgrade that starts with the
+    API must still see it (the registry scans when the index is empty)."""
+    async def scenario() -> None:
+        r = fakeredis.FakeAsyncRedis()
+        worker = WorkerInfo(worker_id="old", kind="chat", model="m", device="cpu", dtype="float32", hostname="h",
+                            pid=1, started=0.0)
+        await r.set(keys.worker_heartbeat("old"), encode(worker), px=10_000)
+        assert [w.worker_id for w in await WorkerRegistry(r).workers()] == ["old"]
 
     asyncio.run(scenario())

@@ -23,8 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common import heartbeat as heartbeat_keys
 from common import keys
-from common.protocol import WorkerInfo, encode
+from common.protocol import WorkerInfo
 from common.settings import Settings
 
 log = logging.getLogger("axion.worker")
@@ -69,22 +70,31 @@ class StreamWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        await self._ensure_group()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="axion-heartbeat")
         log.info("worker %s serving %s from stream %s", self.worker_id, self.model_id, self.stream)
+        group_ready = False
         try:
             while self.keep_running():
                 try:
+                    if not group_ready:
+                        await self._ensure_group()
+                        group_ready = True
                     await self.iteration()
                 except REDIS_ERRORS as exc:
                     log.warning("Redis unavailable (%s); retrying in 1s", type(exc).__name__)
                     await asyncio.sleep(1.0)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # Redis came back without its data (no persistence): the stream and group are gone.
+                    log.warning("consumer group missing on %s (Redis restarted empty?); recreating it", self.stream)
+                    group_ready = False
         finally:
             heartbeat.cancel()
             with contextlib.suppress(BaseException):
                 await heartbeat
             with contextlib.suppress(*REDIS_ERRORS):
-                await self.redis.delete(keys.worker_heartbeat(self.worker_id))
+                await heartbeat_keys.remove(self.redis.pipeline(transaction=False), self.worker_id).execute()
             self.on_stop()
 
     def stop(self) -> None:
@@ -101,18 +111,31 @@ class StreamWorker:
                 raise
 
     async def _heartbeat_loop(self) -> None:
-        ttl = self.settings.heartbeat_ttl_s
-        await self.redis.sadd(keys.KNOWN_MODELS, self.model_id)
+        """Beat every HEARTBEAT_TTL_S / 3 for as long as the worker runs; a failed beat (Redis down) is logged
+        and the next one tries again, so the worker reappears by itself when Redis does."""
+        interval = self.settings.heartbeat_ttl_s / 3
+        self.info.beat_interval_s = interval
+        process = psutil.Process()
+        process.cpu_percent()  # the first call only starts the measurement
+        last = (time.monotonic(), self.info.decoded_tokens, self.info.jobs_done)
         from workers.recovery import refresh_own
 
         while True:
             self.refresh_stats()
+            now, info = time.monotonic(), self.info
+            elapsed = max(1e-3, now - last[0])
+            info.tokens_per_s = round((info.decoded_tokens - last[1]) / elapsed, 1)
+            info.jobs_per_s = round((info.jobs_done - last[2]) / elapsed, 2)
+            info.cpu_percent = process.cpu_percent()
+            last = (now, info.decoded_tokens, info.jobs_done)
+            info.beat_at = time.time()
             try:
-                await self.redis.set(keys.worker_heartbeat(self.worker_id), encode(self.info), px=int(ttl * 1000))
+                pipe = heartbeat_keys.write(self.redis.pipeline(transaction=False), info, self.settings.heartbeat_ttl_s)
+                await pipe.execute()
                 await refresh_own(self.redis, self.stream, self.worker_id, self.in_flight())
             except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed (%s)", type(exc).__name__)
-            await asyncio.sleep(ttl / 3)
+            await asyncio.sleep(interval)
 
     def ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
         self.info.jobs_done += 1

@@ -17,7 +17,7 @@ import msgspec
 import redis.asyncio as aioredis
 import torch
 
-from common import keys
+from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
@@ -225,7 +225,7 @@ async def serve_worker(settings: Settings) -> None:
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
                         prefix_cache_tokens=settings.prefix_cache_tokens)
-    redis = aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
     try:
         await ChatWorker(settings, engine, redis, str(loaded.dtype).removeprefix("torch.")).run()
     finally:

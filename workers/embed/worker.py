@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 import redis.asyncio as aioredis
 
-from common import keys
+from common import keys, redis_client
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.settings import Settings
 from workers.revision import model_revision
@@ -178,7 +178,7 @@ async def serve_embed_worker(settings: Settings, kind: Literal["embed", "rerank"
     loader = load_embedding if kind == "embed" else load_reranker
     backend = await asyncio.to_thread(loader, name, device=settings.embed_device,
                                       cache_dir=settings.fastembed_cache_path)
-    redis = aioredis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
     try:
         await EmbedWorker(settings, backend, redis, kind).run()
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from common import keys
 from common.protocol import Failed, encode
@@ -24,7 +25,10 @@ log = logging.getLogger("axion.worker.recovery")
 async def refresh_own(redis: aioredis.Redis, stream: str, consumer: str, entry_ids: list[bytes]) -> None:
     """Mark this worker's in-flight entries as alive (idle time back to 0; the delivery count is unchanged)."""
     if entry_ids:
-        await redis.xclaim(stream, keys.WORKER_GROUP, consumer, 0, entry_ids, justid=True)
+        try:
+            await redis.xclaim(stream, keys.WORKER_GROUP, consumer, 0, entry_ids, justid=True)
+        except ResponseError as exc:  # the group is gone (Redis restarted empty): nothing left to keep alive
+            log.warning("could not refresh in-flight jobs on %s: %s", stream, exc)
 
 
 async def take_over(redis: aioredis.Redis, stream: str, consumer: str, min_idle_ms: int,

@@ -135,6 +135,8 @@ class StreamWorker:
                 await refresh_own(self.redis, self.stream, self.worker_id, self.in_flight())
             except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed (%s)", type(exc).__name__)
+            except Exception:  # never let the heartbeat die quietly: the fleet would think this worker dead
+                log.exception("heartbeat failed")
             await asyncio.sleep(interval)
 
     def ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:

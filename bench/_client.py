@@ -52,7 +52,8 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SERVED_MODEL_NAME", "RUST_LOG")}
         env.update(MODEL_NAME=self.model_id, SERVER_HOST="127.0.0.1", SERVER_PORT=str(self.port),
                    MAX_BATCH_SIZE=str(self.max_batch_size), CONCURRENT_REQUESTS="1024", MAX_CONNECTIONS="1024",
-                   MAX_SEQ_LEN=str(self.max_seq_len), LOG_LEVEL="info", DEVICE="cpu", ALLOW_MODEL_PATHS="true")
+                   MAX_SEQ_LEN=str(self.max_seq_len), LOG_LEVEL="info", DEVICE="cpu", ALLOW_MODEL_PATHS="true",
+                   CACHE_CAPACITY="0")  # generation is measured: repeated prompts must not be cache hits
         return env
 
     def __enter__(self) -> Server:

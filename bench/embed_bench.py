@@ -88,7 +88,7 @@ class EmbedServer(Server):
         env.update(MODEL_NAME=str(self.chat_dir), EMBEDDING_MODEL=self.model_id, SERVE_EMBEDDINGS="true",
                    RERANK_MODEL=str(self.rerank_dir), SERVER_HOST="127.0.0.1", SERVER_PORT=str(self.port),
                    CONCURRENT_REQUESTS="1024", MAX_CONNECTIONS="1024", LOG_LEVEL="warning", HF_HUB_OFFLINE="1",
-                   ALLOW_MODEL_PATHS="true",
+                   ALLOW_MODEL_PATHS="true", EMBED_CACHE_CAPACITY="0",  # measure the model, not the cache
                    EMBED_CROSS_REQUEST_BATCHING="true" if self.batching else "false")
         return env
 

@@ -29,7 +29,8 @@ def servers(minilm_onnx: Path, redis_server: EmbeddedRedis,
     """(cache on, cache off): two API processes in front of one embedding worker on one Redis."""
     logs = tmp_path_factory.mktemp("embed-cache-logs")
     ports = [free_port(), free_port()]
-    common = {"EMBEDDING_MODEL": str(minilm_onnx), "HEARTBEAT_TTL_S": "1.5"}  # heartbeats every 0.5 s
+    common = {"EMBEDDING_MODEL": str(minilm_onnx), "HEARTBEAT_TTL_S": "1.5",  # heartbeats every 0.5 s
+              "VISIBILITY_TIMEOUT_S": "2"}
     procs = [Proc(["worker"], axion_env(minilm_onnx, redis_server.url, ports[0], WORKER_KIND="embed", **common),
                   logs / "worker.log").start(),
              Proc(["api"], axion_env(minilm_onnx, redis_server.url, ports[0], **common), logs / "api-on.log").start(),
@@ -188,3 +189,33 @@ def test_errors_name_the_clients_index_and_unknown_models_still_404(on: Server) 
     assert info.value.body["param"] == "input[1]" and "Input 1 " in info.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         on.client().embeddings.create(model="no-such-model", input=text)
+
+
+def test_an_embedding_job_left_by_a_dead_worker_is_taken_over(on: Server, minilm_onnx: Path) -> None:
+    """A job a 'ghost' consumer read and never answered: the live worker takes it over and answers it."""
+    import time
+
+    import redis as sync_redis
+
+    from common import keys
+    from common.protocol import EmbedJob, decode_event, encode
+
+    r = sync_redis.Redis.from_url(on.redis_url)
+    stream = keys.embed_stream(str(minilm_onnx))
+    job = EmbedJob(request_id="orphan-embed-1", model=str(minilm_onnx), texts=["left behind by a crash"],
+                   created=time.time())
+    pubsub = r.pubsub()
+    pubsub.subscribe(keys.reply_channel(job.request_id))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    with r.pipeline(transaction=True) as tx:  # atomically, so the live worker does not read it first
+        tx.xadd(stream, {"job": encode(job)})
+        tx.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)
+        tx.execute()
+    message = None
+    deadline = time.monotonic() + 15
+    while message is None and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+    assert message is not None, "the orphaned job was never answered"
+    answer = decode_event(message["data"])
+    assert type(answer).__name__ == "Embedded" and answer.dim == 384
+    assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0

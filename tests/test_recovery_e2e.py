@@ -215,3 +215,27 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream(fleet: Fleet) 
     dead = r.xrange(keys.dead_letter_stream("chat", model))
     assert [fields[b"deliveries"] for _, fields in dead] == [b"6"]
     assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0
+
+
+def test_sigterm_to_the_api_drains_open_streams(fleet: Fleet) -> None:
+    """Last in this module: it stops the fleet's API (a new one is started for whatever runs after)."""
+    fleet.ensure_two_workers()
+    expected = _reference(fleet, 3)
+
+    async def go() -> list[tuple[str, list[str], str | None]]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            started = [asyncio.Event() for _ in range(3)]
+            tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i), started[i])) for i in range(3)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            fleet.api.process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(go())
+        assert [text for text, _, _ in results] == expected
+        assert fleet.api.process.wait(30) == 0
+    finally:
+        if fleet.api.process.poll() is None:
+            fleet.api.stop()
+        fleet.api = Proc(["api"], axion_env(fleet.model_dir, fleet.redis_url, fleet.port, **ENV),
+                         fleet.logs / "api-2.log").start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 from common import keys, redis_client
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.settings import Settings
+from workers.recovery import dead_letter, take_over
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -42,6 +44,8 @@ class EmbedWorker(StreamWorker):
         self.kind = kind
         self.cross_request_batching = settings.embed_cross_request_batching
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-embed")
+        self._answering: list[bytes] = []  # entries being answered: kept alive by the heartbeat
+        self._last_takeover = float("-inf")
         self.calls = 0
         self.items = 0
 
@@ -56,24 +60,50 @@ class EmbedWorker(StreamWorker):
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    async def iteration(self) -> None:
-        if self.cross_request_batching:
-            entries = await self.read_burst(JOBS_PER_READ)
-        else:
-            entries = await self.read(1, block=True)
-        if entries:
-            await self._answer(entries)
+    def in_flight(self) -> list[bytes]:
+        return list(self._answering)
 
-    async def _answer(self, entries: list[Entry]) -> None:
+    async def iteration(self) -> None:
+        entries, deliveries = await self._taken_over()
+        if not entries:
+            if self.cross_request_batching:
+                entries = await self.read_burst(JOBS_PER_READ)
+            else:
+                entries = await self.read(1, block=True)
+        if entries:
+            self._answering = [entry_id for entry_id, _ in entries]
+            try:
+                await self._answer(entries, deliveries)
+            finally:
+                self._answering = []
+
+    async def _taken_over(self) -> tuple[list[Entry], list[int] | None]:
+        """Every VISIBILITY_TIMEOUT_S / 3: the jobs of workers that stopped before answering them."""
+        now = time.monotonic()
+        if now - self._last_takeover < self.settings.visibility_timeout_s / 3:
+            return [], None
+        self._last_takeover = now
+        claimed = await take_over(self.redis, self.stream, self.worker_id,
+                                  int(self.settings.visibility_timeout_s * 1000), JOBS_PER_READ)
+        return [entry for entry, _ in claimed], [count for _, count in claimed]
+
+    async def _answer(self, entries: list[Entry], deliveries: list[int] | None = None) -> None:
         jobs: list[tuple[bytes, Any]] = []
         pipe = self.redis.pipeline(transaction=False)
         decoder = _embed_decoder if self.kind == "embed" else _rerank_decoder
-        for entry_id, fields in entries:
+        for k, (entry_id, fields) in enumerate(entries):
             try:
-                jobs.append((entry_id, decoder.decode(fields[b"job"])))
+                job = decoder.decode(fields[b"job"])
             except (KeyError, msgspec.DecodeError) as exc:
                 log.error("dropping unreadable entry %s: %s", entry_id, exc)
                 self.ack(pipe, entry_id)
+                continue
+            delivered = deliveries[k] if deliveries else 1
+            if delivered > self.settings.max_deliveries:
+                dead_letter(pipe, keys.dead_letter_stream(self.kind, job.model), fields, job.request_id, delivered)
+                self.ack(pipe, entry_id)
+                continue
+            jobs.append((entry_id, job))
         answers = await (self._embed(jobs) if self.kind == "embed" else self._rerank(jobs))
         for (entry_id, job), answer in zip(jobs, answers, strict=True):
             pipe.publish(keys.reply_channel(job.request_id), encode(answer))

@@ -1,4 +1,4 @@
-"""The request guard covers routes it has never heard of (say a `/metrics` added later), OPEN_PATHS included,
+"""The request guard covers routes it has never heard of (say a `/debug/vars` added later), OPEN_PATHS included,
 and refuses what it can before the handler runs. Litestar's test client on the real app, real Redis."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from common.settings import load_settings
 KEY = "axn-guard-test-key"
 
 
-@get("/metrics", media_type="text/plain")
-async def metrics() -> str:
+@get("/debug/vars", media_type="text/plain")
+async def debug_vars() -> str:
     return "axion_up 1\n"
 
 
@@ -29,19 +29,21 @@ def redis_url() -> Iterator[str]:
 
 def client(redis_url: str, **env: str) -> TestClient:
     app = create_app(load_settings({"REDIS_URL": redis_url, "API_KEYS": KEY, **env}))
-    app.register(metrics)
+    app.register(debug_vars)
     return TestClient(app)
 
 
 def test_routes_added_later_need_a_key_unless_open(redis_url: str) -> None:
     with client(redis_url) as c:
-        for path in ("/metrics", "/health/ready"):  # /health/ready: 503 here (no worker), but past the guard
+        # /health/ready: 503 here (no worker), but past the guard
+        for path in ("/debug/vars", "/metrics", "/health/ready"):
             refused = c.get(path)
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
             assert c.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code in (200, 503)
         assert c.get("/health").status_code == 200
-    with client(redis_url, OPEN_PATHS="/health,/health/ready,/metrics") as c:
-        assert c.get("/metrics").text == "axion_up 1\n"
+    with client(redis_url, OPEN_PATHS="/health,/health/ready,/metrics,/debug/vars") as c:
+        assert c.get("/debug/vars").text == "axion_up 1\n"
+        assert "axion:redis_up 1.0" in c.get("/metrics").text
         assert c.get("/health/ready").json()["status"] == "not_ready"
         assert c.get("/v1/models").status_code == 401
 

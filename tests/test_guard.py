@@ -80,3 +80,16 @@ def test_generated_request_id_is_the_one_in_logs_and_headers(redis_url: str,
         assert resp.status_code == 404 and resp.headers["access-control-allow-origin"] == "https://app.example"
         rid = resp.headers["x-request-id"]
         assert len(rid) == 32 and f"request {rid}." in caplog.text
+
+
+def test_rate_limit_rejections_are_counted_in_metrics(redis_url: str) -> None:
+    import redis as redis_sync
+
+    redis_sync.Redis.from_url(redis_url).flushall()  # fresh buckets
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # an open /metrics: a scrape with the key would spend the key's own request budget
+    with client(redis_url, RATE_LIMIT_RPM="1", OPEN_PATHS="/health,/metrics") as c:
+        codes = [c.post("/tokenize", json={"model": "m", "prompt": "x"}, headers=auth).status_code for _ in range(3)]
+        assert codes.count(429) == 2, codes
+        text = c.get("/metrics").text
+        assert 'axion:rate_limit_rejections_total{limit="requests"} 2.0' in text, text

@@ -25,6 +25,7 @@ from api import protocol_legacy as legacy
 from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
+from api.metrics import CONTENT_TYPE, Metrics
 from api.openapi import openapi_config
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
@@ -53,13 +54,16 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
     cache: ChatCache = state.chat_cache
     decision = await cache.decide(req, request.headers.get("cache-control"))
     headers["x-axion-cache"] = decision.header
+    metrics: Metrics = state.metrics
     lease = None
     if decision.read and decision.key:
         hit = await cache.lookup(decision.key)
         if hit is None:
             hit, lease = await cache.claim(decision.key, request_id)
         if hit is not None:
-            log.info("request %s model=%s stream=%s cache hit", request_id, req.model, bool(req.stream))
+            metrics.cache_hits.labels("chat").inc()
+            log.info("request %s model=%s stream=%s cache hit", request_id, req.model, bool(req.stream),
+                     extra={"job_id": request_id, "model": req.model, "outcome": "cache hit"})
             headers["x-axion-cache"] = "hit"
             hit = as_fresh(hit, request_id, req.model)
             if req.stream:
@@ -67,6 +71,7 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
                 return Stream(replay_stream(hit, include_usage), media_type="text/event-stream",
                               headers=SSE_HEADERS | headers)
             return Response(msgspec.json.encode(hit), media_type="application/json", headers=headers)
+        metrics.cache_misses.labels("chat").inc()
     save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
     run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease,
                   timeout_s=_request_timeout(request, _ctx(state).settings.request_timeout_s))
@@ -169,6 +174,9 @@ async def embeddings(request: Request[Any, Any, State], state: State) -> Respons
     body, cache = await serving_embed.create_embeddings(_ctx(state), await request.body(),
                                                         request.headers.get("x-request-id"),
                                                         request.headers.get("cache-control"))
+    if cache in ("hit", "miss"):
+        metrics: Metrics = state.metrics
+        (metrics.cache_hits if cache == "hit" else metrics.cache_misses).labels("embed").inc()
     return Response(msgspec.json.encode(body), media_type="application/json", headers={"x-axion-cache": cache})
 
 
@@ -204,7 +212,19 @@ async def health_ready(state: State) -> Response[dict[str, Any]]:
     return Response(body, status_code=status)
 
 
+@get("/metrics", media_type=CONTENT_TYPE)
+async def metrics_endpoint(state: State) -> Response[bytes]:
+    """Prometheus text: this replica's counters and histograms, and the fleet's queues and workers read from
+    Redis now (README "Metrics"). Behind the API-key guard unless OPEN_PATHS lists it."""
+    ctx = _ctx(state)
+    metrics: Metrics = state.metrics
+    body = await metrics.render(ctx.redis, ctx.registry, ctx.settings)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Litestar:
+    metrics = Metrics()  # one registry per app: several apps in one process do not collide
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         client = redis or redis_client.connect(settings)
@@ -213,7 +233,9 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
         registry = WorkerRegistry(client, default_models=(settings.model_id,), grace_s=settings.worker_grace_s)
         app.state.redis = client
         app.state.registry = registry
-        app.state.chat = ChatContext(settings, client, hub, registry, asyncio.Semaphore(settings.concurrent_requests))
+        app.state.metrics = metrics
+        app.state.chat = ChatContext(settings, client, hub, registry, asyncio.Semaphore(settings.concurrent_requests),
+                                     metrics=metrics)
         app.state.chat_cache = ChatCache(app.state.chat)
         try:
             yield
@@ -224,7 +246,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
 
     return Litestar(
         route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
-                        health, health_ready],
+                        health, health_ready, metrics_endpoint],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         middleware=[DefineMiddleware(RequestGuard, settings=settings)],

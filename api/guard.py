@@ -103,6 +103,9 @@ class RequestGuard:
             extra.update(decision.headers)
             if decision.error is not None:
                 log.info("rate limited: key %s (%s)", principal.id, decision.error.type)
+                metrics = getattr(state, "metrics", None)
+                if metrics is not None:
+                    metrics.rate_limited.labels(decision.error.type or "unknown").inc()
                 raise decision.error
         return body
 

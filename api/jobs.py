@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from api import protocol as p
 from api.admission import QueueGate
 from api.errors import APIError
+from api.metrics import Metrics, RunTimer
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub, Subscription
 from common import keys
@@ -51,6 +52,7 @@ class ChatContext:
     slots: asyncio.Semaphore
     open_requests: int = 0
     queue: QueueGate | None = None  # the MAX_QUEUED_JOBS bound; built from `redis` and `settings` when not given
+    metrics: Metrics | None = None  # this replica's /metrics series (None: not measured)
 
     def __post_init__(self) -> None:
         if self.queue is None:
@@ -78,7 +80,8 @@ class JobRun:
         self._counted = False
         self._last_seq: dict[int, int] = {}  # per choice: the last token event relayed
         self.completed = False  # the final answer arrived: nothing to cancel on close
-        self._started = time.monotonic()
+        self.timer = RunTimer(ctx.metrics, job.model)  # TTFT, inter-token, queue and e2e times for /metrics
+        self._finished_events: dict[int, Finished] = {}
         self.outcome = "client went away"
 
     async def start(self) -> Accepted | None:
@@ -96,12 +99,14 @@ class JobRun:
                            code="too_many_requests", headers={"Retry-After": "1"})
         ctx.open_requests += 1
         self._counted = True
+        self.timer.set_state("waiting")
         try:
             await ctx.registry.require_model(self.job.model, self.kind, self.deadline)
             await self._take_slot()
             self.sub = await ctx.hub.open(self.request_id)
             assert ctx.queue is not None
             await ctx.queue.enqueue(self.stream_key, self.job.model, encode(self.job))
+            self.timer.enqueued = time.monotonic()
             first = await self.next_event(ctx.settings.sse_keepalive_s if self.streaming else None)
             if first is None:
                 return None
@@ -172,6 +177,11 @@ class JobRun:
                 if seq <= self._last_seq.get(index, -1):
                     continue  # a repeat: a worker that resumed a crashed one replays what was relayed
                 self._last_seq[index] = seq
+                self.timer.token(index)
+                if isinstance(event, Finished):
+                    self._finished_events[index] = event
+            elif isinstance(event, Accepted):
+                self.timer.accepted()
             return event
 
     async def close(self) -> None:
@@ -180,8 +190,21 @@ class JobRun:
                 await self.ctx.redis.set(keys.cancel_flag(self.request_id), b"1",
                                          ex=max(1, int(self.timeout_s) + 60))
         if self._counted:
+            elapsed_ms = self.timer.elapsed_ms()
+            extra: dict[str, object] = {"job_id": self.request_id, "model": self.job.model, "kind": self.kind,
+                                        "stream": self.streaming, "outcome": self.outcome,
+                                        "duration_ms": round(elapsed_ms, 1)}
+            if self.timer.first_token is not None:
+                extra["ttft_ms"] = round((self.timer.first_token - self.timer.started) * 1000, 1)
+            if self.completed and self._finished_events:
+                done = self._finished_events
+                first = done[min(done)]
+                completion_tokens = sum(f.completion_tokens for f in done.values())
+                self.timer.finished(first.finish_reason, first.prompt_tokens, completion_tokens)
+                extra.update(prompt_tokens=first.prompt_tokens, completion_tokens=completion_tokens)
             log.info("request %s model=%s stream=%s %s in %.0f ms", self.request_id, self.job.model, self.streaming,
-                     self.outcome, (time.monotonic() - self._started) * 1000)
+                     self.outcome, elapsed_ms, extra=extra)
+            self.timer.set_state(None)
         if self.sub is not None:
             sub, self.sub = self.sub, None
             await self.ctx.hub.close(sub)

@@ -1,4 +1,5 @@
-"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev`, `keys` (API keys).
+"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev`, `keys` (API keys), and
+`status`, `queues`, `dead-letters` (the fleet as Redis holds it: `common/ops.py`).
 
 `dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis.
 
@@ -16,19 +17,22 @@ import subprocess
 import sys
 import time
 
-from common.logctx import RequestIdFilter
+from common.logctx import JsonFormatter, RequestIdFilter
 from common.model_ids import load_problem
 from common.settings import Settings, load_or_exit, split_list
 
 log = logging.getLogger("axion")
 
 
-def setup_logging(level: str) -> None:
-    """Log lines carry the request id (`common/logctx.py`); no prompt text or key is logged at INFO or above."""
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log lines carry the request id (`common/logctx.py`); no prompt text or key is logged at INFO or above.
+    LOG_FORMAT=json writes one JSON object per line instead (`JsonFormatter`)."""
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] [%(request_id)s] %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter())
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -42,8 +46,11 @@ def run_api(settings: Settings) -> int:
     # place that re-raise is a no-op, so a drained API exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    # LOG_FORMAT=json: uvicorn's own loggers go through the root handler (JSON) instead of its text config.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(create_app(settings), host=settings.server_host, port=settings.server_port,
-                log_level=settings.log_level, access_log=settings.log_level == "debug", timeout_graceful_shutdown=30)
+                log_level=settings.log_level, log_config=log_config, access_log=settings.log_level == "debug",
+                timeout_graceful_shutdown=30)
     return 0
 
 
@@ -153,9 +160,11 @@ def run_dev(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="axion", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["serve", "api", "worker", "dev", "keys"],
+    parser.add_argument("command", choices=["serve", "api", "worker", "dev", "keys", "status", "queues",
+                                            "dead-letters"],
                         help="serve: API + worker (+ embedded Redis); api / worker: fleet mode; dev: tools; "
-                             "keys: manage API keys in Redis")
+                             "keys: manage API keys in Redis; status / queues / dead-letters: inspect the fleet "
+                             "(REDIS_URL)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "dev":
         return run_dev(rest)
@@ -163,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         from common.apikeys import main as keys_main
 
         return keys_main(rest)
+    if args.command in ("status", "queues", "dead-letters"):
+        from common.ops import main as ops_main
+
+        return ops_main(args.command, rest, load_or_exit().redis_url)
     if rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     settings = load_or_exit()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     runners = {"serve": run_serve, "api": run_api, "worker": run_worker}
     return runners[args.command](settings)
 

@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_batch_size: PositiveInt = 8
     redis_url: str | None = None
     log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     request_timeout_s: PositiveFloat = 600.0
     heartbeat_ttl_s: PositiveFloat = 10.0

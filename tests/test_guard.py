@@ -1,4 +1,4 @@
-"""The request guard covers routes it has never heard of (say a `/metrics` added later), OPEN_PATHS included,
+"""The request guard covers routes it has never heard of (say a `/debug/vars` added later), OPEN_PATHS included,
 and refuses what it can before the handler runs. Litestar's test client on the real app, real Redis."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from common.settings import load_settings
 KEY = "axn-guard-test-key"
 
 
-@get("/metrics", media_type="text/plain")
-async def metrics() -> str:
+@get("/debug/vars", media_type="text/plain")
+async def debug_vars() -> str:
     return "axion_up 1\n"
 
 
@@ -29,19 +29,21 @@ def redis_url() -> Iterator[str]:
 
 def client(redis_url: str, **env: str) -> TestClient:
     app = create_app(load_settings({"REDIS_URL": redis_url, "API_KEYS": KEY, **env}))
-    app.register(metrics)
+    app.register(debug_vars)
     return TestClient(app)
 
 
 def test_routes_added_later_need_a_key_unless_open(redis_url: str) -> None:
     with client(redis_url) as c:
-        for path in ("/metrics", "/health/ready"):  # /health/ready: 503 here (no worker), but past the guard
+        # /health/ready: 503 here (no worker), but past the guard
+        for path in ("/debug/vars", "/metrics", "/health/ready"):
             refused = c.get(path)
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
             assert c.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code in (200, 503)
         assert c.get("/health").status_code == 200
-    with client(redis_url, OPEN_PATHS="/health,/health/ready,/metrics") as c:
-        assert c.get("/metrics").text == "axion_up 1\n"
+    with client(redis_url, OPEN_PATHS="/health,/health/ready,/metrics,/debug/vars") as c:
+        assert c.get("/debug/vars").text == "axion_up 1\n"
+        assert "axion:redis_up 1.0" in c.get("/metrics").text
         assert c.get("/health/ready").json()["status"] == "not_ready"
         assert c.get("/v1/models").status_code == 401
 
@@ -78,3 +80,16 @@ def test_generated_request_id_is_the_one_in_logs_and_headers(redis_url: str,
         assert resp.status_code == 404 and resp.headers["access-control-allow-origin"] == "https://app.example"
         rid = resp.headers["x-request-id"]
         assert len(rid) == 32 and f"request {rid}." in caplog.text
+
+
+def test_rate_limit_rejections_are_counted_in_metrics(redis_url: str) -> None:
+    import redis as redis_sync
+
+    redis_sync.Redis.from_url(redis_url).flushall()  # fresh buckets
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # an open /metrics: a scrape with the key would spend the key's own request budget
+    with client(redis_url, RATE_LIMIT_RPM="1", OPEN_PATHS="/health,/metrics") as c:
+        codes = [c.post("/tokenize", json={"model": "m", "prompt": "x"}, headers=auth).status_code for _ in range(3)]
+        assert codes.count(429) == 2, codes
+        text = c.get("/metrics").text
+        assert 'axion:rate_limit_rejections_total{limit="requests"} 2.0' in text, text

@@ -47,6 +47,7 @@ class StreamWorker:
                                hostname=socket.gethostname(), pid=os.getpid(), started=time.time(),
                                max_batch_size=settings.max_batch_size, revision=revision)
         self.stopping = asyncio.Event()
+        self._last_takeover = float("-inf")
 
     async def iteration(self) -> None:
         """One turn of the loop: read, work, publish. Redis errors are retried by `run`."""
@@ -138,6 +139,31 @@ class StreamWorker:
             except Exception:  # never let the heartbeat die quietly: the fleet would think this worker dead
                 log.exception("heartbeat failed")
             await asyncio.sleep(interval)
+
+    async def take_over_due(self, count: int) -> tuple[list[Entry], list[int]]:
+        """Every VISIBILITY_TIMEOUT_S / 3, up to `count` jobs of workers that stopped before answering them,
+        with how often each has been delivered (see workers/recovery.py)."""
+        from workers.recovery import take_over
+
+        now = time.monotonic()
+        if count <= 0 or now - self._last_takeover < self.settings.visibility_timeout_s / 3:
+            return [], []
+        self._last_takeover = now
+        claimed = await take_over(self.redis, self.stream, self.worker_id,
+                                  int(self.settings.visibility_timeout_s * 1000), count)
+        return [entry for entry, _ in claimed], [delivered for _, delivered in claimed]
+
+    def give_up_if_spent(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
+                         request_id: str, model: str, delivered: int) -> bool:
+        """A job delivered more than MAX_DELIVERIES times goes to the dead-letter stream, its client is told,
+        and the entry is acknowledged; True when that happened."""
+        from workers.recovery import dead_letter
+
+        if delivered <= self.settings.max_deliveries:
+            return False
+        dead_letter(pipe, keys.dead_letter_stream(self.info.kind, model), fields, request_id, delivered)
+        self.ack(pipe, entry_id)
+        return True
 
     def ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
         self.info.jobs_done += 1

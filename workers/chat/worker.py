@@ -21,7 +21,6 @@ from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
-from workers.recovery import dead_letter, take_over
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -37,7 +36,6 @@ class ChatWorker(StreamWorker):
         self.engine = engine
         self.info.vocab_size = engine.vocab_size
         self.steps = 0
-        self._last_takeover = float("-inf")
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
         # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-engine")
@@ -47,7 +45,8 @@ class ChatWorker(StreamWorker):
         return not self.stopping.is_set() or self.engine.active > 0
 
     async def iteration(self) -> None:
-        await self._take_over()
+        if (free := self._free_slots()) > 0:  # free slots go first to the jobs of workers that stopped
+            await self._admit_all(*await self.take_over_due(free))
         if not self.engine.active and (free := self._free_slots()) > 0:
             await self._admit_all(await self.read_burst(free))
         if self.engine.active:
@@ -111,10 +110,7 @@ class ChatWorker(StreamWorker):
             progress = [[int(t) for t in next(replies)] for _ in range(job.n if deliveries else 0)]
             if cancelled:
                 self.ack(pipe, entry_id)
-            elif delivered > self.settings.max_deliveries:
-                dead_letter(pipe, keys.dead_letter_stream("chat", job.model), fields, job.request_id, delivered)
-                self.ack(pipe, entry_id)
-            else:
+            elif not self.give_up_if_spent(pipe, entry_id, fields, job.request_id, job.model, delivered):
                 self._admit(pipe, entry_id, job, progress)
         await pipe.execute()
 
@@ -138,16 +134,6 @@ class ChatWorker(StreamWorker):
             seq.resume = done
         pipe.publish(channel, encode(self.engine.add(result)))
 
-    async def _take_over(self) -> None:
-        """Every VISIBILITY_TIMEOUT_S / 3, free slots go first to the jobs of workers that stopped."""
-        now = time.monotonic()
-        if now - self._last_takeover < self.settings.visibility_timeout_s / 3:
-            return
-        self._last_takeover = now
-        if (free := self._free_slots()) > 0:
-            claimed = await take_over(self.redis, self.stream, self.worker_id,
-                                      int(self.settings.visibility_timeout_s * 1000), free)
-            await self._admit_all([entry for entry, _ in claimed], [count for _, count in claimed])
 
     async def _step(self) -> None:
         """Prefill, publish (first tokens go out at once), decode, publish. The phases run strictly one after

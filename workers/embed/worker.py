@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -22,7 +21,6 @@ import redis.asyncio as aioredis
 from common import keys, redis_client
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.settings import Settings
-from workers.recovery import dead_letter, take_over
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -45,7 +43,6 @@ class EmbedWorker(StreamWorker):
         self.cross_request_batching = settings.embed_cross_request_batching
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-embed")
         self._answering: list[bytes] = []  # entries being answered: kept alive by the heartbeat
-        self._last_takeover = float("-inf")
         self.calls = 0
         self.items = 0
 
@@ -60,11 +57,23 @@ class EmbedWorker(StreamWorker):
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
+    async def _one_call(self, fn: Any, inputs: list[Any], wanted: list[int], counts: list[int]) -> tuple[
+            list[int], Any]:
+        """The `wanted` inputs (of every job of the read) in one model call, shortest first so the backend's
+        own batches pad little; returns their positions in call order and the results in the same order."""
+        order = sorted(wanted, key=lambda i: counts[i])
+        if not order:
+            return [], []
+        results = await self._in_thread(fn, [inputs[i] for i in order])
+        self.calls += 1
+        self.items += len(order)
+        return order, results
+
     def in_flight(self) -> list[bytes]:
         return list(self._answering)
 
     async def iteration(self) -> None:
-        entries, deliveries = await self._taken_over()
+        entries, deliveries = await self.take_over_due(JOBS_PER_READ)
         if not entries:
             if self.cross_request_batching:
                 entries = await self.read_burst(JOBS_PER_READ)
@@ -76,16 +85,6 @@ class EmbedWorker(StreamWorker):
                 await self._answer(entries, deliveries)
             finally:
                 self._answering = []
-
-    async def _taken_over(self) -> tuple[list[Entry], list[int] | None]:
-        """Every VISIBILITY_TIMEOUT_S / 3: the jobs of workers that stopped before answering them."""
-        now = time.monotonic()
-        if now - self._last_takeover < self.settings.visibility_timeout_s / 3:
-            return [], None
-        self._last_takeover = now
-        claimed = await take_over(self.redis, self.stream, self.worker_id,
-                                  int(self.settings.visibility_timeout_s * 1000), JOBS_PER_READ)
-        return [entry for entry, _ in claimed], [count for _, count in claimed]
 
     async def _answer(self, entries: list[Entry], deliveries: list[int] | None = None) -> None:
         jobs: list[tuple[bytes, Any]] = []
@@ -99,9 +98,7 @@ class EmbedWorker(StreamWorker):
                 self.ack(pipe, entry_id)
                 continue
             delivered = deliveries[k] if deliveries else 1
-            if delivered > self.settings.max_deliveries:
-                dead_letter(pipe, keys.dead_letter_stream(self.kind, job.model), fields, job.request_id, delivered)
-                self.ack(pipe, entry_id)
+            if self.give_up_if_spent(pipe, entry_id, fields, job.request_id, job.model, delivered):
                 continue
             jobs.append((entry_id, job))
         answers = await (self._embed(jobs) if self.kind == "embed" else self._rerank(jobs))
@@ -131,12 +128,10 @@ class EmbedWorker(StreamWorker):
             answers.append(refusal)
             if refusal is None:
                 wanted.extend(span)
-        order = sorted(wanted, key=lambda i: counts[i])
         vectors = np.zeros((len(texts), self.backend.dim), dtype=np.float32)
+        order, rows = await self._one_call(self.backend.embed, texts, wanted, counts)
         if order:
-            vectors[order] = await self._in_thread(self.backend.embed, [texts[i] for i in order])
-            self.calls += 1
-            self.items += len(order)
+            vectors[order] = rows
         start = 0
         for k, (_, job) in enumerate(jobs):
             span = slice(start, start + len(job.texts))
@@ -184,13 +179,10 @@ class EmbedWorker(StreamWorker):
                 continue
             answers.append(None)
             wanted.extend(span)
-        order = sorted(wanted, key=lambda k: counts[k])
         logits = [0.0] * len(pairs)
-        if order:
-            for k, x in zip(order, await self._in_thread(self.backend.score, [pairs[k] for k in order]), strict=True):
-                logits[k] = x
-            self.calls += 1
-            self.items += len(order)
+        order, scores = await self._one_call(self.backend.score, pairs, wanted, counts)
+        for k, x in zip(order, scores, strict=True):
+            logits[k] = x
         start = 0
         for n, (_, job) in enumerate(jobs):
             span = range(start, start + len(job.documents))

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,41 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         code = proc.stop()
         assert code == 0, f"axion serve exited with {code}:\n{proc.log()[-3000:]}"
+
+
+def enqueue_orphan(r: Any, stream: str, job: Any, delivered: int = 1) -> bytes:
+    """Queue `job` as a 'ghost' worker's: read by a consumer that then died, so only a takeover answers it.
+    XADD and the ghost's read run in one transaction, so no live worker reads the entry first; `delivered` > 1
+    sets the entry's delivery count as if earlier takeovers had failed too."""
+    from common import keys
+    from common.protocol import encode
+
+    with r.pipeline(transaction=True) as tx:
+        tx.xadd(stream, {"job": encode(job)})
+        tx.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)
+        entry = tx.execute()[0]
+    if delivered > 1:
+        r.xclaim(stream, keys.WORKER_GROUP, "ghost", 0, [entry], retrycount=delivered)
+    return entry
+
+
+def subscribed(r: Any, request_id: str) -> Any:
+    """A pub/sub connection on a request's reply channel, subscription confirmed."""
+    from common import keys
+
+    pubsub = r.pubsub()
+    pubsub.subscribe(keys.reply_channel(request_id))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    return pubsub
+
+
+def next_event(pubsub: Any, timeout: float = 15) -> Any:
+    """The next event published on `pubsub` (decoded), or None after `timeout` seconds."""
+    from common.protocol import decode_event
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+        if message and message["type"] == "message":
+            return decode_event(message["data"])
+    return None

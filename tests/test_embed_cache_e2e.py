@@ -198,24 +198,16 @@ def test_an_embedding_job_left_by_a_dead_worker_is_taken_over(on: Server, minilm
     import redis as sync_redis
 
     from common import keys
-    from common.protocol import EmbedJob, decode_event, encode
+    from common.protocol import EmbedJob
+    from tests.conftest import enqueue_orphan, next_event, subscribed
 
     r = sync_redis.Redis.from_url(on.redis_url)
     stream = keys.embed_stream(str(minilm_onnx))
     job = EmbedJob(request_id="orphan-embed-1", model=str(minilm_onnx), texts=["left behind by a crash"],
                    created=time.time())
-    pubsub = r.pubsub()
-    pubsub.subscribe(keys.reply_channel(job.request_id))
-    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-    with r.pipeline(transaction=True) as tx:  # atomically, so the live worker does not read it first
-        tx.xadd(stream, {"job": encode(job)})
-        tx.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)
-        tx.execute()
-    message = None
-    deadline = time.monotonic() + 15
-    while message is None and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=1)
-    assert message is not None, "the orphaned job was never answered"
-    answer = decode_event(message["data"])
+    pubsub = subscribed(r, job.request_id)
+    enqueue_orphan(r, stream, job)
+    answer = next_event(pubsub)
+    assert answer is not None, "the orphaned job was never answered"
     assert type(answer).__name__ == "Embedded" and answer.dim == 384
     assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import keys
 from common.redis_server import EmbeddedRedis, free_port
-from tests.conftest import REPO, Proc, axion_env
+from tests.conftest import REPO, Proc, axion_env, enqueue_orphan, next_event, subscribed
 
 KEY = "sk-ops-test"
 ENV = {"HEARTBEAT_TTL_S": "1.5", "VISIBILITY_TIMEOUT_S": "1", "MAX_DELIVERIES": "3", "CACHE_CAPACITY": "0",
@@ -147,17 +147,12 @@ def test_json_logs_carry_the_request_id(fleet: Fleet) -> None:
 
 def _make_dead_letter(fleet: Fleet, request_id: str) -> None:
     """As tests/test_recovery_e2e.py does: a 'ghost' consumer took the job and it was delivered too often."""
-    from common.protocol import ChatJob, ChatMessage, SamplingParams, encode
+    from common.protocol import ChatJob, ChatMessage, SamplingParams
 
     r = redis.Redis.from_url(fleet.redis_url)
-    stream = keys.chat_stream(fleet.model)
     job = ChatJob(request_id=request_id, model=fleet.model, messages=[ChatMessage(role="user", content="hi")],
                   params=SamplingParams(temperature=0.0, max_tokens=2), created=time.time())
-    with r.pipeline(transaction=True) as tx:
-        tx.xadd(stream, {"job": encode(job)})
-        tx.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)
-        entry = tx.execute()[0]
-    r.xclaim(stream, keys.WORKER_GROUP, "ghost", 0, [entry], retrycount=5)
+    enqueue_orphan(r, keys.chat_stream(fleet.model), job, delivered=5)
     deadline = time.monotonic() + 15
     while not r.xlen(keys.dead_letter_stream("chat", fleet.model)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -165,7 +160,6 @@ def _make_dead_letter(fleet: Fleet, request_id: str) -> None:
 
 
 def test_ops_cli_status_queues_and_dead_letters(fleet: Fleet) -> None:
-    from common.protocol import decode_event
 
     _make_dead_letter(fleet, "poison-ops")
     status = fleet.cli_json("status")
@@ -189,18 +183,15 @@ def test_ops_cli_status_queues_and_dead_letters(fleet: Fleet) -> None:
     assert dead["id"] in listing.stdout and "poison-ops" in listing.stdout
 
     r = redis.Redis.from_url(fleet.redis_url)
-    pubsub = r.pubsub()
-    pubsub.subscribe(keys.reply_channel("poison-ops"))
-    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    pubsub = subscribed(r, "poison-ops")
     retried = fleet.cli_json("dead-letters", "retry", dead["id"])
     assert [d["id"] for d in retried] == [dead["id"]]
     assert r.xlen(keys.dead_letter_stream("chat", fleet.model)) == 0
     events = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not any(type(e).__name__ == "Finished" for e in events):
-        message = pubsub.get_message(timeout=1)
-        if message and message["type"] == "message":
-            events.append(decode_event(message["data"]))
+    while (event := next_event(pubsub)) is not None:
+        events.append(event)
+        if type(event).__name__ == "Finished":
+            break
     names = [type(e).__name__ for e in events]
     assert names and names[0] == "Accepted" and names[-1] == "Finished", names
 

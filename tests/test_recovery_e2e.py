@@ -10,7 +10,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import redis
 
 from common import keys
 from common.redis_server import EmbeddedRedis, free_port
-from tests.conftest import Proc, axion_env, get_json, wait_ready
+from tests.conftest import Proc, axion_env, enqueue_orphan, get_json, next_event, subscribed, wait_ready
 
 ENV = {"HEARTBEAT_TTL_S": "1.5", "VISIBILITY_TIMEOUT_S": "2", "MAX_BATCH_SIZE": "16", "CONCURRENT_REQUESTS": "64",
        "MAX_CONNECTIONS": "200", "CACHE_CAPACITY": "0", "SSE_KEEPALIVE_S": "0.5"}
@@ -90,6 +90,16 @@ async def _stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], first
     return "".join(pieces), pieces, finish
 
 
+async def _streams_then(fleet: Fleet, n: int, act: Callable[[], object]) -> list[tuple[str, list[str], str | None]]:
+    """Requests 0..n-1 as streams; once every one has its first token, `act` (kill, SIGTERM...); then their ends."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        started = [asyncio.Event() for _ in range(n)]
+        tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i), started[i])) for i in range(n)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        act()
+        return await asyncio.gather(*tasks)
+
+
 def _reference(fleet: Fleet, n: int) -> list[str]:
     with httpx.Client(timeout=120) as http:
         return [http.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, i, stream=False))
@@ -101,15 +111,8 @@ def test_kill_9_mid_stream_loses_and_repeats_nothing(fleet: Fleet) -> None:
     expected = _reference(fleet, 20)
     victim = fleet.workers[0]
 
-    async def go() -> list[tuple[str, list[str], str | None]]:
-        async with httpx.AsyncClient(timeout=120) as http:
-            started = [asyncio.Event() for _ in range(20)]
-            tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i), started[i])) for i in range(20)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
-            victim.process.send_signal(signal.SIGKILL)  # every stream has begun; many are mid-generation
-            return await asyncio.gather(*tasks)
-
-    results = asyncio.run(go())
+    # every stream has begun when the worker dies; many are mid-generation
+    results = asyncio.run(_streams_then(fleet, 20, lambda: victim.process.send_signal(signal.SIGKILL)))
     assert victim.process.wait(10) == -signal.SIGKILL
     assert [text for text, _, _ in results] == expected
     assert all(finish == "length" for _, _, finish in results)
@@ -163,15 +166,7 @@ def test_sigterm_to_a_busy_worker_finishes_its_requests(fleet: Fleet) -> None:
     expected = _reference(fleet, 10)
     leaving = fleet.workers[0]
 
-    async def go() -> list[tuple[str, list[str], str | None]]:
-        async with httpx.AsyncClient(timeout=120) as http:
-            started = [asyncio.Event() for _ in range(10)]
-            tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i), started[i])) for i in range(10)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
-            leaving.process.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
-
-    results = asyncio.run(go())
+    results = asyncio.run(_streams_then(fleet, 10, lambda: leaving.process.send_signal(signal.SIGTERM)))
     assert [text for text, _, _ in results] == expected
     assert leaving.process.wait(30) == 0
 
@@ -190,27 +185,17 @@ def test_deadline_gives_504_in_time(fleet: Fleet) -> None:
 
 def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream(fleet: Fleet) -> None:
     """A job a 'ghost' consumer took and never answered, already delivered 5 times (MAX_DELIVERIES is 3)."""
-    from common.protocol import ChatJob, ChatMessage, SamplingParams, decode_event, encode
+    from common.protocol import ChatJob, ChatMessage, SamplingParams
 
     fleet.ensure_two_workers()
     r = redis.Redis.from_url(fleet.redis_url)
     stream, model = keys.chat_stream(str(fleet.model_dir)), str(fleet.model_dir)
     job = ChatJob(request_id="poison-1", model=model, messages=[ChatMessage(role="user", content="hi")],
                   params=SamplingParams(temperature=0.0, max_tokens=4), created=time.time())
-    pubsub = r.pubsub()
-    pubsub.subscribe(keys.reply_channel(job.request_id))
-    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
-    with r.pipeline(transaction=True) as tx:  # atomically, so no live worker reads it first
-        tx.xadd(stream, {"job": encode(job)})
-        tx.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)  # pretend: a worker that then died
-        entry = tx.execute()[0]
-    r.xclaim(stream, keys.WORKER_GROUP, "ghost", 0, [entry], retrycount=5)
-    message = None
-    deadline = time.monotonic() + 15
-    while message is None and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=1)
-    assert message is not None, "no answer for the poison job"
-    failure = decode_event(message["data"])
+    pubsub = subscribed(r, job.request_id)
+    enqueue_orphan(r, stream, job, delivered=5)
+    failure = next_event(pubsub)
+    assert failure is not None, "no answer for the poison job"
     assert (failure.status, failure.code) == (503, "worker_lost")
     dead = r.xrange(keys.dead_letter_stream("chat", model))
     assert [fields[b"deliveries"] for _, fields in dead] == [b"6"]
@@ -222,16 +207,8 @@ def test_sigterm_to_the_api_drains_open_streams(fleet: Fleet) -> None:
     fleet.ensure_two_workers()
     expected = _reference(fleet, 3)
 
-    async def go() -> list[tuple[str, list[str], str | None]]:
-        async with httpx.AsyncClient(timeout=120) as http:
-            started = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i), started[i])) for i in range(3)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
-            fleet.api.process.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
-
     try:
-        results = asyncio.run(go())
+        results = asyncio.run(_streams_then(fleet, 3, lambda: fleet.api.process.send_signal(signal.SIGTERM)))
         assert [text for text, _, _ in results] == expected
         assert fleet.api.process.wait(30) == 0
     finally:

@@ -221,3 +221,21 @@ def test_hot_swap_drains_in_flight_stream_then_serves_then_unloads(fleet: Fleet)
     idle = subprocess.run([sys.executable, "-m", "common.cli", "models", "list", "--json"], env=fleet.env, cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert f'"worker_id": "{worker_b}"' in idle.stdout and '"model": "(idle)"' in idle.stdout
+
+
+def test_an_idle_chat_worker_loads_a_rerank_model(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """After the unload above worker 2 is idle: `axion models load --kind rerank` (no --worker) picks it, and the
+    same process now serves a cross-encoder on fastembed."""
+    from workers.embed.devmodels import build_tiny_cross_encoder
+
+    reranker = str(build_tiny_cross_encoder(tmp_path_factory.mktemp("fleet-rerank") / "cross-encoder"))
+    load = subprocess.run([sys.executable, "-m", "common.cli", "models", "load", reranker, "--kind", "rerank",
+                           "--timeout", "60"], env=fleet.env, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert load.returncode == 0, load.stderr
+    card = listed(fleet.api)[reranker]
+    assert (card["kind"], card["backend"]) == ("rerank", "fastembed")
+    answer = httpx.post(f"{fleet.api.base_url}/v1/rerank", timeout=30, json={
+        "model": reranker, "query": "the sea", "documents": ["waves and salt", "a tax form"]}).json()
+    assert sorted(r["index"] for r in answer["results"]) == [0, 1]
+    worker = next(w for w in get_json(f"{fleet.api.base_url}/health")["workers"] if w["model"] == reranker)
+    assert worker["id"] in load.stdout and worker["kind"] == "rerank"

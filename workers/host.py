@@ -149,10 +149,11 @@ class WorkerHost:
             if present != command.model:
                 log.warning("control: unload %s ignored: this worker serves %r", command.model, present)
                 return
+            before = loading.rss()
             await self._drain()
             self._start(IdleWorker(self.settings, self.redis, present_kind))
             loading.free_memory()
-            log.info("control: unloaded %s", command.model)
+            log.info("control: unloaded %s; process RSS %+.1f MiB", command.model, (loading.rss() - before) / 2**20)
             return
         kind = command.kind or present_kind
         problem = load_problem(command.model, allow_paths=self.settings.allow_model_paths,

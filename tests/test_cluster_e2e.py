@@ -1,9 +1,11 @@
-"""Axion on a real 3-node Redis Cluster: chat streams, the openai SDK, embeddings, the shared cache, a worker killed
+"""Axion on a real 3-node Redis Cluster: chat streams, the openai SDK, the shared cache, a worker killed
 mid-stream, and proof that the cluster was really used (keys on several nodes, sharded pub/sub).
 
 Three `redis-server --cluster-enabled yes` on free loopback ports joined by `redis-cli --cluster create`; two
-`axion api` (one with the response cache, one without, so the crash test's streams reach the workers), two chat
-workers and an embedding worker, all given REDIS_URL of one node and REDIS_CLUSTER left at `auto`.
+`axion api` (one with the response cache, one without, so the crash test's streams reach the workers) and two
+chat workers, all given REDIS_URL of one node and REDIS_CLUSTER left at `auto`. No embedding worker: it would add
+a third torch process (~10 s of start on this machine) for the code path the chat worker already takes (the
+same StreamWorker, the same `publish`).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class ClusterFleet:
     """The processes on the cluster. `url` (no cache) and `model_dir` (the served name) are what the
     recovery test's helpers read; `cached_url` is the API replica with the response cache."""
 
-    def __init__(self, cluster: LocalCluster, model_dir: Path, model: str, embed_model: Path, logs: Path) -> None:
+    def __init__(self, cluster: LocalCluster, model_dir: Path, model: str, logs: Path) -> None:
         self.cluster, self.model_dir, self.logs = cluster, model, logs
         self.path = model_dir
         ports = [free_port(), free_port()]
@@ -126,10 +128,7 @@ class ClusterFleet:
         self.apis = [Proc(["api"], self.env(ports[0], CACHE_CAPACITY="100"), logs / "api-cached.log").start(),
                      Proc(["api"], self.env(ports[1], CACHE_CAPACITY="0"), logs / "api.log").start()]
         self.workers = [Proc(["worker"], self.env(ports[0]), logs / f"worker{i}.log").start() for i in range(2)]
-        self.embed_model = str(embed_model)
-        self.embedder = Proc(["worker"], self.env(ports[0], WORKER_KIND="embed", EMBEDDING_MODEL=self.embed_model),
-                             logs / "embed.log").start()
-        self.procs = [*self.apis, *self.workers, self.embedder]
+        self.procs = [*self.apis, *self.workers]
 
     def env(self, port: int, **extra: str) -> dict[str, str]:
         return axion_env(self.path, self.cluster.url, port, SERVED_MODEL_NAME=self.model_dir, **ENV, **extra)
@@ -171,13 +170,13 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def fleet(cluster: LocalCluster, tiny_model_dir: Path, minilm_onnx: Path,
+def fleet(cluster: LocalCluster, tiny_model_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFleet]:
-    fleet = ClusterFleet(cluster, tiny_model_dir, _model_on_another_node(cluster), minilm_onnx,
+    fleet = ClusterFleet(cluster, tiny_model_dir, _model_on_another_node(cluster),
                          tmp_path_factory.mktemp("cluster-logs"))
     try:
         for url in (fleet.url, fleet.cached_url):
-            wait_ready(url, fleet.procs, workers=3)
+            wait_ready(url, fleet.procs, workers=2)
         yield fleet
     finally:
         for proc in fleet.procs:
@@ -189,12 +188,10 @@ def test_processes_detect_the_cluster_and_spread_their_keys(fleet: ClusterFleet)
     assert "sharded pub/sub on 3 node(s)" in fleet.apis[0].log()
     stream = keys.chat_stream(fleet.model_dir)
     assert cluster.holders(stream) == [cluster.owner(stream)]  # the workers' consumer group made it there
-    embed_stream = keys.embed_stream(fleet.embed_model)
-    assert cluster.holders(embed_stream) == [cluster.owner(embed_stream)]
     status = subprocess.run([sys.executable, "-m", "common.cli", "status", "--json"], capture_output=True,
                             text=True, timeout=30, cwd=REPO, env=fleet.env(free_port())).stdout
     data = json.loads(status)
-    assert sorted(w["kind"] for w in data["workers"]) == ["chat", "chat", "embed"]
+    assert [w["model"] for w in data["workers"]] == [fleet.model_dir] * 2
     assert {(q["kind"], q["model"]) for q in data["queues"]} >= {("chat", fleet.model_dir)}
 
 
@@ -223,7 +220,7 @@ def test_a_stream_comes_back_over_sharded_pubsub(fleet: ClusterFleet) -> None:
     assert sum(cluster.command_calls("publish").values()) == 0  # no broadcast PUBLISH anywhere
 
 
-def test_non_stream_and_embeddings_through_the_openai_sdk(fleet: ClusterFleet) -> None:
+def test_non_stream_through_the_openai_sdk(fleet: ClusterFleet) -> None:
     client = fleet.client(fleet.url)
     answers = [client.chat.completions.create(model=fleet.model_dir, max_tokens=8, extra_body={"ignore_eos": True},
                                               messages=[{"role": "user", "content": f"plain {i}"}])
@@ -233,9 +230,6 @@ def test_non_stream_and_embeddings_through_the_openai_sdk(fleet: ClusterFleet) -
     # a chance of 3 in 3^12).
     owners = {fleet.cluster.owner(keys.reply_channel(a.id.removeprefix("chatcmpl-"))) for a in answers}
     assert len(owners) > 1
-    vectors = client.embeddings.create(model=fleet.embed_model, input=["a cat sleeps", "a kitten naps", "stocks"],
-                                       encoding_format="float")
-    assert [len(d.embedding) for d in vectors.data] == [384, 384, 384]
 
 
 def test_the_cache_is_shared_and_lives_in_its_own_slot(fleet: ClusterFleet) -> None:

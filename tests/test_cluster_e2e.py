@@ -259,3 +259,50 @@ def test_kill_9_mid_stream_a_second_worker_finishes_every_stream(fleet: ClusterF
     stream = keys.chat_stream(fleet.model_dir)
     assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0 and r.xlen(stream) == 0
     r.close()
+
+
+def test_the_reply_hub_follows_a_resharded_channel(cluster: LocalCluster) -> None:
+    """Last in the module: it moves a slot. The API's hub, in-process, on the real cluster: a channel whose slot
+    moves while a request waits ends that request with a 503 event; a new subscription with the hub's slot map
+    gone stale is refused (MOVED), reloads the map and lands on the new owner."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    from api.cluster_hub import ClusterReplyHub
+    from common.protocol import Failed, decode_event
+    from common.settings import load_settings
+
+    channel = keys.reply_channel("resharded")
+    slot = int(cluster.node(cluster.ports[0]).execute_command("CLUSTER", "KEYSLOT", channel))
+    old = cluster.owner(channel)
+    new = next(p for p in cluster.ports if p != old)
+
+    def move_slot(to: int) -> None:
+        node_id = cluster.node(to).execute_command("CLUSTER", "MYID")
+        for port in cluster.ports:
+            cluster.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", node_id)
+
+    async def go() -> None:
+        client = AsyncRedisCluster.from_url(cluster.url)
+        hub = ClusterReplyHub(client, load_settings({"REDIS_URL": cluster.url}))
+        await hub.start()
+        try:
+            waiting = await hub.open(channel=channel)
+            await client.spublish(channel, b"before")
+            assert await waiting.get(2) == b"before"
+            move_slot(new)
+            lost = decode_event(await waiting.get(2))  # the old owner dropped the subscription
+            assert isinstance(lost, Failed) and (lost.status, lost.code) == (503, "redis_unavailable")
+            await hub.close(waiting)
+            assert client.get_node_from_key(channel).port == old  # the hub's slot map is stale now
+            again = await hub.open(channel=channel)
+            assert client.get_node_from_key(channel).port == new
+            assert cluster.node(new).execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1
+            await client.spublish(channel, b"after")
+            assert await again.get(2) == b"after"
+            await hub.close(again)
+        finally:
+            move_slot(old)
+            await hub.stop()
+            await client.aclose()
+
+    asyncio.run(go())

@@ -269,8 +269,9 @@ class ReplyHub:
             for sub in list(subs):
                 if sub.confirmed.done() == confirmed:
                     sub.fail(moved=True)
-            for name in (channel, channel.encode()):
-                self._pubsub.shard_channels.pop(name, None)
+            if all(sub.failed for sub in subs):  # a newer SSUBSCRIBE of the channel may still be on its way
+                for name in (channel, channel.encode()):
+                    self._pubsub.shard_channels.pop(name, None)
 
     def _holds(self, channel: str) -> bool:
         """Whether the server still has this channel subscribed here (a moved shard channel was dropped)."""

@@ -29,7 +29,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from common import keys
-from common.redis_server import die_with_parent, find_redis_server, free_port
+from common.redis_cluster import Topology, topology
+from common.redis_server import EmbeddedRedis, die_with_parent, find_redis_server, free_port
 from tests.conftest import REPO, Proc, axion_env, wait_ready
 from tests.test_recovery_e2e import _reference, _streams_then
 
@@ -181,6 +182,18 @@ def fleet(cluster: LocalCluster, tiny_model_dir: Path,
     finally:
         for proc in fleet.procs:
             proc.stop()
+
+
+def test_redis_cluster_setting(cluster: LocalCluster, redis_server: EmbeddedRedis) -> None:
+    """REDIS_CLUSTER=auto asks the node; true/false decide; true against a single node stops the process."""
+    assert topology(cluster.url, "auto", 2) == Topology(cluster=True, sharded_pubsub=True)
+    assert topology(redis_server.url, "auto", 2).cluster is False
+    assert topology(cluster.url, "false", 2).cluster is False
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    assert topology(unreachable, "auto", 0.5).cluster is False
+    assert topology(unreachable, "true", 0.5).cluster is True
+    with pytest.raises(SystemExit, match="not a cluster node"):
+        topology(redis_server.url, "true", 2)
 
 
 def test_processes_detect_the_cluster_and_spread_their_keys(fleet: ClusterFleet) -> None:

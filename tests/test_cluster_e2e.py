@@ -31,7 +31,7 @@ from redis.cluster import RedisCluster
 from common import keys
 from common.redis_cluster import Topology, topology
 from common.redis_server import EmbeddedRedis, die_with_parent, find_redis_server, free_port
-from tests.conftest import REPO, Proc, axion_env, wait_ready
+from tests.conftest import REPO, Proc, axion_env, get_json, wait_ready
 from tests.test_recovery_e2e import _reference, _streams_then
 
 NODES = 3
@@ -257,6 +257,26 @@ def test_the_cache_is_shared_and_lives_in_its_own_slot(fleet: ClusterFleet) -> N
     assert cluster.node(cluster.owner(ranking)).zcard(ranking) == 1
     assert cluster.holders(ranking) == [cluster.owner(ranking)]
     assert len(set(cluster.holders("axion:*"))) >= 2  # the model's stream and the chat cache are on different nodes
+
+
+def test_a_client_that_leaves_is_cancelled_through_its_flag(fleet: ClusterFleet) -> None:
+    """The API sets the request's cancel flag (in the request's slot); the workers read every running request's
+    flag each step, one GET each, whatever node holds it."""
+    body = {"model": fleet.model_dir, "messages": [{"role": "user", "content": "leave early"}], "max_tokens": 900,
+            "ignore_eos": True}
+    decoded = _workers_total(fleet, "decoded_tokens")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{fleet.url}/v1/chat/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and _workers_total(fleet, "active_sequences"):
+        time.sleep(0.05)
+    assert _workers_total(fleet, "active_sequences") == 0
+    time.sleep(0.6)  # one more heartbeat: the token counters as of now
+    assert _workers_total(fleet, "decoded_tokens") - decoded < 900  # stopped before its max_tokens
+
+
+def _workers_total(fleet: ClusterFleet, field: str) -> int:
+    return sum(w[field] for w in get_json(f"{fleet.url}/health")["workers"])
 
 
 def test_kill_9_mid_stream_a_second_worker_finishes_every_stream(fleet: ClusterFleet) -> None:

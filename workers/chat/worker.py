@@ -19,7 +19,7 @@ import torch
 
 from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
-from common.redis_cluster import publish
+from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
 from workers.revision import model_revision
@@ -189,8 +189,14 @@ class ChatWorker(StreamWorker):
                 self.ack(pipe, seq.tag)
                 pipe.delete(*(keys.progress(seq.request_id, i) for i in range(seq.group.size)))
         running = sorted({seq.request_id for seq in self.engine.rows + self.engine.pending}) if read else []
-        for request_id in running:  # one GET each, not one MGET: in a Redis Cluster the flags live in many slots
-            pipe.get(keys.cancel_flag(request_id))
+        per_key = is_cluster(pipe)  # in a Redis Cluster the flags live in many slots: one GET each, not one MGET
+        if running:
+            flag_keys = [keys.cancel_flag(r) for r in running]
+            if per_key:
+                for key in flag_keys:
+                    pipe.get(key)
+            else:
+                pipe.mget(flag_keys)
         free = self._free_slots() if read else 0
         if free > 0:
             self.read_in(pipe, free)
@@ -198,7 +204,7 @@ class ChatWorker(StreamWorker):
             replies = await pipe.execute()
             if running:
                 end = len(replies) - (1 if free > 0 else 0)
-                flags = replies[end - len(running):end]
+                flags = replies[end - len(running):end] if per_key else replies[end - 1]
                 for request_id, flag in zip(running, flags, strict=True):
                     if flag:
                         self.engine.cancel(request_id)

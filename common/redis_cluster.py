@@ -13,7 +13,7 @@ What changes in a cluster, and where it is handled:
   node forwards to every other. `publish` below picks; the API's subscriber side is `api/cluster_hub.py`.
 - MGET needs all its keys in one slot: `mget` splits it per slot in a cluster.
 - SCAN must visit every primary: redis-py's cluster `scan_iter` does.
-- There are no database numbers: the `/0` of REDIS_URL is ignored.
+- There are no database numbers: REDIS_URL may end in `/0` or nothing, any other number stops the process.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 from redis.asyncio.cluster import ClusterPipeline as AsyncClusterPipeline
@@ -47,7 +48,8 @@ class Topology:
 def probe(url: str, timeout_s: float) -> Topology | None:
     """Ask the node in `url` whether it is a cluster node and which version it runs; None when it does not
     answer. One short-lived connection, before the process's real client exists."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    without_db = urlparse(url)._replace(path="").geturl()  # a cluster node refuses SELECT
+    client = redis.Redis.from_url(without_db, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         info = client.info()
     except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -72,6 +74,8 @@ def topology(url: str, mode: str, timeout_s: float) -> Topology:
     if mode == "true" and not found.cluster:
         raise SystemExit(f"axion: REDIS_CLUSTER=true but {_redacted(url)} is not a cluster node "
                          "(INFO cluster says cluster_enabled:0)")
+    if found.cluster and urlparse(url).path.strip("/") not in ("", "0"):
+        raise SystemExit(f"axion: {_redacted(url)} names a database, but a Redis Cluster has only database 0")
     return found
 
 

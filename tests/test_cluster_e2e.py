@@ -266,10 +266,12 @@ def test_a_client_that_leaves_is_cancelled_through_its_flag(fleet: ClusterFleet)
     """The API sets the request's cancel flag (in the request's slot); the workers read every running request's
     flag each step, one GET each, whatever node holds it."""
     body = {"model": fleet.model_dir, "messages": [{"role": "user", "content": "leave early"}], "max_tokens": 900,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream": True}
     decoded = _workers_total(fleet, "decoded_tokens")
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{fleet.url}/v1/chat/completions", json=body, timeout=1.0)
+    with httpx.stream("POST", f"{fleet.url}/v1/chat/completions", json=body, timeout=30) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                break  # the first token came: leave
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline and _workers_total(fleet, "active_sequences"):
         time.sleep(0.05)

@@ -76,7 +76,10 @@ class Subscription:
         self.failed = False
 
     async def get(self, timeout: float | None) -> bytes:
-        return await asyncio.wait_for(self.queue.get(), timeout)
+        # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that lands as the queue hands over an event
+        # (it returns the event instead), and a request whose client left then runs to its end.
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
 
     def fail(self, moved: bool = False) -> None:
         """The connection dropped (or, `moved`, the channel's slot went to another node): a subscription still

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "queues", "dead-letters"):
         from common.ops import main as ops_main
 
-        return ops_main(args.command, rest, load_or_exit().redis_url)
+        settings = load_or_exit()
+        return ops_main(args.command, rest, settings.redis_url, settings.redis_cluster)
     if rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     settings = load_or_exit()

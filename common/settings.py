@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     batch_timeout_ms: NonNegativeInt = 50
     max_batch_size: PositiveInt = 8
     redis_url: str | None = None
+    redis_cluster: Literal["auto", "true", "false"] = "auto"  # auto: `INFO cluster` of REDIS_URL's node decides
     log_level: LogLevel = "info"
     log_format: Literal["text", "json"] = "text"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

@@ -19,6 +19,7 @@ import torch
 
 from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
+from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
 from workers.revision import model_revision
@@ -127,12 +128,12 @@ class ChatWorker(StreamWorker):
             result = self.engine.tokenize(job)
         channel = keys.reply_channel(job.request_id)
         if isinstance(result, Failed | Tokenized):  # answered at once: publish, then acknowledge
-            self.ack(pipe.publish(channel, encode(result)), entry_id)
+            self.ack(publish(pipe, channel, encode(result)), entry_id)
             return
         result.tag = entry_id
         for seq, done in zip([result, *result.siblings], progress, strict=False):
             seq.resume = done
-        pipe.publish(channel, encode(self.engine.add(result)))
+        publish(pipe, channel, encode(self.engine.add(result)))
 
 
     async def _step(self) -> None:
@@ -181,22 +182,29 @@ class ChatWorker(StreamWorker):
                     pipe.expire(key, ttl)
                 seq.recorded = len(seq.output_ids)
         for seq, event in events:
-            pipe.publish(keys.reply_channel(seq.request_id), encode(event))
+            publish(pipe, keys.reply_channel(seq.request_id), encode(event))
         for seq in released:
             seq.group.left -= 1
             if seq.group.left == 0:  # every choice of the request is done
                 self.ack(pipe, seq.tag)
                 pipe.delete(*(keys.progress(seq.request_id, i) for i in range(seq.group.size)))
         running = sorted({seq.request_id for seq in self.engine.rows + self.engine.pending}) if read else []
+        per_key = is_cluster(pipe)  # in a Redis Cluster the flags live in many slots: one GET each, not one MGET
         if running:
-            pipe.mget([keys.cancel_flag(r) for r in running])
+            flag_keys = [keys.cancel_flag(r) for r in running]
+            if per_key:
+                for key in flag_keys:
+                    pipe.get(key)
+            else:
+                pipe.mget(flag_keys)
         free = self._free_slots() if read else 0
         if free > 0:
             self.read_in(pipe, free)
         if events or released or free > 0 or running:
             replies = await pipe.execute()
             if running:
-                flags = replies[-2] if free > 0 else replies[-1]
+                end = len(replies) - (1 if free > 0 else 0)
+                flags = replies[end - len(running):end] if per_key else replies[end - 1]
                 for request_id, flag in zip(running, flags, strict=True):
                     if flag:
                         self.engine.cancel(request_id)

@@ -1,0 +1,116 @@
+"""Every model family through the whole server: `axion api`, real Redis, and a real chat worker per family
+(tests/worker_host.py), driven with the openai SDK; greedy output must equal `model.generate` on the family's
+own chat template, and generation must stop on the family's end-of-turn token even where that token is not the
+tokenizer's eos (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, GLM4's `<|user|>`: generation_config.json's list).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from common.redis_server import EmbeddedRedis, free_port
+from tests.conftest import REPO, Proc, Server, axion_env, wait_ready
+from workers.devfamilies import FAMILIES
+
+PLANTED = [{"role": "user", "content": "Hello there, how are you today?"}]  # answered with 3 tokens, then a stop
+OTHER = [{"role": "system", "content": "You are a terse assistant."},
+         {"role": "user", "content": "Write one line about the sea."}]
+NO_SYSTEM = {"gemma2"}  # its template refuses system messages, as the released one does
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def family_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from workers.devfamilies import build_family_model
+
+    root = tmp_path_factory.mktemp("families")
+    port = free_port()
+    with EmbeddedRedis() as redis:
+        env = axion_env(root / "llama", redis.url, port, MAX_SEQ_LEN="512", MAX_BATCH_SIZE="4",
+                        CACHE_CAPACITY="0")
+        api = Proc(["api"], env, root / "api.log").start()  # starts while the models are built
+        folders = [str(build_family_model(name, root / name, stop_in_answer_to=PLANTED)) for name in FAMILIES]
+        host = WorkerHost(folders, env, root / "workers.log").start()
+        procs = [api, host]
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", procs, workers=len(FAMILIES))
+            yield Server(f"http://127.0.0.1:{port}", str(root), procs, redis.url)
+        finally:
+            host.stop(signal.SIGKILL)
+            assert api.stop() == 0, api.log()[-3000:]
+
+
+class WorkerHost(Proc):
+    """`python -m tests.worker_host FOLDER...`: one real chat worker per folder, in one process."""
+
+    def start(self) -> WorkerHost:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.worker_host", *self.args], env=self.env,
+                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+
+@cache
+def _reference_model(folder: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def reference(folder: str, messages: list[dict], max_tokens: int) -> tuple[str, int, str]:
+    """Greedy `model.generate` on the chat template: (text, completion tokens, finish reason)."""
+    import torch
+
+    model, tokenizer = _reference_model(folder)
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    stops = model.generation_config.eos_token_id
+    stopped = new[-1] in (stops if isinstance(stops, list) else [stops])
+    return tokenizer.decode(new, skip_special_tokens=True), len(new), "stop" if stopped else "length"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_greedy_equals_generate(family_server: Server, family: str) -> None:
+    folder = str(Path(family_server.model) / family)
+    client = family_server.client(timeout=60)
+
+    # The planted answer ends its turn after 3 tokens with the family's end-of-turn token.
+    text, tokens, finish = reference(folder, PLANTED, MAX_TOKENS)
+    assert (tokens, finish) == (4, "stop"), "the model did not end its turn where plant_stop put the stop"
+    resp = client.chat.completions.create(model=folder, messages=PLANTED, temperature=0, max_tokens=MAX_TOKENS)
+    assert resp.choices[0].message.content == text
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and resp.usage.completion_tokens == tokens
+
+    # Another prompt, streamed, runs to max_tokens.
+    messages = OTHER[1:] if family in NO_SYSTEM else OTHER
+    text, tokens, finish = reference(folder, messages, MAX_TOKENS)
+    streamed, finishes, usage = "", [], None
+    for chunk in client.chat.completions.create(model=folder, messages=messages, temperature=0, stream=True,
+                                                max_tokens=MAX_TOKENS, stream_options={"include_usage": True}):
+        if chunk.choices:
+            streamed += chunk.choices[0].delta.content or ""
+            finishes += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+        usage = chunk.usage or usage
+    assert streamed == text
+    assert finishes == [finish]
+    assert usage is not None and usage.completion_tokens == tokens
+
+
+def test_gemma2_template_refusal_is_a_400(family_server: Server) -> None:
+    """The family's own template rules reach the client: Gemma 2 refuses a system message."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        family_server.client().chat.completions.create(model=str(Path(family_server.model) / "gemma2"),
+                                                       messages=OTHER, max_tokens=4)
+    assert "System role not supported" in str(info.value)

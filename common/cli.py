@@ -75,6 +75,10 @@ def run_worker(settings: Settings) -> int:
     check_models(settings, settings.worker_kind)
 
     if settings.worker_kind == "chat":
+        if settings.quantization == "none":
+            from workers.chat.quantize import keep_torchao_out
+
+            keep_torchao_out()
         from workers.chat.worker import serve_worker
 
         asyncio.run(serve_worker(settings))

@@ -73,6 +73,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_string_chars: PositiveInt = 1_000_000
     model_allowlist: str = ""
     allow_model_paths: bool = False
+    # How the chat worker loads MODEL_NAME (workers/chat/loader.py): a .gguf file inside it (MODEL_NAME may also
+    # be a .gguf path), and weight-only quantization after loading (int4 needs CUDA).
+    model_gguf_file: str | None = None
+    quantization: Literal["none", "int8", "int4"] = "none"
 
     @property
     def model_id(self) -> str:

@@ -6,6 +6,7 @@ tokenizer's eos (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, GLM4's `<|user|>`: 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from common.redis_server import EmbeddedRedis, free_port
-from tests.conftest import REPO, Proc, Server, axion_env, wait_ready
+from tests.conftest import REPO, Proc, Server, axion_env, get_json, wait_ready
 from workers.devfamilies import FAMILIES
 
 PLANTED = [{"role": "user", "content": "Hello there, how are you today?"}]  # answered with 3 tokens, then a stop
@@ -24,6 +25,7 @@ OTHER = [{"role": "system", "content": "You are a terse assistant."},
          {"role": "user", "content": "Write one line about the sea."}]
 NO_SYSTEM = {"gemma2"}  # its template refuses system messages, as the released one does
 MAX_TOKENS = 12
+INT8_MODEL = "llama-int8"
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +38,29 @@ def family_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         env = axion_env(root / "llama", redis.url, port, MAX_SEQ_LEN="512", MAX_BATCH_SIZE="4",
                         CACHE_CAPACITY="0")
         api = Proc(["api"], env, root / "api.log").start()  # starts while the models are built
-        folders = [str(build_family_model(name, root / name, stop_in_answer_to=PLANTED)) for name in FAMILIES]
-        host = WorkerHost(folders, env, root / "workers.log").start()
+        specs = [str(build_family_model(name, root / name, stop_in_answer_to=PLANTED)) for name in FAMILIES]
+        specs += [json.dumps({"MODEL_NAME": str(root / "llama"), "SERVED_MODEL_NAME": INT8_MODEL,
+                              "QUANTIZATION": "int8"}),
+                  str(_qwen3_gguf(root))]
+        host = WorkerHost(specs, env, root / "workers.log").start()
         procs = [api, host]
         try:
-            wait_ready(f"http://127.0.0.1:{port}", procs, workers=len(FAMILIES))
+            wait_ready(f"http://127.0.0.1:{port}", procs, workers=len(specs))
             yield Server(f"http://127.0.0.1:{port}", str(root), procs, redis.url)
         finally:
             host.stop(signal.SIGKILL)
             assert api.stop() == 0, api.log()[-3000:]
+
+
+def _qwen3_gguf(root: Path) -> Path:
+    """A tiny Qwen3 (head_dim 128, as every Qwen3 has) as a Q8_0 GGUF file alone in its folder: config, weights,
+    tokenizer and chat template all come from the file."""
+    from workers.devfamilies import build_family_model
+    from workers.devgguf import write_qwen3_gguf
+
+    source = build_family_model("qwen3", root / "qwen3-128", head_dim=128)
+    (root / "gguf").mkdir()
+    return write_qwen3_gguf(source, root / "gguf" / "qwen3-tiny-q8_0.gguf", "Q8_0")
 
 
 class WorkerHost(Proc):
@@ -114,3 +130,49 @@ def test_gemma2_template_refusal_is_a_400(family_server: Server) -> None:
         family_server.client().chat.completions.create(model=str(Path(family_server.model) / "gemma2"),
                                                        messages=OTHER, max_tokens=4)
     assert "System role not supported" in str(info.value)
+
+
+def _greedy(model, tokenizer, messages: list[dict], max_tokens: int) -> tuple[str, int]:
+    import torch
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def test_gguf_qwen3_serves(family_server: Server) -> None:
+    """MODEL_NAME is a .gguf file: the server's answer equals transformers' own GGUF load + generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(family_server.model) / "gguf" / "qwen3-tiny-q8_0.gguf"
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert model.config.model_type == "qwen3"
+    text, tokens = _greedy(model, tokenizer, OTHER, MAX_TOKENS)
+    resp = family_server.client(timeout=60).chat.completions.create(model=str(path), messages=OTHER, temperature=0,
+                                                                    max_tokens=MAX_TOKENS)
+    assert resp.choices[0].message.content == text and text
+    assert resp.usage is not None and resp.usage.completion_tokens == tokens
+
+
+def test_int8_weights_serve(family_server: Server) -> None:
+    """QUANTIZATION=int8: the answer equals generate on the same model quantized with torchao directly, and the
+    worker reports (in /health) the weights as stored, well under the float32 copy's."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(family_server.model) / "llama"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    quantize_(model, Int8WeightOnlyConfig())
+    text, tokens = _greedy(model, AutoTokenizer.from_pretrained(folder), OTHER, MAX_TOKENS)
+    resp = family_server.client(timeout=60).chat.completions.create(model=INT8_MODEL, messages=OTHER, temperature=0,
+                                                                    max_tokens=MAX_TOKENS)
+    assert resp.choices[0].message.content == text
+    assert resp.usage is not None and resp.usage.completion_tokens == tokens
+
+    memory = {w["model"]: w["memory"]["weights_bytes"] for w in get_json(f"{family_server.base_url}/health")["workers"]}
+    ratio = memory[INT8_MODEL] / memory[str(folder)]
+    print(f"weights in /health: float32 {memory[str(folder)]} B, int8 {memory[INT8_MODEL]} B, ratio {ratio:.3f}")
+    assert ratio <= 0.55

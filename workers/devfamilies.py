@@ -188,7 +188,8 @@ def train_tokenizer(family: Family, vocab_size: int, max_length: int) -> PreTrai
 
 
 def build_family_model(family: Family | str, out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2,
-                       num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                       num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
+                       intermediate_size: int = 128,
                        vocab_size: int = 400, max_position_embeddings: int = 2048, seed: int = 0,
                        stop_in_answer_to: list[dict[str, Any]] | None = None, stop_at_step: int = 3) -> Path:
     """Write a random-weight model of `family` with its tokenizer and generation config to `out_dir`.
@@ -207,7 +208,7 @@ def build_family_model(family: Family | str, out_dir: str | Path, *, hidden_size
     config = getattr(transformers, fam.config_class)(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
+        head_dim=head_dim or hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
         initializer_range=0.5, tie_word_embeddings=False, eos_token_id=eos_id,
         bos_token_id=ids[fam.bos] if fam.bos else None, pad_token_id=ids[fam.pad] if fam.pad else None,
         dtype="float32", **fam.config)

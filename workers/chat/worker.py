@@ -21,6 +21,7 @@ from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
+from workers.chat.quantize import weight_bytes
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -69,7 +70,7 @@ class ChatWorker(StreamWorker):
         info.kv_cache_bytes = engine.kv_bytes()
         info.prefix_cache_bytes = engine.prefix_cache.nbytes
         info.prefix_cache_hits = engine.prefix_cache.hits
-        info.weights_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        info.weights_bytes = weight_bytes(engine.model)  # quantized weights counted as stored
         if engine.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(engine.device)
             info.device_memory_used_bytes, info.device_memory_total_bytes = total - free, total
@@ -207,7 +208,8 @@ class ChatWorker(StreamWorker):
 async def serve_worker(settings: Settings) -> None:
     from workers.chat.loader import load_causal_lm
 
-    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device)
+    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device,
+                                     gguf_file=settings.model_gguf_file, quantization=settings.quantization)
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
                         prefix_cache_tokens=settings.prefix_cache_tokens)

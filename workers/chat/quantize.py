@@ -33,7 +33,7 @@ def quantize_weights(model: Any, mode: str, device: torch.device) -> Any:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
-        raise RuntimeError(f"QUANTIZATION={mode} needs torchao: pip install 'axion[quant]' ({exc})") from None
+        raise RuntimeError(f"QUANTIZATION={mode} needs torchao, a dependency of axion ({exc})") from None
     if mode == "int8":
         config: Any = Int8WeightOnlyConfig()
     elif mode == "int4":

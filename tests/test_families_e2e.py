@@ -172,7 +172,10 @@ def test_int8_weights_serve(family_server: Server) -> None:
     assert resp.choices[0].message.content == text
     assert resp.usage is not None and resp.usage.completion_tokens == tokens
 
-    memory = {w["model"]: w["memory"]["weights_bytes"] for w in get_json(f"{family_server.base_url}/health")["workers"]}
+    workers = {w["model"]: w for w in get_json(f"{family_server.base_url}/health")["workers"]}
+    memory = {model: w["memory"]["weights_bytes"] for model, w in workers.items()}
+    # Other weights, other answers: the response cache must not hand the float32 model's answers out as int8's.
+    assert workers[INT8_MODEL]["revision"] == workers[str(folder)]["revision"] + "+int8"
     ratio = memory[INT8_MODEL] / memory[str(folder)]
     print(f"weights in /health: float32 {memory[str(folder)]} B, int8 {memory[INT8_MODEL]} B, ratio {ratio:.3f}")
     assert ratio <= 0.55

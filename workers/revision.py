@@ -24,3 +24,9 @@ def model_revision(name: str, commit_hash: str | None = None) -> str:
             digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return "dir-" + digest.hexdigest()[:16]
     return commit_hash or "unknown"
+
+
+def load_variant(gguf_file: str | None, quantization: str) -> str:
+    """What to append to a revision when the same folder is loaded differently: a GGUF file instead of its
+    safetensors, or quantized weights give other answers, which must never share cached responses."""
+    return (f"+gguf:{gguf_file}" if gguf_file else "") + (f"+{quantization}" if quantization != "none" else "")

@@ -22,7 +22,7 @@ from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encod
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
 from workers.chat.quantize import weight_bytes
-from workers.revision import model_revision
+from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker")
@@ -30,7 +30,8 @@ log = logging.getLogger("axion.worker")
 
 class ChatWorker(StreamWorker):
     def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
-        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None))
+        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None)) + \
+            load_variant(settings.model_gguf_file, settings.quantization)
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
                          stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype,
                          revision=revision)

@@ -197,7 +197,8 @@ def build_family_model(family: Family | str, out_dir: str | Path, *, hidden_size
     As in `devmodels.build_tiny_llama`: a wide initialisation keeps greedy argmax stable across batch shapes,
     and the output rows of special tokens are zeroed so the model never emits them (until `plant_stop`).
     Word embeddings are untied, so editing the output head never changes how a prompt is read.
-    With `stop_in_answer_to`, the greedy answer to those messages ends its turn at `stop_at_step` (`plant_stop`).
+    With `stop_in_answer_to`, the greedy answer to those messages ends its turn at `stop_at_step` or a little
+    later (`plant_stop`).
     """
     fam = FAMILIES[family] if isinstance(family, str) else family
     out = Path(out_dir)
@@ -230,16 +231,18 @@ def build_family_model(family: Family | str, out_dir: str | Path, *, hidden_size
 
 
 def plant_stop(family: Family, model: Any, tokenizer: Any, messages: list[dict[str, Any]], at_step: int) -> int:
-    """Make `model` end its turn (emit the family's end-of-turn token) at greedy step `at_step` (or earlier) of its
-    answer to `messages`; return that token's id. The output row of the token it would have chosen at that step
-    moves to the end-of-turn token, so every earlier step, which never chose that token, is unchanged."""
+    """Make `model` end its turn (emit the family's end-of-turn token) at greedy step `at_step` of its answer to
+    `messages`, or at the first later step whose token did not occur before it; return that step. The output row
+    of the token chosen there moves to the end-of-turn token, so every earlier step, which never chose that
+    token, is unchanged."""
     end_of_turn = int(tokenizer.convert_tokens_to_ids(family.end_of_turn))
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=at_step + 1, do_sample=False)
-    chosen = out[0, enc["input_ids"].shape[1] + at_step].item()
+        out = model.generate(**enc, max_new_tokens=at_step + 16, do_sample=False)
+    answer = out[0, enc["input_ids"].shape[1]:].tolist()
+    step = next(k for k in range(at_step, len(answer)) if answer[k] not in answer[:k])
     with torch.no_grad():
         head = model.get_output_embeddings().weight
-        head[end_of_turn] = head[chosen]
-        head[chosen] = 0.0
-    return end_of_turn
+        head[end_of_turn] = head[answer[step]]
+        head[answer[step]] = 0.0
+    return step

@@ -75,6 +75,10 @@ def run_worker(settings: Settings) -> int:
 
     check_models(settings, settings.worker_kind)
 
+    if settings.worker_kind == "chat" and settings.quantization == "none":
+        from workers.chat.quantize import keep_torchao_out
+
+        keep_torchao_out()
     from workers.host import serve
 
     asyncio.run(serve(settings))  # WORKER_KIND's model, swappable by `axion models load|unload`

@@ -78,6 +78,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     # Fleets (README "Several models"): request names mapped onto served models; who may order hot swaps.
     model_aliases: str = ""
     admin_api_keys: str = ""
+    # How the chat worker loads MODEL_NAME (workers/chat/loader.py): a .gguf file inside it (MODEL_NAME may also
+    # be a .gguf path), and weight-only quantization after loading (int4 needs CUDA).
+    model_gguf_file: str | None = None
+    quantization: Literal["none", "int8", "int4"] = "none"
 
     @property
     def model_id(self) -> str:

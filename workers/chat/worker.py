@@ -22,7 +22,8 @@ from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encod
 from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
-from workers.revision import model_revision
+from workers.chat.quantize import weight_bytes
+from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker")
@@ -30,7 +31,8 @@ log = logging.getLogger("axion.worker")
 
 class ChatWorker(StreamWorker):
     def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
-        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None))
+        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None)) + \
+            load_variant(settings.model_gguf_file, settings.quantization)
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
                          stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype,
                          revision=revision)
@@ -70,7 +72,7 @@ class ChatWorker(StreamWorker):
         info.kv_cache_bytes = engine.kv_bytes()
         info.prefix_cache_bytes = engine.prefix_cache.nbytes
         info.prefix_cache_hits = engine.prefix_cache.hits
-        info.weights_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        info.weights_bytes = weight_bytes(engine.model)  # quantized weights counted as stored
         if engine.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(engine.device)
             info.device_memory_used_bytes, info.device_memory_total_bytes = total - free, total
@@ -215,7 +217,8 @@ class ChatWorker(StreamWorker):
 async def serve_worker(settings: Settings) -> None:
     from workers.chat.loader import load_causal_lm
 
-    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device)
+    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device,
+                                     gguf_file=settings.model_gguf_file, quantization=settings.quantization)
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
                         prefix_cache_tokens=settings.prefix_cache_tokens)

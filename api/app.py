@@ -191,10 +191,15 @@ async def list_models(state: State) -> protocol.ModelList:
     registry: WorkerRegistry = state.registry
     workers = await registry.workers()
     first_seen: dict[str, float] = {}
+    backends: dict[str, set[str]] = {}
     for w in workers:
         first_seen[w.model] = min(first_seen.get(w.model, w.started), w.started)
-    return protocol.ModelList("list", [protocol.Model(m, "model", int(t), "axion") for m, t in
-                                       sorted(first_seen.items()) if auth.may_use(m)])
+        if w.backend:
+            backends.setdefault(w.model, set()).add(f"{w.backend}: {w.backend_reason}" if w.backend_reason
+                                                    else w.backend)
+    return protocol.ModelList("list", [protocol.Model(m, "model", int(t), "axion",
+                                                      "; ".join(sorted(backends[m])) if m in backends else None)
+                                       for m, t in sorted(first_seen.items()) if auth.may_use(m)])
 
 
 @get("/health")

@@ -60,6 +60,7 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
         "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
         "revision": w.revision,
+        "backend": w.backend or None, "backend_reason": w.backend_reason or None,
         # model calls (decode steps) and items computed (inputs embedded, pairs scored, tokens decoded)
         "model_calls": w.decode_steps, "computed_items": w.decoded_tokens,
     }

@@ -350,11 +350,12 @@ class ChatCompletionUsageChunk(msgspec.Struct):
     system_fingerprint: str | None = None
 
 
-class Model(msgspec.Struct):
+class Model(msgspec.Struct, omit_defaults=True):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    backend: str | None = None  # chat models: "native" or "external (why)", from the workers' heartbeats
 
 
 class ModelList(msgspec.Struct):

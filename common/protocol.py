@@ -108,8 +108,10 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):
     """New text of choice `index`. `seq` is the index of the token this event adds within its choice (from 0),
     so a reader drops repeats per choice: a worker that resumes a crashed worker's job replays the tokens
-    already generated under the same numbers. `logprobs` covers the token this event adds, even while its
-    text is held back."""
+    already generated under the same numbers. (A worker on an external engine, which streams text and not
+    tokens, numbers by character instead: `seq` is the index of the event's last character, and its final
+    event's `seq` is one past it; only increasing numbers within one choice matter to a reader.)
+    `logprobs` covers the token this event adds, even while its text is held back."""
 
     seq: int
     text: str
@@ -232,6 +234,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     cpu_percent: float = 0.0
     beat_interval_s: float = 0.0  # how often this worker beats: a reader can tell a late beat from a dead worker
     beat_at: float = 0.0  # unix time of this beat (the worker's clock)
+    # Chat workers: "native" (transformers here) or "external" (an engine such as `max serve`), and why.
+    backend: str = ""
+    backend_reason: str = ""
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

@@ -1,0 +1,165 @@
+"""The external-engine backend with another Axion as the engine: attached by EXTERNAL_ENGINE_URL (the session's
+`served`), and spawned by EXTERNAL_ENGINE_CMD (an `axion serve` child with its own embedded Redis, so the
+restart, shutdown and fallback paths run on a real process tree: guard → engine → its workers and Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from common.settings import load_settings
+from tests.conftest import Server, get_json
+from tests.engine_helpers import chat_worker_info, engine_tree, guards, start_front, wait_backend, wait_gone
+from workers.chat.external.choice import choose_backend
+
+MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
+# Another Axion as a spawned engine: REDIS_URL dropped so it starts its own Redis (it must not join our stream).
+AXION_ENGINE_CMD = (f"env -u REDIS_URL SERVER_HOST={{host}} SERVER_PORT={{port}} MODEL_NAME={{model}} "
+                    f"SERVE_EMBEDDINGS=false MAX_SEQ_LEN=1024 {sys.executable} -m common.cli serve")
+
+
+def greedy(server: Server, max_tokens: int = 24, **extra: object) -> openai.types.chat.ChatCompletion:
+    return server.client().chat.completions.create(model=server.model, messages=MESSAGES, temperature=0,
+                                                   max_tokens=max_tokens, **extra)
+
+
+@pytest.fixture(scope="module")
+def attached(served: Server, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A front whose chat worker forwards to the session's `served` Axion by URL."""
+    front = start_front(tiny_model_dir, tmp_path_factory.mktemp("attached"), "front",
+                        EXTERNAL_ENGINE_URL=served.base_url)
+    yield front
+    assert front.procs[0].stop() == 0, front.procs[0].log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def spawned(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A front that spawns its own engine (another `axion serve`) from EXTERNAL_ENGINE_CMD."""
+    front = start_front(tiny_model_dir, tmp_path_factory.mktemp("spawned"), "front", BACKEND="external",
+                        EXTERNAL_ENGINE_CMD=AXION_ENGINE_CMD, EXTERNAL_ENGINE_START_TIMEOUT_S="120")
+    yield front
+    front.procs[0].stop()
+
+
+def test_attached_engine_answers_through_our_stream(attached: Server, served: Server) -> None:
+    info = chat_worker_info(attached)
+    assert info["backend"] == "external" and "EXTERNAL_ENGINE_URL" in info["backend_reason"]
+    models = get_json(f"{attached.base_url}/v1/models")["data"]
+    assert models[0]["backend"].startswith("external: ")
+    ours, theirs = greedy(attached), greedy(served)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content != ""
+    assert ours.usage is not None and theirs.usage is not None
+    assert (ours.usage.prompt_tokens, ours.usage.completion_tokens) == (theirs.usage.prompt_tokens, 24)
+    assert ours.choices[0].finish_reason == "length"
+    assert not ours.id.startswith(theirs.id)  # our own response, not the engine's passed through
+
+
+def test_attached_streaming_and_usage_chunk(attached: Server, served: Server) -> None:
+    chunks = list(attached.client().chat.completions.create(
+        model=attached.model, messages=MESSAGES, temperature=0, max_tokens=20, stream=True))
+    assert all(c.usage is None for c in chunks)  # per-chunk usage dropped: nobody asked for it
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy(served, 20).choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with_usage = list(attached.client().chat.completions.create(
+        model=attached.model, messages=MESSAGES, temperature=0, max_tokens=5, stream=True,
+        stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 5
+
+
+def test_attached_engine_errors_come_back_as_openai_errors(attached: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as err:  # the engine's own 400, in our envelope
+        attached.client().chat.completions.create(model=attached.model, messages=MESSAGES, max_tokens=5,
+                                                  logit_bias={"999999": 5})
+    assert err.value.status_code == 400 and err.value.body["param"] == "logit_bias"
+
+
+def test_spawned_engine_restarts_after_a_crash_mid_request(spawned: Server, served: Server) -> None:
+    front = spawned.procs[0].process.pid
+    assert chat_worker_info(spawned)["backend"] == "external"
+    assert greedy(spawned).choices[0].message.content == greedy(served).choices[0].message.content
+    engine = next(p for p in engine_tree(front) if "common.cli" in " ".join(p.cmdline()) and "serve" in p.cmdline())
+    stream = spawned.client().chat.completions.create(model=spawned.model, messages=MESSAGES, temperature=0,
+                                                      max_tokens=900, stream=True,
+                                                      extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APIError) as err:
+        for n, _chunk in enumerate(stream):
+            if n == 3:
+                engine.send_signal(signal.SIGKILL)
+    assert "engine" in str(err.value)
+    wait_backend(spawned, "1 restarts")
+    wait_backend(spawned, "engine ready")
+    assert greedy(spawned).choices[0].message.content == greedy(served).choices[0].message.content
+
+
+def test_sigterm_of_the_front_leaves_no_engine_process(spawned: Server) -> None:
+    tree = engine_tree(spawned.procs[0].process.pid)
+    guard = guards(spawned.procs[0].process.pid)
+    assert len(tree) >= 3  # the engine's serve, its api and worker (and its redis-server)
+    assert spawned.procs[0].stop() == 0
+    assert wait_gone(tree + guard) == []
+
+
+def test_kill_9_of_the_worker_leaves_no_engine_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    front = start_front(tiny_model_dir, tmp_path, "front", BACKEND="external", EXTERNAL_ENGINE_CMD=AXION_ENGINE_CMD,
+                        EXTERNAL_ENGINE_START_TIMEOUT_S="120")
+    try:
+        guard = guards(front.procs[0].process.pid)
+        tree = engine_tree(front.procs[0].process.pid)
+        worker = guard[0].parent()
+        assert worker is not None and "worker" in worker.cmdline()
+        worker.send_signal(signal.SIGKILL)
+        assert wait_gone(tree + guard) == []
+    finally:
+        front.procs[0].stop()
+
+
+def test_engine_that_never_gets_ready_falls_back_to_native(tiny_model_dir: Path, tmp_path: Path,
+                                                           served: Server) -> None:
+    never = f"{sys.executable} -c 'import time; time.sleep(600)' {{port}}"
+    front = start_front(tiny_model_dir, tmp_path, "front", BACKEND="external", EXTERNAL_ENGINE_CMD=never,
+                        EXTERNAL_ENGINE_START_TIMEOUT_S="3", timeout=60)
+    try:
+        info = chat_worker_info(front)
+        assert info["backend"] == "native"
+        assert "fallback: the engine was not ready within 3s" in info["backend_reason"]
+        assert greedy(front).choices[0].message.content == greedy(served).choices[0].message.content
+        sleepers = [p for p in psutil.process_iter(["cmdline"])
+                    if "time.sleep(600)" in " ".join(p.info["cmdline"] or [])]
+        assert wait_gone(sleepers, timeout=5) == []
+    finally:
+        assert front.procs[0].stop() == 0
+
+
+def _model_dir(tmp_path: Path, architecture: str, model_type: str) -> Path:
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": model_type}))
+    return folder
+
+
+def test_auto_picks_the_engine_only_for_an_architecture_on_its_list(tmp_path: Path) -> None:
+    fake_max = tmp_path / "bin" / "max"  # an installed `max` (its behaviour is the MAX tests' business)
+    fake_max.parent.mkdir()
+    fake_max.write_text("#!/bin/sh\n")
+    fake_max.chmod(0o755)
+    env = {"PATH": f"{fake_max.parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = f"{fake_max} serve --model-path {{model}} --port {{port}}"
+    llama = _model_dir(tmp_path, "LlamaForCausalLM", "llama")
+    gpt2 = _model_dir(tmp_path, "GPT2LMHeadModel", "gpt2")
+    on_list = choose_backend(load_settings(env | {"MODEL_NAME": str(llama), "EXTERNAL_ENGINE_CMD": cmd}))
+    off_list = choose_backend(load_settings(env | {"MODEL_NAME": str(gpt2), "EXTERNAL_ENGINE_CMD": cmd}))
+    assert (on_list.backend, on_list.reason) == ("external", "architecture LlamaForCausalLM is supported by MAX")
+    assert (off_list.backend, off_list.reason) == ("native", "architecture GPT2LMHeadModel is not on MAX's list")
+    missing = choose_backend(load_settings({"MODEL_NAME": str(llama), "EXTERNAL_ENGINE_CMD": "no-such-engine x"}))
+    assert missing.backend == "native" and "not installed" in missing.reason
+    native = choose_backend(load_settings({"MODEL_NAME": str(llama), "BACKEND": "native"}))
+    assert native.backend == "native"

@@ -4,19 +4,25 @@ restart, shutdown and fallback paths run on a real process tree: guard → engin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import psutil
 import pytest
+import redis
 
+from common import keys
+from common.protocol import Accepted, ChatJob, ChatMessage, Delta, Failed, Finished, SamplingParams
+from common.redis_server import EmbeddedRedis, free_port
 from common.settings import load_settings
-from tests.conftest import Server, get_json
+from tests.conftest import Proc, Server, axion_env, enqueue_orphan, get_json, next_event, subscribed
 from tests.engine_helpers import chat_worker_info, engine_tree, guards, start_front, wait_backend, wait_gone
 from workers.chat.external.choice import choose_backend
 
@@ -163,3 +169,41 @@ def test_auto_picks_the_engine_only_for_an_architecture_on_its_list(tmp_path: Pa
     assert missing.backend == "native" and "not installed" in missing.reason
     native = choose_backend(load_settings({"MODEL_NAME": str(llama), "BACKEND": "native"}))
     assert native.backend == "native"
+
+
+def test_a_job_taken_over_from_a_dead_worker_skips_what_was_published(served: Server, tiny_model_dir: Path,
+                                                                       redis_server: EmbeddedRedis,
+                                                                       tmp_path: Path) -> None:
+    """A dead worker on the engine had published the first 12 characters (its progress list says so); the
+    worker that takes the job over reruns it and publishes only the rest, numbered after them."""
+    r = redis.Redis.from_url(redis_server.url)
+    model, request_id = str(tiny_model_dir), "engine-takeover-1"
+    stream = keys.chat_stream(model)
+    with contextlib.suppress(redis.ResponseError):
+        r.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+    full = greedy(served, 40).choices[0].message.content
+    assert full is not None and len(full) > 12
+    job = ChatJob(request_id=request_id, model=model, messages=[ChatMessage("user", MESSAGES[0]["content"])],
+                  params=SamplingParams(temperature=0, max_tokens=40), created=time.time())
+    r.rpush(keys.engine_progress(request_id, 0), 5, 12)
+    pubsub = subscribed(r, request_id)
+    enqueue_orphan(r, stream, job)
+    worker = Proc(["worker"], axion_env(tiny_model_dir, redis_server.url, free_port(), BACKEND="auto",
+                                        EXTERNAL_ENGINE_URL=served.base_url, VISIBILITY_TIMEOUT_S="1",
+                                        HEARTBEAT_TTL_S="1.5"), tmp_path / "worker.log").start()
+    try:
+        events = [next_event(pubsub, timeout=60)]
+        while not isinstance(events[-1], Finished | Failed | type(None)):
+            events.append(next_event(pubsub))
+        assert isinstance(events[0], Accepted), worker.log()[-3000:]
+        deltas = [e for e in events if isinstance(e, Delta)]
+        assert "".join(d.text for d in deltas) == full[12:]
+        assert deltas[0].seq >= 12 and [d.seq for d in deltas] == sorted({d.seq for d in deltas})
+        finished = events[-1]
+        assert isinstance(finished, Finished) and finished.seq > deltas[-1].seq
+        assert (finished.completion_tokens, finished.finish_reason) == (40, "length")
+        time.sleep(0.2)
+        assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0
+        assert not r.exists(keys.engine_progress(request_id, 0))
+    finally:
+        assert worker.stop() == 0

@@ -17,16 +17,24 @@ from common.settings import Settings
 
 REPO = Path(__file__).resolve().parents[3]
 
-# Hugging Face `architectures` names MAX 26.7 serves (its pipelines' registry), and their `model_type`s.
+# The text-generation `architectures` in MAX 26.7.0's pipeline registry (max/pipelines/architectures/*/arch.py;
+# speculative-decoding drafts left out). Mixtral, Gemma 1-2 and Phi 1-2 are not in this version's registry.
 MAX_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Qwen3MoeForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-    "Gemma3ForConditionalGeneration", "PhiForCausalLM", "Phi3ForCausalLM", "DeepseekV2ForCausalLM",
-    "DeepseekV3ForCausalLM", "ExaoneForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+    "LlamaForCausalLM", "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "MistralForCausalLM",
+    "Mistral3ForConditionalGeneration", "Qwen2ForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+    "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+    "Gemma4ForConditionalGeneration", "Phi3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+    "DeepseekV32ForCausalLM", "DeepseekV4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
+    "Olmo2ForCausalLM", "Olmo3ForCausalLM", "Lfm2ForCausalLM", "MambaForCausalLM", "NemotronHForCausalLM",
+    "MiniMaxM2ForCausalLM", "MiMoV2ForCausalLM", "GlmMoeDsaForCausalLM", "KimiK25ForConditionalGeneration",
+    "KimiVLForConditionalGeneration", "Idefics3ForConditionalGeneration", "LlavaForConditionalGeneration",
+    "LagunaForCausalLM", "HYV3ForCausalLM", "Step3p5ForCausalLM",
 })
+# For a config.json without `architectures`.
 MAX_MODEL_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi",
-    "phi3", "deepseek_v2", "deepseek_v3", "exaone", "granite", "olmo", "olmo2",
+    "llama", "llama4", "mistral", "mistral3", "qwen2", "qwen3", "qwen3_moe", "gemma3", "phi3", "deepseek_v2",
+    "deepseek_v3", "gpt_oss", "granite", "olmo", "olmo2", "olmo3", "lfm2", "mamba",
 })
 
 
@@ -67,7 +75,7 @@ def max_supports(model: str) -> tuple[bool, str]:
     if not archs and not model_type:
         return False, f"no readable config.json in {model!r}"
     name = ",".join(archs) or model_type
-    if any(a in MAX_ARCHITECTURES for a in archs) or model_type in MAX_MODEL_TYPES:
+    if any(a in MAX_ARCHITECTURES for a in archs) or (not archs and model_type in MAX_MODEL_TYPES):
         return True, f"architecture {name} is supported by MAX"
     return False, f"architecture {name} is not on MAX's list"
 

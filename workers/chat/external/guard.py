@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
 from common.redis_server import die_with_parent
 
 GRACE_S = 10.0
+SCRATCH_ENV = "AXION_ENGINE_SCRATCH"  # a folder (the engine's TMPDIR) the guard removes when it ends
 POLL_S = 0.2
 
 
@@ -68,6 +72,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     die_with_parent()  # in case the worker started us without it
+    return _guard(argv, parent, lambda: stopping)
+
+
+def _guard(argv: list[str], parent: int, stopping: Callable[[], bool]) -> int:
     engine = subprocess.Popen(argv, start_new_session=True)
     print(f"guard {os.getpid()}: engine pid {engine.pid} (group {engine.pid}): {' '.join(argv)}", flush=True)
     known: dict[int, psutil.Process] = {}
@@ -82,12 +90,15 @@ def main(argv: list[str]) -> int:
             stop_group(engine.pid, [*known.values(), *_descendants(os.getpid())], grace_s=2.0)
             print(f"guard {os.getpid()}: engine exited with status {code}", flush=True)
             return code if code > 0 else 1
-        if stopping or os.getppid() != parent:
-            why = "asked to stop" if stopping else "the worker is gone"
+        if stopping() or os.getppid() != parent:
+            why = "asked to stop" if stopping() else "the worker is gone"
             print(f"guard {os.getpid()}: {why}; stopping the engine's process group", flush=True)
             stop_group(engine.pid, [*known.values(), *_descendants(engine.pid)])
             with contextlib.suppress(subprocess.TimeoutExpired):
                 engine.wait(timeout=1)
+            scratch = os.environ.get(SCRATCH_ENV, "")  # the engine's TMPDIR: a killed worker cannot remove it
+            if not stopping() and scratch and Path(scratch).name.startswith("axion-engine-"):
+                shutil.rmtree(scratch, ignore_errors=True)
             return 0
         time.sleep(POLL_S)
 

@@ -22,6 +22,7 @@ from common import redis_client
 from common.settings import Settings, split_list
 from workers.chat.external.choice import choose_backend, is_max_command
 from workers.chat.external.client import FEATURES, MAX_LACKS, EngineClient
+from workers.chat.external.guard import SCRATCH_ENV
 from workers.chat.external.supervisor import ENGINE_ENV, EngineStartError, EngineSupervisor, is_ready
 from workers.chat.external.worker import ExternalChatWorker
 
@@ -110,7 +111,8 @@ async def serve_external(settings: Settings) -> Outcome:
             assert choice.command is not None
             supervisor = EngineSupervisor(choice.command, settings.model_name, devices=devices(settings),
                                           start_timeout_s=settings.external_engine_start_timeout_s,
-                                          log_path=engine_tmp / "engine.log", env={"TMPDIR": str(engine_tmp)})
+                                          log_path=engine_tmp / "engine.log",
+                                          env={"TMPDIR": str(engine_tmp), SCRATCH_ENV: str(engine_tmp)})
             starting = supervisor.start()
         if not await _unless_stopped(starting):  # SIGTERM while the engine starts (minutes, for a compile)
             log.info("stopped while the engine was starting")

@@ -14,12 +14,15 @@ from tests.conftest import Proc, Server, axion_env, get_json, wait_ready
 GUARD = "workers.chat.external.guard"
 
 
-def start_front(model_dir: Path, logs: Path, name: str, timeout: float = 120, **env: str) -> Server:
-    """`axion serve` (own embedded Redis) whose chat worker uses the backend the `env` settings pick."""
+def start_front(model_dir: Path, logs: Path, name: str, timeout: float = 120, wait: bool = True, **env: str) -> Server:
+    """`axion serve` (own embedded Redis) whose chat worker uses the backend the `env` settings pick; with
+    `wait`, once its chat worker beats."""
     port = free_port()
     settings = {"SERVE_EMBEDDINGS": "false", "MAX_SEQ_LEN": "1024", "SSE_KEEPALIVE_S": "0.2", "BACKEND": "auto"}
     proc = Proc(["serve"], axion_env(model_dir, None, port, **(settings | env)), logs / f"{name}.log").start()
     server = Server(f"http://127.0.0.1:{port}", str(model_dir), [proc])
+    if not wait:
+        return server
     try:
         wait_ready(server.base_url, [proc], timeout=timeout)
     except BaseException:
@@ -48,6 +51,18 @@ def engine_tree(root_pid: int) -> list[psutil.Process]:
     found = guards(root_pid)
     assert len(found) == 1, f"expected one engine guard under {root_pid}, found {found}"
     return found[0].children(recursive=True)
+
+
+def wait_engine_started(front: Server, processes: int, timeout: float = 60) -> list[psutil.Process]:
+    """Wait until the front's engine guard has at least `processes` descendants; return them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = guards(front.procs[0].process.pid)
+        tree = found[0].children(recursive=True) if found else []
+        if len(tree) >= processes:
+            return tree
+        time.sleep(0.2)
+    pytest.fail(f"the engine did not start {processes} processes within {timeout}s:\n{front.procs[0].log()[-3000:]}")
 
 
 def wait_gone(procs: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:

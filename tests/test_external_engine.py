@@ -23,7 +23,15 @@ from common.protocol import Accepted, ChatJob, ChatMessage, Delta, Failed, Finis
 from common.redis_server import EmbeddedRedis, free_port
 from common.settings import load_settings
 from tests.conftest import Proc, Server, axion_env, enqueue_orphan, get_json, next_event, subscribed
-from tests.engine_helpers import chat_worker_info, engine_tree, guards, start_front, wait_backend, wait_gone
+from tests.engine_helpers import (
+    chat_worker_info,
+    engine_tree,
+    guards,
+    start_front,
+    wait_backend,
+    wait_engine_started,
+    wait_gone,
+)
 from workers.chat.external.choice import choose_backend
 
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
@@ -41,7 +49,8 @@ def greedy(server: Server, max_tokens: int = 24, **extra: object) -> openai.type
 def attached(served: Server, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A front whose chat worker forwards to the session's `served` Axion by URL."""
     front = start_front(tiny_model_dir, tmp_path_factory.mktemp("attached"), "front",
-                        EXTERNAL_ENGINE_URL=served.base_url)
+                        EXTERNAL_ENGINE_URL=served.base_url, EXTERNAL_ENGINE_LACKS="n",
+                        EXTERNAL_ENGINE_UNSUPPORTED="native")
     yield front
     assert front.procs[0].stop() == 0, front.procs[0].log()[-3000:]
 
@@ -88,6 +97,15 @@ def test_attached_engine_errors_come_back_as_openai_errors(attached: Server) -> 
     assert err.value.status_code == 400 and err.value.body["param"] == "logit_bias"
 
 
+def test_what_the_engine_lacks_is_served_natively_when_asked(attached: Server, served: Server) -> None:
+    """EXTERNAL_ENGINE_LACKS=n with EXTERNAL_ENGINE_UNSUPPORTED=native: n=2 runs on the worker's own model."""
+    ours, theirs = greedy(attached, 8, n=2), greedy(served, 8, n=2)
+    assert [c.message.content for c in ours.choices] == [c.message.content for c in theirs.choices]
+    assert ours.usage is not None and ours.usage.completion_tokens == 16
+    assert "loading" in attached.procs[0].log() and "natively for the requests its engine cannot serve" in (
+        attached.procs[0].log())
+
+
 def test_spawned_engine_restarts_after_a_crash_mid_request(spawned: Server, served: Server) -> None:
     front = spawned.procs[0].process.pid
     assert chat_worker_info(spawned)["backend"] == "external"
@@ -115,11 +133,13 @@ def test_sigterm_of_the_front_leaves_no_engine_process(spawned: Server) -> None:
 
 
 def test_kill_9_of_the_worker_leaves_no_engine_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    front = start_front(tiny_model_dir, tmp_path, "front", BACKEND="external", EXTERNAL_ENGINE_CMD=AXION_ENGINE_CMD,
-                        EXTERNAL_ENGINE_START_TIMEOUT_S="120")
+    """Killed while its engine starts (the engine's serve, Redis, API and worker already run): the guard, told
+    by the parent-death signal, stops them all."""
+    front = start_front(tiny_model_dir, tmp_path, "front", wait=False, BACKEND="external",
+                        EXTERNAL_ENGINE_CMD=AXION_ENGINE_CMD, EXTERNAL_ENGINE_START_TIMEOUT_S="120")
     try:
+        tree = wait_engine_started(front, 4)
         guard = guards(front.procs[0].process.pid)
-        tree = engine_tree(front.procs[0].process.pid)
         worker = guard[0].parent()
         assert worker is not None and "worker" in worker.cmdline()
         worker.send_signal(signal.SIGKILL)

@@ -23,6 +23,7 @@ from common import keys
 from common.protocol import ChatJob, Failed, decode_job, encode
 from common.settings import Settings
 from workers.chat.external.client import EngineClient, EngineError, lacked_features
+from workers.chat.external.native import NativeFallback
 from workers.chat.external.relay import Relay
 from workers.chat.external.supervisor import EngineSupervisor
 from workers.revision import model_revision
@@ -50,12 +51,17 @@ class ExternalChatWorker(StreamWorker):
         self.info.backend, self.info.backend_reason = "external", reason
         self._reason = reason
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
+        self.native = NativeFallback(settings) if settings.external_engine_unsupported == "native" else None
 
     def keep_running(self) -> bool:
         return not self.stopping.is_set() or bool(self.tasks)
 
     def in_flight(self) -> list[bytes]:
         return list(self.tasks)
+
+    def on_stop(self) -> None:
+        if self.native is not None:
+            self.native.close()
 
     def refresh_stats(self) -> None:
         super().refresh_stats()
@@ -116,6 +122,10 @@ class ExternalChatWorker(StreamWorker):
             await pipe.execute()
             return
         refusal = self._refusal(job)
+        if refusal is not None and refusal.code == "unsupported_parameter" and self.native is not None:
+            await self.native.answer(self.redis, job, lambda: self._should_stop(job))
+            await self._finish(entry_id, job, [])
+            return
         if refusal is not None or job.task != "generate":
             await self._finish(entry_id, job, [refusal or self._tokenize(job)])
             return
@@ -131,7 +141,7 @@ class ExternalChatWorker(StreamWorker):
             if done:
                 break
             past_deadline = job.deadline is not None and job.deadline < time.time()
-            if past_deadline or await self.redis.exists(keys.cancel_flag(job.request_id)):
+            if await self._should_stop(job):
                 running.cancel()  # closes the upstream response: the engine stops generating
                 with contextlib.suppress(asyncio.CancelledError, EngineError):
                     await running
@@ -146,6 +156,12 @@ class ExternalChatWorker(StreamWorker):
             events = [exc.failed]
         self.info.decoded_tokens += sum(getattr(e, "completion_tokens", 0) for e in events)
         await self._finish(entry_id, job, events)
+
+    async def _should_stop(self, job: ChatJob) -> bool:
+        """The client has gone (cancel flag) or the deadline has passed."""
+        if job.deadline is not None and job.deadline < time.time():
+            return True
+        return bool(await self.redis.exists(keys.cancel_flag(job.request_id)))
 
     async def _finish(self, entry_id: bytes, job: ChatJob, events: list[Any]) -> None:
         """The final events, then XACK + XDEL, and the progress lists dropped: one pipeline."""
@@ -167,7 +183,7 @@ class ExternalChatWorker(StreamWorker):
                           message=f"'{lacked[0]}' is not supported by this model's engine "
                                   f"(EXTERNAL_ENGINE_LACKS); leave it out or use a natively served model.")
         if job.task != "generate" and self.tokenizer is None:
-            return Failed(status=400, code="unsupported_parameter",
+            return Failed(status=400, code="unsupported_task",
                           message="Tokenizing needs the model's tokenizer, which this worker could not load.")
         return None
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -34,6 +36,15 @@ log = logging.getLogger("axion.worker")
 CANCEL_POLL_S = 0.25
 
 
+def vocab_size(model: str) -> int:
+    """The model's vocabulary as its config.json states it (the embedding can be larger than the tokenizer);
+    0 when unknown. The API refuses token ids outside it before queueing, as it does for native workers."""
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text()).get("vocab_size") or 0)
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 class ExternalChatWorker(StreamWorker):
     def __init__(self, settings: Settings, redis: aioredis.Redis, client: EngineClient, *, reason: str,
                  lacks: frozenset[str], supervisor: EngineSupervisor | None = None, tokenizer: Any = None,
@@ -46,7 +57,7 @@ class ExternalChatWorker(StreamWorker):
         self.tokenizer = tokenizer
         self.lacks = lacks
         self.max_seq_len = max_seq_len or settings.max_seq_len
-        self.vocab_size = len(tokenizer) if tokenizer is not None else 0
+        self.vocab_size = vocab_size(settings.model_name) or (len(tokenizer) if tokenizer is not None else 0)
         self.info.vocab_size = self.vocab_size
         self.info.backend, self.info.backend_reason = "external", reason
         self._reason = reason

@@ -142,8 +142,11 @@ def test_kill_9_of_the_worker_leaves_no_engine_process(tiny_model_dir: Path, tmp
         guard = guards(front.procs[0].process.pid)
         worker = guard[0].parent()
         assert worker is not None and "worker" in worker.cmdline()
+        scratch = Path(guard[0].environ()["TMPDIR"])
+        assert scratch.is_dir()
         worker.send_signal(signal.SIGKILL)
         assert wait_gone(tree + guard) == []
+        assert not scratch.exists()  # the engine's TMPDIR, removed by the guard as the worker could not
     finally:
         front.procs[0].stop()
 

@@ -97,5 +97,8 @@ def test_kill_9_of_the_worker_leaves_no_max_process(max_front: Server) -> None:
     guard = guards(front)
     worker = guard[0].parent()
     assert worker is not None and "worker" in worker.cmdline()
+    scratch = Path(guard[0].environ()["TMPDIR"])
+    assert scratch.is_dir()
     worker.send_signal(signal.SIGKILL)
     assert wait_gone(tree + guard) == []
+    assert not scratch.exists()  # the engine's TMPDIR, removed by the guard as the worker could not

@@ -97,7 +97,7 @@ def _guard(argv: list[str], parent: int, stopping: Callable[[], bool]) -> int:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 engine.wait(timeout=1)
             scratch = os.environ.get(SCRATCH_ENV, "")  # the engine's TMPDIR: a killed worker cannot remove it
-            if not stopping() and scratch and Path(scratch).name.startswith("axion-engine-"):
+            if os.getppid() != parent and scratch and Path(scratch).name.startswith("axion-engine-"):
                 shutil.rmtree(scratch, ignore_errors=True)
             return 0
         time.sleep(POLL_S)

@@ -97,6 +97,37 @@ def test_attached_engine_errors_come_back_as_openai_errors(attached: Server) -> 
     assert err.value.status_code == 400 and err.value.body["param"] == "logit_bias"
 
 
+def _engine_outcome(served: Server, client_id: str, timeout: float = 10) -> str:
+    """How the engine (another Axion) logged the request we forwarded for `client_id` (our request id, which
+    leads the engine's own): 'done ...' when it generated to the end, 'client went away' when we aborted."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in served.procs[0].log().splitlines():
+            if f"request {client_id}." in line and "stream=True" in line:
+                return line.split("stream=True ", 1)[1]
+        time.sleep(0.2)
+    pytest.fail(f"the engine logged no request for {client_id}")
+
+
+def test_a_client_that_leaves_or_times_out_stops_the_engine(attached: Server, served: Server) -> None:
+    """Cancel flag and deadline: our worker closes its upstream request, so the engine stops generating."""
+    stream = attached.client().chat.completions.create(model=attached.model, messages=MESSAGES, max_tokens=900,
+                                                       stream=True, extra_body={"ignore_eos": True},
+                                                       extra_headers={"X-Request-Id": "engine-cancel-1"})
+    for n, _chunk in enumerate(stream):
+        if n == 3:
+            break
+    stream.close()
+    with pytest.raises(openai.APIStatusError) as err:
+        attached.client().chat.completions.create(model=attached.model, messages=MESSAGES, max_tokens=900,
+                                                  extra_body={"ignore_eos": True},
+                                                  extra_headers={"X-Request-Timeout": "0.5",
+                                                                 "X-Request-Id": "engine-deadline-1"})
+    assert err.value.status_code == 504
+    assert _engine_outcome(served, "engine-cancel-1").startswith("client went away")
+    assert _engine_outcome(served, "engine-deadline-1").startswith("client went away")
+
+
 def test_what_the_engine_lacks_is_served_natively_when_asked(attached: Server, served: Server) -> None:
     """EXTERNAL_ENGINE_LACKS=n with EXTERNAL_ENGINE_UNSUPPORTED=native: n=2 runs on the worker's own model."""
     ours, theirs = greedy(attached, 8, n=2), greedy(served, 8, n=2)

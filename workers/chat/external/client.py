@@ -192,7 +192,8 @@ class EngineClient:
         if job.deadline is not None:
             timeout = httpx.Timeout(max(1.0, job.deadline - time.time()), connect=5.0)
         try:
-            async with self._http.stream("POST", path, json=body,
+            # Our request id leads the engine's own (Axion and vLLM take X-Request-Id): one id across both logs.
+            async with self._http.stream("POST", path, json=body, headers={"X-Request-Id": job.request_id},
                                          **({"timeout": timeout} if timeout else {})) as response:
                 if response.status_code != 200:
                     raise EngineError(error_from_body(response.status_code, await response.aread()))

@@ -21,7 +21,7 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-# `max` on PATH (or MAX_BIN); --max-batch-size because on CPU MAX otherwise serves one request at a time.
+# `max` on PATH (else the repo's .venv-max); --max-batch-size because on CPU MAX otherwise serves one at a time.
 DEFAULT_ENGINE_CMD = ("max serve --model-path {model} --host {host} --port {port} --max-batch-size 8"
                       " --devices {devices}")
 
@@ -77,7 +77,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     model_allowlist: str = ""
     allow_model_paths: bool = False
     # External engine (README "MAX, vLLM or another engine"; workers/chat/external): which backend a chat worker
-    # uses, the command that starts the engine ({model}, {port}, {host} filled in) or the URL of a running one.
+    # uses, the command that starts it ({model} {host} {port} {devices} filled in) or the URL of a running one.
     backend: Literal["auto", "max", "external", "native"] = "auto"
     external_engine_cmd: str = DEFAULT_ENGINE_CMD
     external_engine_url: str = ""

@@ -59,11 +59,12 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
                    # what loading the model took: tensor bytes (torch backends) and the process's RSS growth
                    "params_bytes": w.params_bytes, "buffers_bytes": w.buffers_bytes,
                    "load_rss_delta_bytes": w.load_rss_delta_bytes},
-        "backend": w.backend, "load_s": w.load_s, "last_error": w.last_error or None,
+        "load_s": w.load_s, "last_error": w.last_error or None,
         "prefix_cache_hits": w.prefix_cache_hits,
         "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
         "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
         "revision": w.revision,
+        "backend": w.backend or None, "backend_reason": w.backend_reason or None,
         # model calls (decode steps) and items computed (inputs embedded, pairs scored, tokens decoded)
         "model_calls": w.decode_steps, "computed_items": w.decoded_tokens,
     }

@@ -23,9 +23,10 @@ def model_cards(workers: list[WorkerInfo], alias_setting: str) -> list[Model]:
     for model, serving in sorted(by_model.items()):
         kind = ",".join(sorted({KIND_NAMES.get(w.kind, w.kind) for w in serving}))
         backend = ",".join(sorted({w.backend for w in serving if w.backend})) or None
+        reason = "; ".join(sorted({w.backend_reason for w in serving if w.backend_reason})) or None
         created = int(min(w.started for w in serving))
         if auth.may_use(model):
-            cards.append(Model(model, "model", created, OWNER, kind, backend))
-        cards += [Model(alias, "model", created, OWNER, kind, backend, model)
+            cards.append(Model(model, "model", created, OWNER, kind, backend, None, reason))
+        cards += [Model(alias, "model", created, OWNER, kind, backend, model, reason)
                   for alias in aliases.aliases_of(alias_setting, model) if auth.may_use(model)]
     return sorted(cards, key=lambda card: card.id)

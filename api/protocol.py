@@ -350,7 +350,7 @@ class ChatCompletionUsageChunk(msgspec.Struct):
     system_fingerprint: str | None = None
 
 
-class Model(msgspec.Struct):
+class Model(msgspec.Struct, omit_defaults=True):
     """OpenAI's model object, plus what a fleet operator wants to see: the kind of model (`chat`, `embedding`,
     `rerank`), the backend serving it, and for an alias the served model it stands for (`root`, as vLLM names
     it); clients ignore fields they do not know."""
@@ -362,6 +362,7 @@ class Model(msgspec.Struct):
     kind: str | None = None
     backend: str | None = None
     root: str | None = None
+    backend_reason: str | None = None  # why this backend (chat: the choice, e.g. "fallback: ...")
 
 
 class ModelList(msgspec.Struct):

@@ -54,6 +54,7 @@ class Server:
                    MAX_BATCH_SIZE=str(self.max_batch_size), CONCURRENT_REQUESTS="1024", MAX_CONNECTIONS="1024",
                    MAX_SEQ_LEN=str(self.max_seq_len), LOG_LEVEL="info", DEVICE="cpu", ALLOW_MODEL_PATHS="true",
                    CACHE_CAPACITY="0")  # generation is measured: repeated prompts must not be cache hits
+        env["BACKEND"] = os.environ.get("BACKEND", "native")  # the native engine unless BACKEND=max is asked for
         return env
 
     def __enter__(self) -> Server:

@@ -79,9 +79,19 @@ def run_worker(settings: Settings) -> int:
         from workers.chat.quantize import keep_torchao_out
 
         keep_torchao_out()
+    reason = "BACKEND=native"
+    if settings.worker_kind == "chat" and settings.backend != "native":
+        # An external engine (README "MAX, vLLM or another engine") serves the model until the worker stops; such a
+        # worker takes no hot-swap commands. When the engine cannot serve it, the native host below does.
+        from workers.chat.external.serve import serve_external
+
+        outcome = asyncio.run(serve_external(settings))
+        if outcome.served:
+            return 0
+        reason = outcome.reason
     from workers.host import serve
 
-    asyncio.run(serve(settings))  # WORKER_KIND's model, swappable by `axion models load|unload`
+    asyncio.run(serve(settings, reason))  # WORKER_KIND's model, swappable by `axion models load|unload`
     return 0
 
 

@@ -121,6 +121,12 @@ def progress(request_id: str, index: int) -> str:
     return f"{PREFIX}:progress:{{{request_id}}}:{index}"
 
 
+def engine_progress(request_id: str, index: int) -> str:
+    """List of how many characters of choice `index` a worker on an external engine had published after each
+    event (engines stream text, not token ids): a worker that reclaims the job reruns it and skips that much."""
+    return f"{PREFIX}:engine-progress:{request_id}:{index}"
+
+
 #: Hash of the API keys `axion keys` manages: field = SHA-256 hex of the key, value = its JSON record
 #: (`common/apikeys.py`). The key itself is never stored.
 API_KEYS = f"{PREFIX}:apikeys"

@@ -108,8 +108,10 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):
     """New text of choice `index`. `seq` is the index of the token this event adds within its choice (from 0),
     so a reader drops repeats per choice: a worker that resumes a crashed worker's job replays the tokens
-    already generated under the same numbers. `logprobs` covers the token this event adds, even while its
-    text is held back."""
+    already generated under the same numbers. (A worker on an external engine, which streams text and not
+    tokens, numbers by character instead: `seq` is the index of the event's last character, and its final
+    event's `seq` is one past it; only increasing numbers within one choice matter to a reader.)
+    `logprobs` covers the token this event adds, even while its text is held back."""
 
     seq: int
     text: str
@@ -234,7 +236,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     beat_at: float = 0.0  # unix time of this beat (the worker's clock)
     # Fleets and hot swap (workers/host.py). An empty `model` is a worker that serves nothing right now (after an
     # unload, or while it loads `loading`); readers that route requests skip it.
-    backend: str = ""  # what runs the model: transformers, fastembed, torch, ...
+    # What runs the model: chat "native" (transformers here) or "external" (an engine such as `max serve`),
+    # embeddings "fastembed" or "torch"; and why (chat: the backend choice, README "MAX, vLLM or another engine").
+    backend: str = ""
+    backend_reason: str = ""
     loading: str = ""  # the model this worker is loading now
     last_error: str = ""  # why its last control command failed (empty when it succeeded)
     # Memory the loaded model takes: parameter and buffer bytes (torch backends), and how much the process's RSS

@@ -22,6 +22,9 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# `max` on PATH (else the repo's .venv-max); --max-batch-size because on CPU MAX otherwise serves one at a time.
+DEFAULT_ENGINE_CMD = ("max serve --model-path {model} --host {host} --port {port} --max-batch-size 8"
+                      " --devices {devices}")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
@@ -82,6 +85,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     # be a .gguf path), and weight-only quantization after loading (int4 needs CUDA).
     model_gguf_file: str | None = None
     quantization: Literal["none", "int8", "int4"] = "none"
+    # External engine (README "MAX, vLLM or another engine"; workers/chat/external): which backend a chat worker
+    # uses, the command that starts it ({model} {host} {port} {devices} filled in) or the URL of a running one.
+    backend: Literal["auto", "max", "external", "native"] = "auto"
+    external_engine_cmd: str = DEFAULT_ENGINE_CMD
+    external_engine_url: str = ""
+    external_engine_model: str = ""  # the id the engine serves the model under ("" = ask its /v1/models)
+    external_engine_start_timeout_s: PositiveFloat = 900.0
+    external_engine_lacks: str = "auto"  # request features the engine cannot serve ("auto": known per engine)
+    external_engine_unsupported: Literal["reject", "native"] = "reject"
+    external_engine_connections: PositiveInt = 16
 
     @property
     def model_id(self) -> str:

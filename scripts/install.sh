@@ -10,6 +10,8 @@ extra="${1:-}"
 python="${PYTHON:-python3}"
 torch_version="2.13.0"
 stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)${extra:+-$extra}"
+# The test extra also gets Modular MAX, in its own .venv-max (own stamp): the engine tests run the real `max serve`.
+if [ "$extra" = "test" ]; then scripts/install_max.sh; fi
 [ -f "$stamp" ] && exit 0
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv

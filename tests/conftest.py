@@ -76,7 +76,8 @@ def axion_env(model_dir: Path, redis_url: str | None, port: int, **extra: str) -
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(MODEL_NAME=str(model_dir), SERVER_HOST="127.0.0.1", SERVER_PORT=str(port), LOG_LEVEL="info",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               ALLOW_MODEL_PATHS="true")  # the tiny models live in absolute temporary folders
+               ALLOW_MODEL_PATHS="true",  # the tiny models live in absolute temporary folders
+               BACKEND="native")  # the external-engine tests ask for theirs (tests/test_external_engine.py)
     if redis_url:
         env["REDIS_URL"] = redis_url
     env.update(extra)

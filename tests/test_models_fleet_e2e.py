@@ -117,7 +117,7 @@ def test_models_lists_both_with_kind_backend_and_aliases(fleet: Fleet) -> None:
     cards = {m.id: m.model_dump() for m in models.data}
     assert set(cards) == {fleet.a, fleet.b, "gpt-4o-mini", "gpt-4.1-nano"}
     for model in (fleet.a, fleet.b):
-        assert cards[model]["kind"] == "chat" and cards[model]["backend"] == "transformers"
+        assert cards[model]["kind"] == "chat" and cards[model]["backend"] == "native"
         assert cards[model]["owned_by"] == "axion" and cards[model].get("root") is None
     assert cards["gpt-4o-mini"]["root"] == fleet.a and cards["gpt-4.1-nano"]["root"] == fleet.b
 

@@ -88,7 +88,8 @@ def free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name: str | None) -> StreamWorker:
+def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name: str | None,
+              backend_reason: str = "BACKEND=native") -> StreamWorker:
     """Load a causal LM (blocking: run in a thread) and wrap it in a ChatWorker serving `served_name or model`."""
     import torch
 
@@ -113,7 +114,7 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
     per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name,
                                         model_gguf_file=gguf_file)
     worker = ChatWorker(per_model, engine, redis, str(loaded.dtype).removeprefix("torch."))
-    worker.info.backend = "transformers"
+    worker.info.backend, worker.info.backend_reason = "native", backend_reason
     _record(worker, loaded.model, before, steps)
     if settings.quantization != "none":
         from workers.chat.quantize import weight_bytes
@@ -155,9 +156,9 @@ def _record(worker: StreamWorker, module: Any, rss_before: int, steps: Steps) ->
 
 
 def open_worker(settings: Settings, redis: aioredis.Redis, kind: Kind, model: str,
-                served_name: str | None = None) -> StreamWorker:
+                served_name: str | None = None, backend_reason: str = "BACKEND=native") -> StreamWorker:
     """A worker for `model` of `kind`, loaded and warmed up (blocking: run it in a thread)."""
     enable_progress_bars()
     if kind == "chat":
-        return open_chat(settings, redis, model, served_name)
+        return open_chat(settings, redis, model, served_name, backend_reason)
     return open_embed(settings, redis, kind, model)

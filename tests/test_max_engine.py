@@ -2,7 +2,7 @@
 `axion serve`, on the session's tiny Llama, on CPU, offline.
 
 One MAX engine serves the whole module: its first start compiles the model for minutes (its compile cache is
-kept in the repo's .max-cache, or AXION_MAX_CACHE, so later runs start in about half a minute). The restart
+kept in ~/.cache/axion/max-tests, or AXION_MAX_CACHE, so later runs start in about half a minute). The restart
 test pays one warm start more.
 """
 
@@ -21,13 +21,15 @@ from tests.conftest import REPO, Server
 from tests.engine_helpers import chat_worker_info, engine_tree, guards, start_front, wait_backend, wait_gone
 
 MAX_BIN = REPO / ".venv-max/bin/max"
-# MAX's compile cache: the repo's .max-cache unless CI points AXION_MAX_CACHE at a folder it keeps across runs.
-MAX_CACHE = os.environ.get("AXION_MAX_CACHE") or str(REPO / ".max-cache")
+# MAX's compile cache outlives the checkout, as pip's cache does, so a fresh clone on a machine that ran the tests
+# before starts MAX in half a minute instead of compiling for minutes; AXION_MAX_CACHE picks another folder.
+MAX_CACHE = os.environ.get("AXION_MAX_CACHE") or str(Path.home() / ".cache" / "axion" / "max-tests")
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
 START_TIMEOUT_S = 600
 
-pytestmark = pytest.mark.skipif(not MAX_BIN.exists(), reason="MAX is not installed: run scripts/install_max.sh "
-                                                              "(`make test` does)")
+# `make test` installs MAX; only a machine that opted out (AXION_SKIP_MAX=1, as scripts/install_max.sh reads it)
+# skips these tests, so a broken install fails them instead of hiding them.
+pytestmark = pytest.mark.skipif(bool(os.environ.get("AXION_SKIP_MAX")), reason="AXION_SKIP_MAX is set")
 
 
 @pytest.fixture(scope="module")

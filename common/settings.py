@@ -73,6 +73,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_string_chars: PositiveInt = 1_000_000
     model_allowlist: str = ""
     allow_model_paths: bool = False
+    # Batch API (README "Batch API"): upload size, lines per batch, lines in flight, worker slots kept for online.
+    files_max_bytes: PositiveInt = 10 * 1024 * 1024
+    batch_max_lines: PositiveInt = 50_000
+    batch_window: PositiveInt = 16
+    batch_reserved_slots: NonNegativeInt = 1
 
     @property
     def model_id(self) -> str:

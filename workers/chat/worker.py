@@ -48,7 +48,10 @@ class ChatWorker(StreamWorker):
         if (free := self._free_slots()) > 0:  # free slots go first to the jobs of workers that stopped
             await self._admit_all(*await self.take_over_due(free))
         if not self.engine.active and (free := self._free_slots()) > 0:
-            await self._admit_all(await self.read_burst(free))
+            await self._admit_all(await self.read(free, block=False))  # online first, then batch lines, then wait
+            await self._admit_batch()
+            if not self.engine.active:
+                await self._admit_all(await self.read_burst(free))
         if self.engine.active:
             await self._step()
 
@@ -77,6 +80,14 @@ class ChatWorker(StreamWorker):
     def _free_slots(self) -> int:
         return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.engine.active
 
+    async def _admit_batch(self) -> None:
+        """Batch lines, after the online read: only into slots online left free, less BATCH_RESERVED_SLOTS kept
+        open so an online request arriving meanwhile starts at the next step. Online prompts then go first in
+        the prefill queue, so a batch line never holds one back by more than the step under way."""
+        room = self._free_slots() - self.settings.batch_reserved_slots
+        if room > 0 and (entries := await self.read_batch(room)):
+            await self._admit_all(entries)
+        self.engine.pending.sort(key=lambda seq: self.is_batch(seq.tag))
 
     def in_flight(self) -> list[bytes]:
         return list({seq.tag for seq in self.engine.rows + self.engine.pending if seq.tag is not None})
@@ -145,6 +156,7 @@ class ChatWorker(StreamWorker):
             await self._publish(*await self._in_torch_thread(self.engine.decode_step), read=True)
         elif (free := self._free_slots()) > 0:
             await self._admit_all(await self.read(free, block=False))
+            await self._admit_batch()
         self.steps += 1
 
     async def _in_torch_thread(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> tuple[
@@ -202,6 +214,7 @@ class ChatWorker(StreamWorker):
                         self.engine.cancel(request_id)
             if free > 0:
                 await self._admit_all(self.entries(replies[-1]))
+                await self._admit_batch()
 
 
 async def serve_worker(settings: Settings) -> None:

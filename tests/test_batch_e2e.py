@@ -18,7 +18,6 @@ from common import keys
 from common.redis_server import EmbeddedRedis, free_port
 from tests.conftest import Proc, Server, axion_env, wait_ready
 from workers.embed.backends import load_embedding
-from workers.embed.devmodels import build_tiny_cross_encoder
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -26,17 +25,22 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 @pytest.fixture(scope="module")
 def batch_server(tiny_model_dir: Path, minilm_onnx: Path, redis_server: EmbeddedRedis,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Fleet mode on the test Redis: an API, a chat and an embedding worker, and `axion batch-worker` (rq)."""
     port = free_port()
-    cross_encoder = build_tiny_cross_encoder(tmp_path_factory.mktemp("batch-models") / "cross-encoder")
+    logs = tmp_path_factory.mktemp("batch-logs")
     env = axion_env(tiny_model_dir, redis_server.url, port, MAX_SEQ_LEN="1024", MAX_BATCH_SIZE="8",
-                    EMBEDDING_MODEL=str(minilm_onnx), RERANK_MODEL=str(cross_encoder))
-    proc = Proc(["serve"], env, tmp_path_factory.mktemp("batch-logs") / "serve.log").start()
-    server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc], redis_url=redis_server.url)
+                    EMBEDDING_MODEL=str(minilm_onnx))
+    procs = [Proc(["api"], env, logs / "api.log"), Proc(["worker"], env | {"WORKER_KIND": "chat"}, logs / "chat.log"),
+             Proc(["worker"], env | {"WORKER_KIND": "embed"}, logs / "embed.log"),
+             Proc(["batch-worker"], env, logs / "batch-worker.log")]
+    server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [p.start() for p in procs],
+                    redis_url=redis_server.url)
     try:
-        wait_ready(server.base_url, [proc], workers=3)
+        wait_ready(server.base_url, procs, workers=2)
         yield server
     finally:
-        proc.stop()
+        for proc in procs:
+            proc.stop()
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
@@ -205,3 +209,10 @@ def test_files_and_batches_listing(batch_server: Server) -> None:
         client.batches.retrieve("batch_missing")
     for batch_id in ids:
         wait_done(client, batch_id)
+
+
+def test_axion_serve_runs_batches_too(served: Server) -> None:
+    """The one-command server starts an rq batch worker with the rest."""
+    client = served.client()
+    batch, _ = wait_done(client, submit(client, [chat_line(f"s{i}", served.model, f"serve {i}") for i in range(3)]).id)
+    assert batch.status == "completed" and batch.request_counts.completed == 3

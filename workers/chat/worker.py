@@ -82,12 +82,16 @@ class ChatWorker(StreamWorker):
 
     async def _admit_batch(self) -> None:
         """Batch lines, after the online read: only into slots online left free, less BATCH_RESERVED_SLOTS kept
-        open so an online request arriving meanwhile starts at the next step. Online prompts then go first in
-        the prefill queue, so a batch line never holds one back by more than the step under way."""
+        open so an online request arriving meanwhile starts at the next step. None while an online prompt waits
+        for its prefill (it would share that forward pass with the batch prompts), and online prompts go first
+        in the prefill queue: a batch line holds an online request back by at most the step under way."""
+        pending = self.engine.pending
+        if any(not self.is_batch(seq.tag) for seq in pending):
+            pending.sort(key=lambda seq: self.is_batch(seq.tag))
+            return
         room = self._free_slots() - self.settings.batch_reserved_slots
         if room > 0 and (entries := await self.read_batch(room)):
             await self._admit_all(entries)
-        self.engine.pending.sort(key=lambda seq: self.is_batch(seq.tag))
 
     def in_flight(self) -> list[bytes]:
         return list({seq.tag for seq in self.engine.rows + self.engine.pending if seq.tag is not None})

@@ -13,6 +13,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State, UploadFile
 
+from api import auth
 from api.errors import APIError
 from api.protocol import decode_body
 from batches import queue
@@ -107,7 +108,9 @@ async def create_batch(request: Request[Any, Any, State], state: State) -> dict[
                        code="invalid_value")
     assert req.completion_window in COMPLETION_WINDOWS and req.endpoint in ENDPOINTS
     store = _batches(state)
-    batch_id = await store.create(req.input_file_id, req.endpoint, req.completion_window, req.metadata)
+    principal = auth.current.get()
+    batch_id = await store.create(req.input_file_id, req.endpoint, req.completion_window, req.metadata,
+                                  principal.models if principal is not None else None)
     if getattr(state, "rq_redis", None) is None:
         state.rq_redis = queue.connect(state.chat.settings)
     await asyncio.to_thread(queue.enqueue, state.rq_redis, batch_id)

@@ -25,6 +25,8 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from api import auth
+from api.auth import Principal
 from api.jobs import ChatContext
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
@@ -63,6 +65,9 @@ class BatchRunner:
             await self.redis.aclose()
 
     async def _run(self) -> str:
+        if not await self.redis.exists(keys.batch(self.batch_id)):
+            log.warning("batch %s is gone (Redis flushed?); nothing to run", self.batch_id)
+            return "missing"
         fields = await self.store.fields(self.batch_id)
         status = fields["status"]
         if status in TERMINAL:
@@ -94,6 +99,8 @@ class BatchRunner:
         await pipe.execute()
         if await self.store.move(self.batch_id, "in_progress", "validating", "in_progress") != "in_progress":
             return await self._finish(await self.store.fields(self.batch_id), "cancelled", ids)
+        if fields.get("models"):  # the creating key's model list holds for its lines (others are a 404 each)
+            auth.current.set(Principal(id=f"batch:{self.batch_id}", models=frozenset(json.loads(fields["models"]))))
         await self._feed(lines, int(fields["expires_at"]), ids)
         final = self._stopping or "completed"
         if final == "completed":

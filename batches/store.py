@@ -46,7 +46,9 @@ class BatchStore:
         self._move = redis.register_script(_MOVE)
 
     async def create(self, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None) -> str:
+                     metadata: dict[str, str] | None, models: frozenset[str] | None = None) -> str:
+        """A new batch in `validating`; `models` is what the creating API key may use (None: any), which its
+        lines are held to when they run."""
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         now = int(time.time())
         fields: dict[str, Any] = {
@@ -54,6 +56,7 @@ class BatchStore:
             "completion_window": completion_window, "created_at": now,
             "expires_at": now + COMPLETION_WINDOWS[completion_window], "status": "validating",
             "total": 0, "completed": 0, "failed": 0, "metadata": json.dumps(metadata) if metadata else "",
+            "models": json.dumps(sorted(models)) if models is not None else "",
         }
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.batch(batch_id), mapping=fields)

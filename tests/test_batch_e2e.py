@@ -137,9 +137,18 @@ def test_cancel_stops_feeding_and_keeps_the_lines_that_ran(batch_server: Server)
     lines = [chat_line(f"c{i}", model, f"Cancel test {i}", max_tokens=24, seed=i, temperature=1.0)
              for i in range(300)]
     batch = submit(client, lines)
+    r = redis.Redis.from_url(batch_server.redis_url)
+    stream, running = keys.batch_stream("chat", model), []
     deadline = time.monotonic() + 60
     while client.batches.retrieve(batch.id).request_counts.completed < 5 and time.monotonic() < deadline:
+        running.append(r.xpending(stream, keys.WORKER_GROUP)["pending"])
         time.sleep(0.05)
+    # batch lines never take the slot kept for online traffic (MAX_BATCH_SIZE 8, BATCH_RESERVED_SLOTS 1) ...
+    assert 0 < max(running) <= 7, running
+    # ... and an online request is answered while the batch keeps running
+    online = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "online"}],
+                                            max_tokens=4)
+    assert online.choices[0].finish_reason and client.batches.retrieve(batch.id).status == "in_progress"
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     batch, _ = wait_done(client, batch.id)

@@ -78,6 +78,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     batch_max_lines: PositiveInt = 50_000
     batch_window: PositiveInt = 16
     batch_reserved_slots: NonNegativeInt = 1
+    batch_slots_beside_online: NonNegativeInt = 1
 
     @property
     def model_id(self) -> str:

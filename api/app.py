@@ -19,7 +19,7 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
-from api import auth, errors, protocol, serving_embed
+from api import admin, aliases, errors, protocol, serving_embed
 from api import health as health_views
 from api import protocol_legacy as legacy
 from api.batch_routes import ROUTES as BATCH_ROUTES
@@ -27,6 +27,7 @@ from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.metrics import CONTENT_TYPE, Metrics
+from api.models_view import model_cards
 from api.openapi import openapi_config
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
@@ -66,7 +67,7 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
             log.info("request %s model=%s stream=%s cache hit", request_id, req.model, bool(req.stream),
                      extra={"job_id": request_id, "model": req.model, "outcome": "cache hit"})
             headers["x-axion-cache"] = "hit"
-            hit = as_fresh(hit, request_id, req.model)
+            hit = as_fresh(hit, request_id, aliases.shown(req.model))
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 return Stream(replay_stream(hit, include_usage), media_type="text/event-stream",
@@ -189,13 +190,9 @@ async def rerank(request: Request[Any, Any, State], state: State) -> dict[str, A
 
 @get("/v1/models")
 async def list_models(state: State) -> protocol.ModelList:
+    """Every model a live worker serves now, with its kind and backend, and the aliases that point at them."""
     registry: WorkerRegistry = state.registry
-    workers = await registry.workers()
-    first_seen: dict[str, float] = {}
-    for w in workers:
-        first_seen[w.model] = min(first_seen.get(w.model, w.started), w.started)
-    return protocol.ModelList("list", [protocol.Model(m, "model", int(t), "axion") for m, t in
-                                       sorted(first_seen.items()) if auth.may_use(m)])
+    return protocol.ModelList("list", model_cards(await registry.workers(), _ctx(state).settings.model_aliases))
 
 
 @get("/health")
@@ -247,7 +244,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
 
     return Litestar(
         route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
-                        health, health_ready, metrics_endpoint, *BATCH_ROUTES],
+                        health, health_ready, metrics_endpoint, admin.load_model, admin.unload_model,
+                        *BATCH_ROUTES],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         middleware=[DefineMiddleware(RequestGuard, settings=settings)],

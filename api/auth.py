@@ -58,7 +58,9 @@ class Authenticator:
         self.redis = redis
         self.anonymous = Principal("anonymous", rpm=settings.rate_limit_rpm, tpm=settings.rate_limit_tpm)
         self._defaults = (settings.rate_limit_rpm, settings.rate_limit_tpm)
-        self._static = [(hashlib.sha256(k.encode()).digest(), k) for k in split_list(settings.api_keys)]
+        # ADMIN_API_KEYS pass here too: an operator's admin key is good for every endpoint (api/admin.py).
+        static = split_list(settings.api_keys) + split_list(settings.admin_api_keys)
+        self._static = [(hashlib.sha256(k.encode()).digest(), k) for k in static]
         self._open = split_list(settings.open_paths)
         self._cache: dict[str, tuple[float, Principal]] = {}
 

@@ -23,7 +23,7 @@ from litestar.config.cors import CORSConfig
 from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 from litestar.utils.scope.state import ScopeState
 
-from api import auth, limits
+from api import aliases, auth, limits
 from api.auth import Authenticator, Principal
 from api.errors import APIError
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter, estimate_tokens
@@ -60,6 +60,7 @@ class RequestGuard:
             ScopeState.from_scope(scope).headers = Empty  # parsed already by the CORS middleware, if it is on
         id_token = logctx.request_id.set(request_id)  # type: ignore[arg-type]
         principal_token = auth.current.set(None)
+        alias_token = aliases.requested.set(None)
         extra: dict[str, str] = {}
         try:
             try:
@@ -72,6 +73,7 @@ class RequestGuard:
             await self.app(scope, _replay(body, receive) if body is not None else receive,
                            _with_headers(send, extra | {"x-request-id": request_id}))  # type: ignore[operator]
         finally:
+            aliases.requested.reset(alias_token)
             auth.current.reset(principal_token)
             logctx.request_id.reset(id_token)
 
@@ -97,6 +99,7 @@ class RequestGuard:
             except RecursionError:
                 raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
         if isinstance(parsed, dict):
+            body = self._resolve_alias(parsed, body)
             await self._check_body(path, parsed, principal, state.registry)
         if self._limiter is not None and (principal.rpm > 0 or principal.tpm > 0):
             decision = await self._limiter.take(principal, estimate_tokens(path, parsed, self.settings.max_seq_len))
@@ -108,6 +111,19 @@ class RequestGuard:
                     metrics.rate_limited.labels(decision.error.type or "unknown").inc()
                 raise decision.error
         return body
+
+    def _resolve_alias(self, parsed: dict[str, Any], body: bytes) -> bytes:
+        """Replace an alias in `model` by the served model id (`api/aliases.py`) before any check, cache key,
+        rate limit or queue sees it; the name sent is remembered for the response."""
+        model = parsed.get("model")
+        if not isinstance(model, str) or not self.settings.model_aliases:
+            return body
+        served = aliases.resolve(self.settings.model_aliases, model)
+        if served == model:
+            return body
+        aliases.requested.set((served, model))
+        parsed["model"] = served
+        return msgspec.json.encode(parsed)
 
     async def _check_body(self, path: str, body: dict[str, Any], principal: Principal, registry: Any) -> None:
         limits.check_sizes(body, self.settings)

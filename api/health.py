@@ -55,7 +55,11 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         "memory": {"weights_bytes": w.weights_bytes, "kv_cache_bytes": w.kv_cache_bytes,
                    "prefix_cache_bytes": w.prefix_cache_bytes, "rss_bytes": w.rss_bytes,
                    "device_used_bytes": w.device_memory_used_bytes,
-                   "device_total_bytes": w.device_memory_total_bytes},
+                   "device_total_bytes": w.device_memory_total_bytes,
+                   # what loading the model took: tensor bytes (torch backends) and the process's RSS growth
+                   "params_bytes": w.params_bytes, "buffers_bytes": w.buffers_bytes,
+                   "load_rss_delta_bytes": w.load_rss_delta_bytes},
+        "backend": w.backend, "load_s": w.load_s, "last_error": w.last_error or None,
         "prefix_cache_hits": w.prefix_cache_hits,
         "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
         "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
@@ -63,6 +67,18 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         # model calls (decode steps) and items computed (inputs embedded, pairs scored, tokens decoded)
         "model_calls": w.decode_steps, "computed_items": w.decoded_tokens,
     }
+
+
+def model_memory(workers: list[WorkerInfo]) -> dict[str, dict[str, Any]]:
+    """Per served model: what one copy of it takes (as its workers measured at load) and how many copies run."""
+    out: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        row = out.setdefault(w.model, {"kind": w.kind, "backend": w.backend, "workers": 0, "params_bytes": 0,
+                                       "buffers_bytes": 0, "load_rss_delta_bytes": 0})
+        row["workers"] += 1
+        for field in ("params_bytes", "buffers_bytes", "load_rss_delta_bytes"):
+            row[field] = max(row[field], getattr(w, field))
+    return dict(sorted(out.items()))
 
 
 async def liveness(settings: Settings, redis: aioredis.Redis, registry: WorkerRegistry, hub: ReplyHub,
@@ -78,6 +94,7 @@ async def liveness(settings: Settings, redis: aioredis.Redis, registry: WorkerRe
         "reply_hub": {"connected": hub.connected, "error": hub.last_error},
         "workers": [worker_view(w, now) for w in workers],
         "models": sorted({w.model for w in workers}),
+        "model_memory": model_memory(workers),
         "open_requests": open_requests,
         "cache": await _cache(redis, settings) if redis_state["reachable"] else None,
     }

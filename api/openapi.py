@@ -18,6 +18,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
 from api import protocol_legacy as legacy
+from api.admin import LoadRequest, UnloadRequest
 from api.protocol import ROLES, ChatCompletionRequest
 from api.serving_embed import EmbeddingRequest, RerankRequest
 from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
@@ -30,6 +31,8 @@ REQUEST_BODIES: dict[str, type] = {
     "/v1/embeddings": EmbeddingRequest,
     "/v1/rerank": RerankRequest,
     "/rerank": RerankRequest,
+    "/admin/models/load": LoadRequest,
+    "/admin/models/unload": UnloadRequest,
 }
 
 ERROR_SCHEMA: dict[str, Any] = {

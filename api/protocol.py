@@ -351,10 +351,17 @@ class ChatCompletionUsageChunk(msgspec.Struct):
 
 
 class Model(msgspec.Struct):
+    """OpenAI's model object, plus what a fleet operator wants to see: the kind of model (`chat`, `embedding`,
+    `rerank`), the backend serving it, and for an alias the served model it stands for (`root`, as vLLM names
+    it); clients ignore fields they do not know."""
+
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    kind: str | None = None
+    backend: str | None = None
+    root: str | None = None
 
 
 class ModelList(msgspec.Struct):

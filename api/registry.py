@@ -67,9 +67,11 @@ class WorkerRegistry:
             if raw is None:
                 continue  # expired: the worker died (or has not beaten since a Redis restart)
             try:
-                found.append(decode_worker(raw))
+                worker = decode_worker(raw)
             except msgspec.DecodeError:
                 continue
+            if worker.model:  # an empty model: a worker between models (workers/host.py), serving nothing
+                found.append(worker)
         return sorted(found, key=lambda w: w.worker_id)
 
     async def served_models(self, kind: str | None = None) -> list[str]:
@@ -96,6 +98,9 @@ class WorkerRegistry:
         if others:
             raise APIError(400, f"The model '{model}' is a {'/'.join(others)} model; this endpoint needs a {kind} "
                            "model.", param="model", code="model_not_supported")
+        if await self._redis.sismember(keys.RETIRED_MODELS, model):  # unloaded by `axion models unload`
+            self._known.discard(model)
+            raise model_not_found(model)
         if model not in self._known and not await self._redis.sismember(keys.KNOWN_MODELS, model):
             raise model_not_found(model)
         until = time.monotonic() + self.grace_s

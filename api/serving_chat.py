@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from api import protocol as p
+from api.aliases import shown
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
 
@@ -96,6 +97,7 @@ class ChatRun(JobRun):
         self.req = req
         self.lease = lease  # single-flight: identical requests wait for this run; freed when it ends
         self.completion_id = f"chatcmpl-{request_id}"
+        self.shown_model = shown(req.model)  # the name the client sent (an alias is echoed)
         self.on_complete = on_complete
         n = req.n or 1
         self._texts: list[list[str]] = [[] for _ in range(n)]
@@ -123,7 +125,7 @@ class ChatRun(JobRun):
                             p.ChoiceLogprobs(self._logprobs[i]) if self.req.logprobs else None,
                             finished[i].finish_reason)
                    for i in range(len(self._texts))]
-        completion = p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.req.model, choices,
+        completion = p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.shown_model, choices,
                                       usage_of(*finished.values()))
         if self.on_complete is not None:
             await self.on_complete(completion)
@@ -190,7 +192,7 @@ class ChatRun(JobRun):
             completion = await self._done()
             if include_usage:
                 yield self._encode(p.ChatCompletionUsageChunk(
-                    self.completion_id, "chat.completion.chunk", self.created, self.req.model, [], completion.usage))
+                    self.completion_id, "chat.completion.chunk", self.created, self.shown_model, [], completion.usage))
             yield b"data: [DONE]\n\n"
         finally:
             await self.close()
@@ -201,10 +203,10 @@ class ChatRun(JobRun):
         chunk: msgspec.Struct
         if include_usage:
             chunk = p.ChatCompletionUsageChunk(self.completion_id, "chat.completion.chunk", self.created,
-                                               self.req.model, choices, None)
+                                               self.shown_model, choices, None)
         else:
             chunk = p.ChatCompletionChunk(self.completion_id, "chat.completion.chunk", self.created,
-                                          self.req.model, choices)
+                                          self.shown_model, choices)
         return self._encode(chunk)
 
     @staticmethod

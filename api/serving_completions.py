@@ -15,6 +15,7 @@ import msgspec
 
 from api import protocol as p
 from api import protocol_legacy as lg
+from api.aliases import shown
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
 from api.serving_chat import sampling_params
@@ -143,7 +144,7 @@ class CompletionRun:
         per_prompt = [usage_of(*[finished[k * self.n + i] for i in range(self.n)]) for k in range(len(self.runs))]
         usage = p.Usage(sum(u.prompt_tokens for u in per_prompt), sum(u.completion_tokens for u in per_prompt),
                         sum(u.total_tokens for u in per_prompt))
-        return lg.Completion(self.completion_id, "text_completion", self.created, self.req.model, choices, usage)
+        return lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model), choices, usage)
 
     async def stream(self) -> AsyncIterator[bytes]:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
@@ -176,7 +177,8 @@ class CompletionRun:
                 usage = p.Usage(sum(f.prompt_tokens for i, f in finished.items() if i % self.n == 0),
                                 sum(f.completion_tokens for f in finished.values()), 0)
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                payload = lg.Completion(self.completion_id, "text_completion", self.created, self.req.model, [], usage)
+                payload = lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model),
+                                        [], usage)
                 yield b"data: " + _json.encode(payload) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except TimeoutError:
@@ -195,5 +197,5 @@ class CompletionRun:
 
     def _chunk(self, index: int, text: str, logprobs: lg.LegacyLogprobs | None, finish: p.FinishReason | None) -> bytes:
         choice = lg.CompletionChoice(index, text, logprobs, finish)
-        payload = lg.Completion(self.completion_id, "text_completion", self.created, self.req.model, [choice])
+        payload = lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model), [choice])
         return b"data: " + _json.encode(payload) + b"\n\n"

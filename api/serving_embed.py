@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from api.aliases import shown
 from api.embed_cache import Row, embed_store, lookup, members, permissions, split
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, new_request_id
@@ -103,7 +104,7 @@ async def create_embeddings(ctx: ChatContext, body: bytes, client_id: str | None
     data = [{"object": "embedding", "index": i, "embedding": _vector(row.vector, req.encoding_format)}
             for i, row in enumerate(rows)]
     tokens = sum(row.tokens for row in rows) + untold
-    return ({"object": "list", "data": data, "model": req.model,
+    return ({"object": "list", "data": data, "model": shown(req.model),
              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, found.header)
 
 
@@ -144,5 +145,5 @@ async def rerank(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[s
     ranked = sorted(range(len(documents)), key=lambda i: answer.scores[i], reverse=True)[: req.top_n]
     results = [{"index": i, "relevance_score": answer.scores[i]}
                | ({"document": {"text": documents[i]}} if req.return_documents else {}) for i in ranked]
-    return {"id": f"rerank-{request_id}", "model": req.model, "results": results,
+    return {"id": f"rerank-{request_id}", "model": shown(req.model), "results": results,
             "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens}}

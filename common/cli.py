@@ -1,7 +1,8 @@
 """The `axion` command: `serve` (all in one), `api`, `worker` and `batch-worker` (fleet mode), `dev`, `keys`, and
 `status`, `queues`, `dead-letters` (the fleet as Redis holds it: `common/ops.py`).
 
-`dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis.
+`dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis;
+`models list|load|unload` swaps models on running workers (`common/models_cli.py`).
 
 Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
 only its own half.
@@ -74,14 +75,9 @@ def run_worker(settings: Settings) -> int:
 
     check_models(settings, settings.worker_kind)
 
-    if settings.worker_kind == "chat":
-        from workers.chat.worker import serve_worker
+    from workers.host import serve
 
-        asyncio.run(serve_worker(settings))
-    else:
-        from workers.embed.worker import serve_embed_worker
-
-        asyncio.run(serve_embed_worker(settings, settings.worker_kind))
+    asyncio.run(serve(settings))  # WORKER_KIND's model, swappable by `axion models load|unload`
     return 0
 
 
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="axion", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["serve", "api", "worker", "batch-worker", "dev", "keys", "status",
-                                            "queues", "dead-letters"],
+                                            "queues", "dead-letters", "models"],
                         help="serve: API + workers (+ embedded Redis); api / worker / batch-worker: fleet mode; "
                              "dev: tools; keys: manage API keys in Redis; status / queues / dead-letters: inspect "
                              "the fleet (REDIS_URL)")
@@ -180,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         from common.apikeys import main as keys_main
 
         return keys_main(rest)
+    if args.command == "models":
+        from common.models_cli import main as models_main
+
+        return models_main(rest, load_or_exit())
     if args.command in ("status", "queues", "dead-letters"):
         from common.ops import main as ops_main
 

@@ -25,7 +25,9 @@ def write(pipe: aioredis.client.Pipeline, info: WorkerInfo, ttl_s: float) -> aio
     pipe.set(keys.worker_heartbeat(info.worker_id), encode(info), px=int(ttl_s * 1000))
     pipe.zadd(keys.WORKER_INDEX, {info.worker_id: now})
     pipe.zremrangebyscore(keys.WORKER_INDEX, "-inf", now - INDEX_PRUNE_S)
-    pipe.sadd(keys.KNOWN_MODELS, info.model)
+    if info.model:  # an empty model: a worker between models, serving nothing
+        pipe.sadd(keys.KNOWN_MODELS, info.model)
+        pipe.srem(keys.RETIRED_MODELS, info.model)
     return pipe
 
 

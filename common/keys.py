@@ -14,6 +14,10 @@ WORKER_GROUP = "workers"
 #: Set of every model id a worker has ever announced: tells "no worker right now" (503) from "unknown" (404).
 KNOWN_MODELS = f"{PREFIX}:models"
 
+#: Set of model ids unloaded on purpose (`axion models unload`) with no worker left serving them: a request for
+#: one is a 404 like an unknown model, not a 503. A worker that serves the model again removes it (every beat).
+RETIRED_MODELS = f"{PREFIX}:models:retired"
+
 #: Pattern matching every live worker's heartbeat key.
 WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:worker:*"
 
@@ -55,6 +59,13 @@ def reply_channel(request_id: str) -> str:
 def worker_heartbeat(worker_id: str) -> str:
     """A worker's self-description (JSON) under a short TTL; gone within the TTL after the worker dies."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def worker_control(worker_id: str) -> str:
+    """A worker's control stream: `load` / `unload` commands (JSON field `command`), read in order, one at a
+    time, so a command sent while the worker is busy waits instead of being lost. Not under `axion:worker:`,
+    whose keys are all heartbeats."""
+    return f"{PREFIX}:control:{worker_id}"
 
 
 def _cache_slot(namespace: str) -> str:

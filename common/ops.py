@@ -47,13 +47,13 @@ def workers(r: redis.Redis) -> list[WorkerInfo]:
 
 def targets(r: redis.Redis, live: list[WorkerInfo]) -> list[tuple[str, str]]:
     """(kind, model) pairs worth a row: served now, or with a job or dead-letter stream in Redis."""
-    models = sorted({m.decode() for m in r.smembers(keys.KNOWN_MODELS)} | {w.model for w in live})
+    models = sorted({m.decode() for m in r.smembers(keys.KNOWN_MODELS)} | {w.model for w in live if w.model})
     pairs = [(k, m) for m in models for k in KINDS]
     pipe = r.pipeline(transaction=False)
     for kind, model in pairs:
         pipe.exists(keys.job_stream(kind, model), keys.dead_letter_stream(kind, model))
     exists = pipe.execute()
-    served = {(w.kind, w.model) for w in live}
+    served = {(w.kind, w.model) for w in live if w.model}  # an idle worker (workers/host.py) serves no model
     return sorted({p for p, n in zip(pairs, exists, strict=True) if n} | served)
 
 

@@ -232,6 +232,17 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     cpu_percent: float = 0.0
     beat_interval_s: float = 0.0  # how often this worker beats: a reader can tell a late beat from a dead worker
     beat_at: float = 0.0  # unix time of this beat (the worker's clock)
+    # Fleets and hot swap (workers/host.py). An empty `model` is a worker that serves nothing right now (after an
+    # unload, or while it loads `loading`); readers that route requests skip it.
+    backend: str = ""  # what runs the model: transformers, fastembed, torch, ...
+    loading: str = ""  # the model this worker is loading now
+    last_error: str = ""  # why its last control command failed (empty when it succeeded)
+    # Memory the loaded model takes: parameter and buffer bytes (torch backends), and how much the process's RSS
+    # grew while loading it (every backend; on CUDA the weights live in device memory instead).
+    params_bytes: int = 0
+    buffers_bytes: int = 0
+    load_rss_delta_bytes: int = 0
+    load_s: float = 0.0
 
 _job_decoder = msgspec.json.Decoder(ChatJob)
 _event_decoder = msgspec.json.Decoder(Event)

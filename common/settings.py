@@ -6,6 +6,7 @@ deployment manifest fails the pod at once instead of at the first request.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -73,6 +74,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_string_chars: PositiveInt = 1_000_000
     model_allowlist: str = ""
     allow_model_paths: bool = False
+    # Fleets (README "Several models"): request names mapped onto served models; who may order hot swaps.
+    model_aliases: str = ""
+    admin_api_keys: str = ""
     # Batch API (README "Batch API"): upload size, lines per batch, lines in flight, worker slots kept for online.
     files_max_bytes: PositiveInt = 10 * 1024 * 1024
     batch_max_lines: PositiveInt = 50_000
@@ -89,6 +93,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     def auth_required(self) -> bool:
         """Keys are checked when any are configured in API_KEYS, or when REQUIRE_API_KEY asks for Redis keys."""
         return self.require_api_key or bool(split_list(self.api_keys))
+
+
+def parse_aliases(value: str) -> dict[str, str]:
+    """MODEL_ALIASES as {alias: served model id}: a JSON object, or `alias=model` pairs separated by commas
+    (`gpt-4o-mini=models/tiny, gpt-4o=models/big`). ValueError names the first bad entry."""
+    value = value.strip()
+    if not value:
+        return {}
+    if value.startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"not a JSON object ({exc})") from None
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise ValueError("the JSON form maps alias names to model id strings")
+        pairs = [(str(k).strip(), v.strip()) for k, v in parsed.items()]
+    else:
+        pairs = []
+        for part in split_list(value):
+            alias, sep, target = part.partition("=")
+            if not sep:
+                raise ValueError(f"{part!r} is not alias=model")
+            pairs.append((alias.strip(), target.strip()))
+    aliases: dict[str, str] = {}
+    for alias, target in pairs:
+        if not alias or not target or alias == target:
+            raise ValueError(f"{alias!r}={target!r}: both names are needed and must differ")
+        aliases[alias] = target
+    for alias, target in aliases.items():
+        if target in aliases:
+            raise ValueError(f"{alias!r} points at another alias, {target!r} (aliases resolve once)")
+    return aliases
 
 
 def split_list(value: str) -> list[str]:
@@ -127,12 +163,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if "LOG_LEVEL" in raw:
         raw["LOG_LEVEL"] = _log_level_from_rust_style(raw["LOG_LEVEL"])
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
         name = message.rsplit("$.", 1)[-1] if "$." in message else "settings"
         detail = message.split(" - at ")[0]
         raise SettingsError(f"invalid setting {name}={raw.get(name, '')!r}: {detail}") from None
+    try:
+        parse_aliases(settings.model_aliases)
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting MODEL_ALIASES={settings.model_aliases!r}: {exc}") from None
+    return settings
 
 
 def load_or_exit() -> Settings:

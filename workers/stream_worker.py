@@ -53,6 +53,9 @@ class StreamWorker:
         self._last_takeover = float("-inf")
         self.batch_stream = keys.batch_stream(kind, model_id)  # low priority: only slots online leaves free
         self._batch_empty_at = float("-inf")
+        self.handles_signals = True  # False under workers/host.py, which owns SIGTERM for the whole process
+        self.withdrawn = False  # no longer announced: the heartbeat only keeps the in-flight jobs alive
+        self._beat_lock = asyncio.Lock()
 
     async def iteration(self) -> None:
         """One turn of the loop: read, work, publish. Redis errors are retried by `run`."""
@@ -73,11 +76,15 @@ class StreamWorker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.handles_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="axion-heartbeat")
-        log.info("worker %s serving %s from stream %s", self.worker_id, self.model_id, self.stream)
+        if self.model_id:
+            log.info("worker %s serving %s from stream %s", self.worker_id, self.model_id, self.stream)
+        else:
+            log.info("worker %s idle (serves no model) %s", self.worker_id, self.info.loading and
+                     f"while it loads {self.info.loading}")
         group_ready = False
         try:
             while self.keep_running():
@@ -109,6 +116,18 @@ class StreamWorker:
             log.info("worker %s stopping", self.worker_id)
         self.stopping.set()
 
+    def rename(self, worker_id: str) -> None:
+        """Take over a stable id (before `run`): a host keeps one id across the models it loads in turn."""
+        self.worker_id = self.info.worker_id = worker_id
+
+    async def withdraw(self) -> None:
+        """Stop announcing the model now (heartbeat key and index entry removed) while the loop keeps running:
+        the API stops routing here before the worker drains. In-flight jobs are still kept alive by the beat."""
+        async with self._beat_lock:
+            self.withdrawn = True
+            with contextlib.suppress(*REDIS_ERRORS):
+                await heartbeat_keys.remove(self.redis.pipeline(transaction=False), self.worker_id).execute()
+
     async def _ensure_group(self) -> None:
         for stream in (self.stream, self.batch_stream):
             try:
@@ -137,8 +156,11 @@ class StreamWorker:
             last = (now, info.decoded_tokens, info.jobs_done)
             info.beat_at = time.time()
             try:
-                pipe = heartbeat_keys.write(self.redis.pipeline(transaction=False), info, self.settings.heartbeat_ttl_s)
-                await pipe.execute()
+                async with self._beat_lock:
+                    if not self.withdrawn:
+                        pipe = heartbeat_keys.write(self.redis.pipeline(transaction=False), info,
+                                                    self.settings.heartbeat_ttl_s)
+                        await pipe.execute()
                 for stream, ids in self.by_stream(self.in_flight()).items():
                     await refresh_own(self.redis, stream, self.worker_id, ids)
             except REDIS_ERRORS as exc:

@@ -1,0 +1,156 @@
+"""Open a worker for a model of any kind, showing progress and measuring the memory the model takes.
+
+Progress: transformers and huggingface_hub draw their own tqdm bars (download, weight loading) on stderr, which
+is the worker's log; they are switched on here unless HF_HUB_DISABLE_PROGRESS_BARS asks otherwise. Between
+them, each load step logs a line `load <model> [i/n] <step>` with the time it took, so a slow load shows where
+it is even when the bars are off (JSON logs).
+
+Memory: parameter and buffer bytes of a torch model (exact, from the tensors), and the process RSS growth over
+the load (every backend, fastembed's onnxruntime included). Both go into the worker's heartbeat and /health.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import time
+from typing import Any, Literal
+
+import msgspec
+import psutil
+import redis.asyncio as aioredis
+
+from common.settings import Settings
+from workers.stream_worker import StreamWorker
+
+log = logging.getLogger("axion.worker.loading")
+
+Kind = Literal["chat", "embed", "rerank"]
+
+
+class Steps:
+    """`load <model> [i/n] <step>` log lines, each with the time the previous step took."""
+
+    def __init__(self, model: str, total: int) -> None:
+        self.model, self.total, self.done = model, total, 0
+        self.started = self._mark = time.monotonic()
+
+    def next(self, what: str) -> None:
+        now = time.monotonic()
+        took = f" (previous step {now - self._mark:.2f}s)" if self.done else ""
+        self.done += 1
+        self._mark = now
+        log.info("load %s [%d/%d] %s%s", self.model, self.done, self.total, what, took)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def enable_progress_bars() -> None:
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        return
+    with contextlib.suppress(Exception):
+        from huggingface_hub.utils import enable_progress_bars as hub_bars
+
+        hub_bars()
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()
+
+
+def tensor_bytes(module: Any) -> tuple[int, int]:
+    """(parameter bytes, buffer bytes) of a torch module; (0, 0) for anything else."""
+    if not hasattr(module, "parameters"):
+        return 0, 0
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return params, buffers
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def free_memory() -> None:
+    """Give an unloaded model's memory back: collect it, empty torch's CUDA cache, and ask glibc to return
+    freed heap pages to the system (otherwise RSS stays high after an unload)."""
+    gc.collect()
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name: str | None) -> StreamWorker:
+    """Load a causal LM (blocking: run in a thread) and wrap it in a ChatWorker serving `served_name or model`."""
+    import torch
+
+    from workers.chat.engine import ChatEngine
+    from workers.chat.loader import load_causal_lm
+    from workers.chat.worker import ChatWorker
+
+    steps = Steps(model, 3)
+    before = rss()
+    steps.next("tokenizer and weights")
+    loaded = load_causal_lm(model, settings.device)
+    steps.next("engine")
+    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
+                        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                        prefix_cache_tokens=settings.prefix_cache_tokens)
+    steps.next("warm-up forward pass")
+    first = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else 0
+    with torch.no_grad():
+        loaded.model(torch.tensor([[first]], device=loaded.device))
+    per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name)
+    worker = ChatWorker(per_model, engine, redis, str(loaded.dtype).removeprefix("torch."))
+    worker.info.backend = "transformers"
+    _record(worker, loaded.model, before, steps)
+    return worker
+
+
+def open_embed(settings: Settings, redis: aioredis.Redis, kind: Literal["embed", "rerank"],
+               model: str) -> StreamWorker:
+    """Load an embedding or rerank model (blocking: run in a thread) and wrap it in an EmbedWorker."""
+    from workers.embed.backends import load_embedding, load_reranker
+    from workers.embed.worker import EmbedWorker
+
+    steps = Steps(model, 2)
+    before = rss()
+    steps.next(f"{kind} model")
+    loader = load_embedding if kind == "embed" else load_reranker
+    backend = loader(model, device=settings.embed_device, cache_dir=settings.fastembed_cache_path)
+    steps.next("warm-up call")
+    if kind == "embed":
+        backend.embed(["warm-up"])
+    else:
+        backend.score([("warm", "up")])
+    worker = EmbedWorker(settings, backend, redis, kind)
+    worker.info.backend = getattr(backend, "backend", "")
+    _record(worker, getattr(backend, "_model", None), before, steps)
+    return worker
+
+
+def _record(worker: StreamWorker, module: Any, rss_before: int, steps: Steps) -> None:
+    info = worker.info
+    info.params_bytes, info.buffers_bytes = tensor_bytes(module)
+    info.load_rss_delta_bytes = max(0, rss() - rss_before)
+    info.load_s = round(steps.elapsed(), 2)
+    log.info("load %s done in %.2fs: parameters %.1f MiB, buffers %.1f MiB, process RSS +%.1f MiB",
+             steps.model, info.load_s, info.params_bytes / 2**20, info.buffers_bytes / 2**20,
+             info.load_rss_delta_bytes / 2**20)
+
+
+def open_worker(settings: Settings, redis: aioredis.Redis, kind: Kind, model: str,
+                served_name: str | None = None) -> StreamWorker:
+    """A worker for `model` of `kind`, loaded and warmed up (blocking: run it in a thread)."""
+    enable_progress_bars()
+    if kind == "chat":
+        return open_chat(settings, redis, model, served_name)
+    return open_embed(settings, redis, kind, model)

@@ -26,6 +26,7 @@ from api.protocol import decode_body
 from common import control, keys
 from common.model_ids import load_problem
 from common.protocol import WorkerInfo, decode_worker
+from common.redis_cluster import mget
 from common.settings import Settings, split_list
 
 
@@ -67,7 +68,7 @@ async def live_workers(redis: aioredis.Redis) -> list[WorkerInfo]:
     """Every live heartbeat, idle workers included (the registry leaves those out: they serve nothing)."""
     ids = [i.decode() for i in await redis.zrange(keys.WORKER_INDEX, 0, -1)]
     found = []
-    for raw in await redis.mget([keys.worker_heartbeat(i) for i in ids]) if ids else []:
+    for raw in await mget(redis, [keys.worker_heartbeat(i) for i in ids]) if ids else []:
         if raw is not None:
             try:
                 found.append(decode_worker(raw))

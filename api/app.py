@@ -24,13 +24,13 @@ from api import health as health_views
 from api import protocol_legacy as legacy
 from api.batch_routes import ROUTES as BATCH_ROUTES
 from api.chat_cache import ChatCache, as_fresh, replay_stream
+from api.cluster_hub import create_hub
 from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.metrics import CONTENT_TYPE, Metrics
 from api.models_view import model_cards
 from api.openapi import openapi_config
 from api.registry import WorkerRegistry
-from api.reply_hub import ReplyHub
 from api.serving_chat import ChatRun
 from api.serving_completions import CompletionRun
 from common import redis_client
@@ -226,7 +226,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         client = redis or redis_client.connect(settings)
-        hub = ReplyHub(client, timeout_s=settings.redis_timeout_s)
+        hub = create_hub(client, settings)  # one pub/sub connection, or one per Redis Cluster node
         await hub.start()
         registry = WorkerRegistry(client, default_models=(settings.model_id,), grace_s=settings.worker_grace_s)
         app.state.redis = client

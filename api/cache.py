@@ -24,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from common import keys
+from common.redis_cluster import publish
 from common.settings import Settings
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class SingleFlight:
         """Free the lease and tell the waiters to read the cache (or to generate, when nothing was stored)."""
         with contextlib.suppress(Exception):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(keys.cache_lease(key)).publish(keys.cache_done_channel(key), b"done")
+            publish(pipe.delete(keys.cache_lease(key)), keys.cache_done_channel(key), b"done")
             await pipe.execute()
 
     async def wait(self, key: str, store: LruStore, timeout: float) -> bytes | None:

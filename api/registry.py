@@ -19,6 +19,7 @@ from api.errors import APIError
 from common import keys
 from common.model_ids import model_id_problem
 from common.protocol import WorkerInfo, decode_worker
+from common.redis_cluster import mget
 
 CACHE_S = 0.5
 #: How often a request that waits for a worker (the grace period) re-reads the heartbeats.
@@ -63,7 +64,7 @@ class WorkerRegistry:
             if not names:
                 return []
         found: list[WorkerInfo] = []
-        for raw in await self._redis.mget(names):
+        for raw in await mget(self._redis, names):
             if raw is None:
                 continue  # expired: the worker died (or has not beaten since a Redis restart)
             try:

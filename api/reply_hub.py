@@ -10,6 +10,13 @@ frame) instead of waiting for tokens that will never come or relaying an answer 
 reconnects by itself (redis-py resubscribes the channels still open); new requests are refused with the same
 503 until it has, and `connected` tells /health. A Redis that hangs instead of closing the connection is found
 by a PING after `timeout_s` of silence: no PONG within `timeout_s` more counts as a lost connection.
+
+In a Redis Cluster one hub serves one shard with sharded pub/sub (`sharded=True`: SSUBSCRIBE, `smessage`), and
+`api/cluster_hub.py` routes each channel to its shard's hub. The standing channel stays a plain SUBSCRIBE (it
+only keeps the connection in pub/sub mode, and a plain channel belongs to no slot, so it never moves). A channel
+whose slot moved to another node is refused (MOVED) or dropped by the server (an `sunsubscribe` nobody asked
+for): `open()` then raises ShardMoved (the router refreshes its slot map and retries), and a request already
+waiting gets a 503, as on a lost connection.
 """
 
 from __future__ import annotations
@@ -19,8 +26,12 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import APIError, redis_unavailable
@@ -34,6 +45,25 @@ RECONNECT_S = 0.5
 
 _LOST = encode(Failed(status=503, type="server_error", code="redis_unavailable",
                       message="The connection to Redis was lost while this request waited for its answer; retry."))
+_MOVED = encode(Failed(status=503, type="server_error", code="redis_unavailable",
+                       message="The Redis Cluster moved this request's reply channel to another node while the "
+                               "request waited for its answer; retry."))
+
+
+class ShardMoved(Exception):
+    """The node no longer owns the channel's slot: route it again with a fresh slot map."""
+
+
+class ShardPubSub(PubSub):
+    """redis-py's PubSub, resubscribing shard channels one slot at a time after a reconnect: one SSUBSCRIBE of
+    channels in several slots is refused (CROSSSLOT), even when one node owns them all."""
+
+    async def _resubscribe_shard_channels(self) -> None:
+        by_slot: dict[int, dict] = {}
+        for channel, handler in self.shard_channels.items():
+            by_slot.setdefault(key_slot(self.encoder.encode(channel)), {})[channel] = handler
+        for subscriptions in by_slot.values():
+            await self._resubscribe(subscriptions, self.ssubscribe)
 
 
 class Subscription:
@@ -46,23 +76,31 @@ class Subscription:
         self.failed = False
 
     async def get(self, timeout: float | None) -> bytes:
-        return await asyncio.wait_for(self.queue.get(), timeout)
+        # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that lands as the queue hands over an event
+        # (it returns the event instead), and a request whose client left then runs to its end.
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
 
-    def fail(self) -> None:
-        """The connection dropped: a subscription still being set up raises in `open()`; a live one receives a
-        final 503 event after whatever had arrived before the drop."""
+    def fail(self, moved: bool = False) -> None:
+        """The connection dropped (or, `moved`, the channel's slot went to another node): a subscription still
+        being set up raises in `open()`; a live one receives a final 503 event after whatever had arrived."""
         if self.failed:
             return
         self.failed = True
         if not self.confirmed.done():
-            self.confirmed.set_exception(redis_unavailable("Redis dropped the connection during SUBSCRIBE."))
+            self.confirmed.set_exception(ShardMoved(self.channel) if moved else
+                                         redis_unavailable("Redis dropped the connection during SUBSCRIBE."))
         else:
-            self.queue.put_nowait(_LOST)
+            self.queue.put_nowait(_MOVED if moved else _LOST)
 
 
 class ReplyHub:
-    def __init__(self, redis: aioredis.Redis, timeout_s: float = 2.0) -> None:
-        self._pubsub = redis.pubsub()
+    def __init__(self, redis: aioredis.Redis, timeout_s: float = 2.0, *, sharded: bool = False) -> None:
+        self.sharded = sharded
+        self._pubsub = ShardPubSub(redis.connection_pool) if sharded else redis.pubsub()
+        self._subscribe = self._pubsub.ssubscribe if sharded else self._pubsub.subscribe
+        self._unsubscribe_cmd = self._pubsub.sunsubscribe if sharded else self._pubsub.unsubscribe
+        self._types = ("smessage", "ssubscribe") if sharded else ("message", "subscribe")
         self.timeout_s = timeout_s
         self._heard_at = time.monotonic()  # when the connection last proved alive (any message)
         self._ping_at: float | None = None  # when an unanswered PING went out
@@ -111,7 +149,7 @@ class ReplyHub:
         self._subs.setdefault(sub.channel, set()).add(sub)
         try:
             async with self._lock:
-                await self._pubsub.subscribe(sub.channel)
+                await self._subscribe(sub.channel)
             await asyncio.wait_for(asyncio.shield(sub.confirmed), SUBSCRIBE_TIMEOUT_S)
         except TimeoutError:
             await self.close(sub)
@@ -134,7 +172,8 @@ class ReplyHub:
             async with self._lock:
                 if not self._subs.get(sub.channel):  # the last one out unsubscribes
                     self._subs.pop(sub.channel, None)
-                    await self._pubsub.unsubscribe(sub.channel)
+                    if self._holds(sub.channel):
+                        await self._unsubscribe_cmd(sub.channel)
 
     async def _read_loop(self) -> None:
         while True:
@@ -145,6 +184,9 @@ class ReplyHub:
                 await self._keepalive(message is not None)
             except asyncio.CancelledError:
                 raise
+            except (MovedError, AskError) as exc:  # an SSUBSCRIBE sent to a node that no longer owns the slot
+                self._moved(lambda channel, slot=exc.slot_id: self._slot(channel) == slot, confirmed=False)
+                continue
             except Exception as exc:  # Redis went away: the next read reconnects and resubscribes.
                 self._lost(exc)
                 await asyncio.sleep(RECONNECT_S)
@@ -153,11 +195,14 @@ class ReplyHub:
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
+            data_type, confirm_type = self._types
             for sub in self._subs.get(channel, ()):
-                if message["type"] == "message":
+                if message["type"] == data_type:
                     sub.queue.put_nowait(message["data"])
-                elif message["type"] == "subscribe" and not sub.confirmed.done():
+                elif message["type"] == confirm_type and not sub.confirmed.done():
                     sub.confirmed.set_result(None)
+            if self.sharded and message["type"] == "sunsubscribe" and self._subs.get(channel):
+                self._moved(lambda name, moved=channel: name == moved, confirmed=True)  # the server dropped it
 
     async def _keepalive(self, heard: bool) -> None:
         """PING a silent connection; raise when the PONG is overdue (the server hangs: no error would come)."""
@@ -190,8 +235,8 @@ class ReplyHub:
         the read error already failed are skipped); channels closed meanwhile are unsubscribed. A subscription
         still awaiting its confirmation was resubscribed with the rest and goes on."""
         self._fail(confirmed_only=True)
-        stale = [c for c in self._pubsub.channels if self._name(c) not in self._subs
-                 and self._name(c) != self.replica_channel]
+        held = self._pubsub.shard_channels if self.sharded else self._pubsub.channels
+        stale = [c for c in held if self._name(c) not in self._subs and self._name(c) != self.replica_channel]
         if stale:
             task = asyncio.ensure_future(self._unsubscribe(stale))
             self._tasks.add(task)
@@ -215,11 +260,36 @@ class ReplyHub:
     async def _unsubscribe(self, channels: list[bytes | str]) -> None:
         with contextlib.suppress(Exception):
             async with self._lock:
-                await self._pubsub.unsubscribe(*channels)
+                for channel in channels:  # one at a time: a sharded unsubscribe may not span slots
+                    await self._unsubscribe_cmd(channel)
+
+    def _moved(self, matches: Callable[[str], bool], confirmed: bool) -> None:
+        """Fail the subscriptions of the channels `matches` picks (confirmed ones, or those still being set up)
+        whose slot this node no longer owns, and forget those channels, so no reconnect resubscribes them here."""
+        for channel, subs in list(self._subs.items()):
+            if not matches(channel):
+                continue
+            for sub in list(subs):
+                if sub.confirmed.done() == confirmed:
+                    sub.fail(moved=True)
+            if all(sub.failed for sub in subs):  # a newer SSUBSCRIBE of the channel may still be on its way
+                for name in (channel, channel.encode()):
+                    self._pubsub.shard_channels.pop(name, None)
+
+    def _holds(self, channel: str) -> bool:
+        """Whether the server still has this channel subscribed here (a moved shard channel was dropped)."""
+        if not self.sharded:
+            return True
+        held = self._pubsub.shard_channels
+        return channel in held or channel.encode() in held
+
+    @staticmethod
+    def _slot(channel: str) -> int:
+        return key_slot(channel.encode())
 
     @staticmethod
     def _name(channel: bytes | str) -> str:
         return channel.decode() if isinstance(channel, bytes) else channel
 
 
-__all__ = ["APIError", "ReplyHub", "Subscription"]
+__all__ = ["APIError", "ReplyHub", "ShardMoved", "Subscription"]

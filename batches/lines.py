@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +122,3 @@ def unanswered_line(request_id: str, custom_id: str, code: str, message: str) ->
     return msgspec.json.encode({"id": request_id, "custom_id": custom_id, "response": None,
                                 "error": {"code": code, "message": message}})
 
-
-def now() -> int:
-    return int(time.time())

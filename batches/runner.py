@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 
+import msgspec
 import redis.asyncio as aioredis
 
 from api import auth
@@ -30,7 +31,7 @@ from api.auth import Principal
 from api.jobs import ChatContext
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
-from batches.files import FileStore, decode_line, new_file_id
+from batches.files import BatchLine, FileStore, decode_line, new_file_id
 from batches.lines import LineResult, LineRunner, output_line, unanswered_line
 from batches.store import TERMINAL, BatchStore
 from common import keys, redis_client
@@ -107,10 +108,11 @@ class BatchRunner:
             await self.store.move(self.batch_id, "finalizing", "in_progress")
         return await self._finish(await self.store.fields(self.batch_id), final, ids)
 
-    async def _feed(self, lines: list, expires_at: int, ids: dict[str, str]) -> None:
+    async def _feed(self, lines: list[BatchLine], expires_at: int, ids: dict[str, str]) -> None:
         """Keep BATCH_WINDOW lines in flight until every line is answered, the batch is cancelled (the lines in
         flight still finish) or it expires (the lines never sent get an error line each)."""
-        settings = self.settings
+        # A line may wait in the batch stream (behind online traffic) for as long as the batch's window lasts.
+        settings = msgspec.structs.replace(self.settings, request_timeout_s=max(1.0, expires_at - time.time()))
         hub = ReplyHub(self.redis, timeout_s=settings.redis_timeout_s)
         await hub.start()
         ctx = ChatContext(settings, self.redis, hub, WorkerRegistry(self.redis, grace_s=settings.worker_grace_s),
@@ -136,7 +138,7 @@ class BatchRunner:
                 task.cancel()
             await hub.stop()
 
-    async def _one(self, runner: LineRunner, line, ids: dict[str, str]) -> None:
+    async def _one(self, runner: LineRunner, line: BatchLine, ids: dict[str, str]) -> None:
         request_id = f"batch_req_{uuid.uuid4().hex}"
         result: LineResult = await runner.run(line.url, line.body, request_id)
         await self._write("output" if result.ok else "error", ids,
@@ -163,7 +165,7 @@ class BatchRunner:
                 self._stopping = "cancelled"
         return self._stopping is not None
 
-    async def _expire_rest(self, lines: list, ids: dict[str, str]) -> None:
+    async def _expire_rest(self, lines: list[BatchLine], ids: dict[str, str]) -> None:
         for line in lines:
             data = unanswered_line(f"batch_req_{uuid.uuid4().hex}", line.custom_id, "batch_expired",
                                    "This request could not be executed before the completion window expired.")
@@ -188,7 +190,7 @@ class BatchRunner:
                 or final
         else:
             final = await self.store.move(self.batch_id, final, "in_progress", "cancelling") or final
-        log.info("batch %s %s: %s", self.batch_id, final, {k: fields.get(k) for k in ("total",)})
+        log.info("batch %s %s (%s lines)", self.batch_id, final, fields.get("total"))
         return final
 
     async def _fail(self, errors: list[dict[str, object]]) -> str:

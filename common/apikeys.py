@@ -20,6 +20,7 @@ import msgspec
 import redis
 
 from common import keys
+from common.redis_cluster import sync_client
 from common.settings import load_or_exit, split_list
 
 KEY_PREFIX = "axn-"
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> int:
     if not settings.redis_url:
         print("axion keys: set REDIS_URL to the Redis the API replicas use", file=sys.stderr)
         return 2
-    r = redis.Redis.from_url(settings.redis_url)
+    r = sync_client(settings.redis_url, settings.redis_cluster)
     try:
         if args.action == "create":
             key, record = create(r, name=args.name, models=split_list(args.models) or None, rpm=args.rpm,

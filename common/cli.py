@@ -75,6 +75,10 @@ def run_worker(settings: Settings) -> int:
 
     check_models(settings, settings.worker_kind)
 
+    if settings.worker_kind == "chat" and settings.quantization == "none":
+        from workers.chat.quantize import keep_torchao_out
+
+        keep_torchao_out()
     from workers.host import serve
 
     asyncio.run(serve(settings))  # WORKER_KIND's model, swappable by `axion models load|unload`
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "queues", "dead-letters"):
         from common.ops import main as ops_main
 
-        return ops_main(args.command, rest, load_or_exit().redis_url)
+        settings = load_or_exit()
+        return ops_main(args.command, rest, settings.redis_url, settings.redis_cluster)
     if rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     settings = load_or_exit()

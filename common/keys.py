@@ -1,7 +1,16 @@
 """Every Redis key and channel name Axion uses, in one place.
 
-Ops read these with `redis-cli`; the README lists them with the commands that inspect them. Keep each name a
-function of the thing it belongs to so a future move to Redis Cluster hash tags touches this module only.
+Ops read these with `redis-cli`; the README lists them with the commands that inspect them. Each name is a
+function of the thing it belongs to.
+
+Redis Cluster: the part of a name in `{...}` (its hash tag) alone picks the slot, so keys used together share
+one. A request's reply channel, progress lists and cancel flag are tagged with its id; a model's job stream
+and dead-letter stream with the model id; a cache namespace's keys with the namespace; a cache lease and its
+done channel with the cache key; a rate-limited key's two buckets with the key id. The fleet keys (worker index,
+heartbeats, known models) are never used together in a script, so they stay untagged. A model's batch stream is
+tagged like its job stream, a stored file's object and lines with the file id, a batch's hash with its id (the
+file and batch indexes are untagged: the MULTI blocks that update an index with a file's keys would need one
+slot in Cluster mode, which the Batch API does not support yet).
 """
 
 from __future__ import annotations
@@ -28,32 +37,33 @@ WORKER_INDEX = f"{PREFIX}:workers"
 
 def chat_stream(model: str) -> str:
     """The stream of chat jobs for one served model id."""
-    return f"{PREFIX}:chat:{model}:jobs"
+    return job_stream("chat", model)
 
 
 def embed_stream(model: str) -> str:
     """The stream of embedding jobs for one served embedding model id."""
-    return f"{PREFIX}:embed:{model}:jobs"
+    return job_stream("embed", model)
 
 
 def rerank_stream(model: str) -> str:
     """The stream of rerank jobs for one served cross-encoder model id."""
-    return f"{PREFIX}:rerank:{model}:jobs"
+    return job_stream("rerank", model)
 
 
 def job_stream(kind: str, model: str) -> str:
     """The job stream of a worker kind (`chat`, `embed`, `rerank`) for one model id."""
-    return f"{PREFIX}:{kind}:{model}:jobs"
+    return f"{PREFIX}:{kind}:{{{model}}}:jobs"
 
 
 def dead_letter_stream(kind: str, model: str) -> str:
-    """Jobs of `kind` for `model` given up on (delivered too often without an answer); kept for inspection."""
-    return f"{PREFIX}:{kind}:{model}:dead"
+    """Jobs of `kind` for `model` given up on (delivered too often without an answer); kept for inspection. In
+    the job stream's slot: `axion dead-letters retry` moves an entry between the two in one transaction."""
+    return f"{PREFIX}:{kind}:{{{model}}}:dead"
 
 
 def reply_channel(request_id: str) -> str:
     """The pub/sub channel on which a request's events come back to the API replica that holds its client."""
-    return f"{PREFIX}:reply:{request_id}"
+    return f"{PREFIX}:reply:{{{request_id}}}"
 
 
 def worker_heartbeat(worker_id: str) -> str:
@@ -95,23 +105,23 @@ def cache_stats(namespace: str) -> str:
 
 def cache_lease(key: str) -> str:
     """Single-flight lease on a chat cache key: held (with a TTL) by the request that generates the answer."""
-    return f"{PREFIX}:cache:lease:{key}"
+    return f"{PREFIX}:cache:lease:{{{key}}}"
 
 
 def cache_done_channel(key: str) -> str:
     """Pub/sub channel on which a lease holder says it is done, so waiting requests read the cache."""
-    return f"{PREFIX}:cache:done:{key}"
+    return f"{PREFIX}:cache:done:{{{key}}}"
 
 
 def cancel_flag(request_id: str) -> str:
     """Set (with a TTL) by the API when a request's client went away or timed out; workers drop the job."""
-    return f"{PREFIX}:cancel:{request_id}"
+    return f"{PREFIX}:cancel:{{{request_id}}}"
 
 
 def progress(request_id: str, index: int) -> str:
     """List of the token ids choice `index` of a request has generated so far (short-lived): a worker that
     reclaims the job from a crashed one resumes from them instead of starting over."""
-    return f"{PREFIX}:progress:{request_id}:{index}"
+    return f"{PREFIX}:progress:{{{request_id}}}:{index}"
 
 
 #: Hash of the API keys `axion keys` manages: field = SHA-256 hex of the key, value = its JSON record
@@ -121,7 +131,7 @@ API_KEYS = f"{PREFIX}:apikeys"
 
 def rate_limit_bucket(key_id: str, dimension: str) -> str:
     """One key's token bucket for `requests` or `tokens` per minute (a hash: level, ts), shared by every replica."""
-    return f"{PREFIX}:ratelimit:{key_id}:{dimension}"
+    return f"{PREFIX}:ratelimit:{{{key_id}}}:{dimension}"
 
 
 # ---- Batch API (README "Batch API"; `batches/`) ---------------------------------------------------------------
@@ -139,20 +149,20 @@ BATCHES_INDEX = f"{PREFIX}:batches"
 def batch_stream(kind: str, model: str) -> str:
     """The low-priority stream of batch lines for one model: workers take from it only slots the online stream
     (`job_stream`) leaves free."""
-    return f"{PREFIX}:{kind}:{model}:batch"
+    return f"{PREFIX}:{kind}:{{{model}}}:batch"
 
 
 def file_meta(file_id: str) -> str:
     """A stored file's OpenAI `file` object (JSON)."""
-    return f"{PREFIX}:file:{file_id}"
+    return f"{PREFIX}:file:{{{file_id}}}"
 
 
 def file_lines(file_id: str) -> str:
     """A stored file's content as a list of JSONL lines (no newlines): batch outputs are appended line by line."""
-    return f"{PREFIX}:file:{file_id}:lines"
+    return f"{PREFIX}:file:{{{file_id}}}:lines"
 
 
 def batch(batch_id: str) -> str:
     """A batch's state (hash): status, timestamps, request counts, file ids; one field per value so the runner's
     counters and a cancel never overwrite each other."""
-    return f"{PREFIX}:batch:{batch_id}"
+    return f"{PREFIX}:batch:{{{batch_id}}}"

@@ -18,16 +18,17 @@ from redis.exceptions import ResponseError
 
 from common import keys
 from common.protocol import WorkerInfo, decode_worker
+from common.redis_cluster import mget_sync, sync_client
 
 KINDS = ("chat", "embed", "rerank")
 CACHE_NAMESPACES = ("chat", "embed")  # api/cache.py CHAT_NAMESPACE, EMBED_NAMESPACE
 
 
-def connect(url: str | None) -> redis.Redis:
+def connect(url: str | None, cluster_mode: str = "auto") -> redis.Redis:
     if not url:
         print("axion: REDIS_URL is not set (these commands read the fleet's Redis)", file=sys.stderr)
         raise SystemExit(2)
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return sync_client(url, cluster_mode, socket_timeout=5, socket_connect_timeout=5)  # type: ignore[return-value]
 
 
 def workers(r: redis.Redis) -> list[WorkerInfo]:
@@ -36,7 +37,7 @@ def workers(r: redis.Redis) -> list[WorkerInfo]:
     if not ids:
         return []
     found = []
-    for raw in r.mget([keys.worker_heartbeat(i) for i in ids]):
+    for raw in mget_sync(r, [keys.worker_heartbeat(i) for i in ids]):
         if raw:
             try:
                 found.append(decode_worker(raw))
@@ -207,7 +208,7 @@ def _emit(data: Any, as_json: bool, text: Any) -> None:
         text()
 
 
-def main(command: str, argv: list[str], redis_url: str | None) -> int:
+def main(command: str, argv: list[str], redis_url: str | None, cluster_mode: str = "auto") -> int:
     parser = argparse.ArgumentParser(prog=f"axion {command}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if command == "queues":
@@ -221,7 +222,7 @@ def main(command: str, argv: list[str], redis_url: str | None) -> int:
         parser.add_argument("--model")
         parser.add_argument("--count", type=int, default=100, help="list at most this many per stream")
     args = parser.parse_args(argv)
-    r = connect(redis_url)
+    r = connect(redis_url, cluster_mode)
     try:
         if command == "status":
             data = status(r)

@@ -5,15 +5,22 @@ each request would hang for seconds before failing. Here a command fails within 
 (connect or read): a refused or reset connection is retried at most twice, quickly (enough for a pooled
 connection the server closed), a timeout not at all (it already waited its bound). The API then answers 503;
 the processes keep running and the next command reconnects by itself.
+
+Against a Redis Cluster (REDIS_CLUSTER, see `common/redis_cluster.py`) the same bounds hold for every node's
+connections, and the client is redis-py's cluster client, which routes each command to its slot's node.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from common import redis_cluster
 from common.settings import Settings
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -22,14 +29,32 @@ RETRY_CAP_S = 0.1
 
 
 def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
-    """A client for REDIS_URL. `block_ms` is the longest BLOCK this process's commands use (XREADGROUP of a
-    worker): the read timeout must outlast it, or every idle blocking read would count as an outage."""
+    """A client for REDIS_URL (a cluster client when it names a cluster node). `block_ms` is the longest BLOCK
+    this process's commands use (XREADGROUP of a worker): the read timeout must outlast it, or every idle
+    blocking read would count as an outage."""
+    url = settings.redis_url or DEFAULT_URL
+    found = redis_cluster.topology(url, settings.redis_cluster, settings.redis_timeout_s)
+    options = _options(settings, block_ms)
+    if found.cluster:
+        return redis_cluster.mark(RedisCluster.from_url(url, **options), found)  # type: ignore[return-value]
+    return aioredis.from_url(url, **options)
+
+
+def connect_node(settings: Settings, host: str, port: int, template: dict[str, Any]) -> aioredis.Redis:
+    """A plain client for one cluster node (the API's sharded pub/sub connection to that shard), with the
+    credentials and TLS of the cluster client's own connections to it (`template`)."""
+    kwargs = {**template, **_options(settings, 0), "host": host, "port": port}
+    connection_class = kwargs.pop("connection_class", None)
+    pool = aioredis.ConnectionPool(**({"connection_class": connection_class} if connection_class else {}), **kwargs)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _options(settings: Settings, block_ms: int) -> dict[str, Any]:
     timeout = settings.redis_timeout_s
-    return aioredis.from_url(
-        settings.redis_url or DEFAULT_URL,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout + block_ms / 1000,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=RETRY_CAP_S), RETRIES,
-                    supported_errors=(RedisConnectionError,)),
-        health_check_interval=30,
-    )
+    return {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout + block_ms / 1000,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=RETRY_CAP_S), RETRIES,
+                       supported_errors=(RedisConnectionError,)),
+        "health_check_interval": 30,
+    }

@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     batch_timeout_ms: NonNegativeInt = 50
     max_batch_size: PositiveInt = 8
     redis_url: str | None = None
+    redis_cluster: Literal["auto", "true", "false"] = "auto"  # auto: `INFO cluster` of REDIS_URL's node decides
     log_level: LogLevel = "info"
     log_format: Literal["text", "json"] = "text"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -77,6 +78,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     # Fleets (README "Several models"): request names mapped onto served models; who may order hot swaps.
     model_aliases: str = ""
     admin_api_keys: str = ""
+    # How the chat worker loads MODEL_NAME (workers/chat/loader.py): a .gguf file inside it (MODEL_NAME may also
+    # be a .gguf path), and weight-only quantization after loading (int4 needs CUDA).
+    model_gguf_file: str | None = None
+    quantization: Literal["none", "int8", "int4"] = "none"
     # Batch API (README "Batch API"): upload size, lines per batch, lines in flight, worker slots kept for online.
     files_max_bytes: PositiveInt = 10 * 1024 * 1024
     batch_max_lines: PositiveInt = 50_000

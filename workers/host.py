@@ -33,6 +33,7 @@ from common import keys, redis_client
 from common.control import Command, decode_command
 from common.model_ids import load_problem
 from common.protocol import decode_worker
+from common.redis_cluster import mget
 from common.settings import Settings, split_list
 from workers import loading
 from workers.stream_worker import REDIS_ERRORS, StreamWorker
@@ -209,7 +210,7 @@ class WorkerHost:
         try:
             ids = [i.decode() for i in await self.redis.zrange(keys.WORKER_INDEX, 0, -1)]
             ids = [i for i in ids if i != self.worker_id]
-            raws = await self.redis.mget([keys.worker_heartbeat(i) for i in ids]) if ids else []
+            raws = await mget(self.redis, [keys.worker_heartbeat(i) for i in ids]) if ids else []
             for raw in raws:
                 if raw is None:
                     continue
@@ -217,7 +218,7 @@ class WorkerHost:
                     other = decode_worker(raw)
                     if other.model == model and other.kind == kind:
                         return
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)  # two slots on a cluster
             pipe.srem(keys.KNOWN_MODELS, model)
             pipe.sadd(keys.RETIRED_MODELS, model)
             await pipe.execute()

@@ -99,7 +99,9 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
     steps = Steps(model, 3)
     before = rss()
     steps.next("tokenizer and weights")
-    loaded = load_causal_lm(model, settings.device)
+    # MODEL_GGUF_FILE names a file inside MODEL_NAME, so it applies to that model only; QUANTIZATION to any.
+    gguf_file = settings.model_gguf_file if model == settings.model_name else None
+    loaded = load_causal_lm(model, settings.device, gguf_file=gguf_file, quantization=settings.quantization)
     steps.next("engine")
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
@@ -108,10 +110,15 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
     first = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else 0
     with torch.no_grad():
         loaded.model(torch.tensor([[first]], device=loaded.device))
-    per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name)
+    per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name,
+                                        model_gguf_file=gguf_file)
     worker = ChatWorker(per_model, engine, redis, str(loaded.dtype).removeprefix("torch."))
     worker.info.backend = "transformers"
     _record(worker, loaded.model, before, steps)
+    if settings.quantization != "none":
+        from workers.chat.quantize import weight_bytes
+
+        worker.info.params_bytes = weight_bytes(loaded.model)  # quantized weights as stored, not as float32
     return worker
 
 

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from common import keys
 from common.protocol import Failed, encode
+from common.redis_cluster import publish
 from workers.stream_worker import Entry
 
 log = logging.getLogger("axion.worker.recovery")
@@ -58,4 +59,4 @@ def dead_letter(pipe: aioredis.client.Pipeline, dead_stream: str, fields: dict[b
     pipe.xadd(dead_stream, {**fields, b"deliveries": str(deliveries).encode()}, maxlen=10_000, approximate=True)
     failure = Failed(status=503, type="server_error", code="worker_lost",
                      message=f"The request was abandoned after {deliveries - 1} workers stopped while running it.")
-    return pipe.publish(keys.reply_channel(request_id), encode(failure))
+    return publish(pipe, keys.reply_channel(request_id), encode(failure))

@@ -72,7 +72,12 @@ def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch
 
 
 def new_cache(config: object) -> DynamicCache:
-    """A DynamicCache for `config` with every plain full-attention layer replaced by a GrowingLayer."""
+    """A DynamicCache for `config` with every layer a GrowingLayer, sliding-window layers (Gemma 2/3, Mistral)
+    included: the engine left-pads, concatenates and trims rows with one attention mask over the whole cached
+    length, while a sliding layer keeps only its last `window` positions and sizes its mask from its own count, so
+    a batch that outgrew the window failed ("size of tensor a (55) must match ... (8)", tests/test_sliding_window).
+    Kept whole, those layers get their window from the sliding mask transformers builds from the config; the cost
+    is their memory, which no longer stops growing at the window."""
     cache = DynamicCache(config=config)  # type: ignore[arg-type]
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer() if isinstance(layer, DynamicLayer) else layer for layer in cache.layers]
     return cache

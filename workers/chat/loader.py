@@ -1,13 +1,23 @@
-"""Pick the device and load a causal LM and its tokenizer, by hub id or local folder."""
+"""Pick the device and load a causal LM and its tokenizer, by hub id or local folder, from safetensors or a GGUF
+file, optionally with weight-only quantization (workers/chat/quantize.py).
+
+GGUF: MODEL_GGUF_FILE names a .gguf file inside MODEL_NAME (a folder or hub repo), or MODEL_NAME is the path of a
+.gguf file. transformers reads the architecture, config and tokenizer from the file and dequantizes its weights
+(F32, F16, Q8_0, the K-quants...) to the device dtype at load; tokenizer files next to it win over the GGUF's own
+tokenizer, as they carry the chat template exactly as the model's authors wrote it.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.chat.quantize import quantize_weights
 
 log = logging.getLogger("axion.worker.loader")
 
@@ -35,11 +45,23 @@ def pick_device(preference: str = "auto") -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_causal_lm(name: str, preference: str = "auto") -> LoadedModel:
+def gguf_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder or repo, GGUF file name or None): a MODEL_NAME that is a .gguf file splits into its folder and name."""
+    if gguf_file is None and name.endswith(".gguf") and Path(name).is_file():
+        return str(Path(name).parent), Path(name).name
+    return name, gguf_file
+
+
+def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None = None,
+                   quantization: str = "none") -> LoadedModel:
     device, dtype = pick_device(preference)
-    log.info("loading model %s on %s (%s)", name, device, str(dtype).removeprefix("torch."))
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    source, gguf_file = gguf_source(name, gguf_file)
+    log.info("loading model %s%s on %s (%s%s)", name, f" ({gguf_file})" if gguf_file else "", device,
+             str(dtype).removeprefix("torch."), f", weights {quantization}" if quantization != "none" else "")
+    own_tokenizer = gguf_file is not None and not (Path(source) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file if own_tokenizer else None)
     if tokenizer.chat_template is None:
         raise RuntimeError(f"the tokenizer of {name} has no chat template; chat completions need one")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file).to(device).eval()
+    quantize_weights(model, quantization, device)
     return LoadedModel(model, tokenizer, device, dtype)

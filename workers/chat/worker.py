@@ -19,9 +19,11 @@ import torch
 
 from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
+from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
 from workers.chat.engine import ChatEngine, Sequence
-from workers.revision import model_revision
+from workers.chat.quantize import weight_bytes
+from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker")
@@ -30,7 +32,8 @@ ONLINE_QUIET_S = 1.0  # batch lines take more than BATCH_SLOTS_BESIDE_ONLINE slo
 
 class ChatWorker(StreamWorker):
     def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
-        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None))
+        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None)) + \
+            load_variant(settings.model_gguf_file, settings.quantization)
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
                          stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype,
                          revision=revision)
@@ -74,7 +77,7 @@ class ChatWorker(StreamWorker):
         info.kv_cache_bytes = engine.kv_bytes()
         info.prefix_cache_bytes = engine.prefix_cache.nbytes
         info.prefix_cache_hits = engine.prefix_cache.hits
-        info.weights_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        info.weights_bytes = weight_bytes(engine.model)  # quantized weights counted as stored
         if engine.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(engine.device)
             info.device_memory_used_bytes, info.device_memory_total_bytes = total - free, total
@@ -152,12 +155,12 @@ class ChatWorker(StreamWorker):
             result = self.engine.tokenize(job)
         channel = keys.reply_channel(job.request_id)
         if isinstance(result, Failed | Tokenized):  # answered at once: publish, then acknowledge
-            self.ack(pipe.publish(channel, encode(result)), entry_id)
+            self.ack(publish(pipe, channel, encode(result)), entry_id)
             return
         result.tag = entry_id
         for seq, done in zip([result, *result.siblings], progress, strict=False):
             seq.resume = done
-        pipe.publish(channel, encode(self.engine.add(result)))
+        publish(pipe, channel, encode(self.engine.add(result)))
 
 
     async def _step(self) -> None:
@@ -207,22 +210,29 @@ class ChatWorker(StreamWorker):
                     pipe.expire(key, ttl)
                 seq.recorded = len(seq.output_ids)
         for seq, event in events:
-            pipe.publish(keys.reply_channel(seq.request_id), encode(event))
+            publish(pipe, keys.reply_channel(seq.request_id), encode(event))
         for seq in released:
             seq.group.left -= 1
             if seq.group.left == 0:  # every choice of the request is done
                 self.ack(pipe, seq.tag)
                 pipe.delete(*(keys.progress(seq.request_id, i) for i in range(seq.group.size)))
         running = sorted({seq.request_id for seq in self.engine.rows + self.engine.pending}) if read else []
+        per_key = is_cluster(pipe)  # in a Redis Cluster the flags live in many slots: one GET each, not one MGET
         if running:
-            pipe.mget([keys.cancel_flag(r) for r in running])
+            flag_keys = [keys.cancel_flag(r) for r in running]
+            if per_key:
+                for key in flag_keys:
+                    pipe.get(key)
+            else:
+                pipe.mget(flag_keys)
         free = self._free_slots() if read else 0
         if free > 0:
             self.read_in(pipe, free)
         if events or released or free > 0 or running:
             replies = await pipe.execute()
             if running:
-                flags = replies[-2] if free > 0 else replies[-1]
+                end = len(replies) - (1 if free > 0 else 0)
+                flags = replies[end - len(running):end] if per_key else replies[end - 1]
                 for request_id, flag in zip(running, flags, strict=True):
                     if flag:
                         self.engine.cancel(request_id)
@@ -234,7 +244,8 @@ class ChatWorker(StreamWorker):
 async def serve_worker(settings: Settings) -> None:
     from workers.chat.loader import load_causal_lm
 
-    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device)
+    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device,
+                                     gguf_file=settings.model_gguf_file, quantization=settings.quantization)
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
                         prefix_cache_tokens=settings.prefix_cache_tokens)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from common import keys, redis_client
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
+from common.redis_cluster import publish
 from common.settings import Settings
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
@@ -105,7 +106,7 @@ class EmbedWorker(StreamWorker):
             jobs.append((entry_id, job))
         answers = await (self._embed(jobs) if self.kind == "embed" else self._rerank(jobs))
         for (entry_id, job), answer in zip(jobs, answers, strict=True):
-            pipe.publish(keys.reply_channel(job.request_id), encode(answer))
+            publish(pipe, keys.reply_channel(job.request_id), encode(answer))
             self.ack(pipe, entry_id)
         await pipe.execute()
 

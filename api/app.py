@@ -22,6 +22,7 @@ from litestar.response import Stream
 from api import admin, aliases, errors, protocol, serving_embed
 from api import health as health_views
 from api import protocol_legacy as legacy
+from api.batch_routes import ROUTES as BATCH_ROUTES
 from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.cluster_hub import create_hub
 from api.guard import RequestGuard, cors_config
@@ -243,7 +244,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
 
     return Litestar(
         route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
-                        health, health_ready, metrics_endpoint, admin.load_model, admin.unload_model],
+                        health, health_ready, metrics_endpoint, admin.load_model, admin.unload_model,
+                        *BATCH_ROUTES],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         middleware=[DefineMiddleware(RequestGuard, settings=settings)],

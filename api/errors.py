@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
-from litestar import Request, Response
-from litestar.exceptions import HTTPException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:  # the handlers below are Litestar's; the rest is shared with the rq batch runner (no Litestar)
+    from litestar import Request, Response
+    from litestar.exceptions import HTTPException
 
 log = logging.getLogger("axion.api")
 
@@ -50,6 +53,8 @@ class APIError(Exception):
 
 
 def error_response(err: APIError) -> Response[bytes]:
+    from litestar import Response
+
     headers = err.headers
     if err.status in RETRY_AFTER_S and "Retry-After" not in headers:
         headers = headers | {"Retry-After": RETRY_AFTER_S[err.status]}

@@ -53,6 +53,7 @@ class ChatContext:
     open_requests: int = 0
     queue: QueueGate | None = None  # the MAX_QUEUED_JOBS bound; built from `redis` and `settings` when not given
     metrics: Metrics | None = None  # this replica's /metrics series (None: not measured)
+    lane: str = "online"  # "batch": jobs go to the model's low-priority batch stream (the rq batch runner)
 
     def __post_init__(self) -> None:
         if self.queue is None:
@@ -68,6 +69,8 @@ class JobRun:
         self.job = job
         self.kind = kind
         self.stream_key = stream_key or keys.chat_stream(job.model)
+        if ctx.lane == "batch":
+            self.stream_key = keys.batch_stream(kind, job.model)
         self.streaming = stream
         self.request_id = job.request_id
         self.created = int(time.time())

@@ -1,4 +1,4 @@
-"""The `axion` command: `serve` (all in one), `api` and `worker` (fleet mode), `dev`, `keys` (API keys), and
+"""The `axion` command: `serve` (all in one), `api`, `worker` and `batch-worker` (fleet mode), `dev`, `keys`, and
 `status`, `queues`, `dead-letters` (the fleet as Redis holds it: `common/ops.py`).
 
 `dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis;
@@ -95,9 +95,16 @@ def run_worker(settings: Settings) -> int:
     return 0
 
 
+def run_batch_worker(settings: Settings) -> int:
+    """An rq worker on the `axion-batches` queue (the Batch API's jobs; `batches/queue.py`)."""
+    from batches.queue import serve
+
+    return serve(settings)
+
+
 def run_serve(settings: Settings) -> int:
-    """API, one chat worker, and an embedding and a rerank worker as child processes, on REDIS_URL or on an
-    embedded Redis started here."""
+    """API, one chat worker, an embedding and a rerank worker, and a batch worker (rq) as child processes, on
+    REDIS_URL or on an embedded Redis started here."""
     from common.redis_server import EmbeddedRedis, die_with_parent
 
     check_models(settings, "chat")
@@ -121,9 +128,10 @@ def run_serve(settings: Settings) -> int:
     required: list[subprocess.Popen[bytes]] = []
     optional: list[subprocess.Popen[bytes]] = []  # embedding and rerank workers: an exit is logged, not fatal
     try:
-        for role, kind in (("worker", "chat"), ("api", None), ("worker", "embed"), ("worker", "rerank")):
-            optional_kind = kind in ("embed", "rerank")
-            if optional_kind and not settings.serve_embeddings:
+        for role, kind in (("worker", "chat"), ("api", None), ("worker", "embed"), ("worker", "rerank"),
+                           ("batch-worker", None)):
+            optional_kind = kind in ("embed", "rerank") or role == "batch-worker"
+            if kind in ("embed", "rerank") and not settings.serve_embeddings:
                 continue
             child = subprocess.Popen([sys.executable, "-m", "common.cli", role], preexec_fn=die_with_parent,
                                      env=env | ({"WORKER_KIND": kind} if kind else {}))
@@ -134,7 +142,7 @@ def run_serve(settings: Settings) -> int:
         code = 0
         while not stopping:
             for child in [c for c in optional if c.poll() is not None]:
-                log.error("an embedding or rerank worker exited with status %s (could its model not load?); "
+                log.error("an embedding, rerank or batch worker exited with status %s (could its model not load?); "
                           "chat keeps serving. SERVE_EMBEDDINGS=false turns them off.", child.returncode)
                 optional.remove(child)
             exited = [c for c in required if c.poll() is not None]
@@ -170,11 +178,11 @@ def run_dev(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="axion", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["serve", "api", "worker", "dev", "keys", "status", "queues",
-                                            "dead-letters", "models"],
-                        help="serve: API + worker (+ embedded Redis); api / worker: fleet mode; dev: tools; "
-                             "keys: manage API keys in Redis; status / queues / dead-letters: inspect the fleet "
-                             "(REDIS_URL)")
+    parser.add_argument("command", choices=["serve", "api", "worker", "batch-worker", "dev", "keys", "status",
+                                            "queues", "dead-letters", "models"],
+                        help="serve: API + workers (+ embedded Redis); api / worker / batch-worker: fleet mode; "
+                             "dev: tools; keys: manage API keys in Redis; status / queues / dead-letters: inspect "
+                             "the fleet (REDIS_URL)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "dev":
         return run_dev(rest)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     settings = load_or_exit()
     setup_logging(settings.log_level, settings.log_format)
-    runners = {"serve": run_serve, "api": run_api, "worker": run_worker}
+    runners = {"serve": run_serve, "api": run_api, "worker": run_worker, "batch-worker": run_batch_worker}
     return runners[args.command](settings)
 
 

@@ -7,7 +7,10 @@ Redis Cluster: the part of a name in `{...}` (its hash tag) alone picks the slot
 one. A request's reply channel, progress lists and cancel flag are tagged with its id; a model's job stream
 and dead-letter stream with the model id; a cache namespace's keys with the namespace; a cache lease and its
 done channel with the cache key; a rate-limited key's two buckets with the key id. The fleet keys (worker index,
-heartbeats, known models) are never used together in a script, so they stay untagged.
+heartbeats, known models) are never used together in a script, so they stay untagged. A model's batch stream is
+tagged like its job stream, a stored file's object and lines with the file id, a batch's hash with its id (the
+file and batch indexes are untagged: the MULTI blocks that update an index with a file's keys would need one
+slot in Cluster mode, which the Batch API does not support yet).
 """
 
 from __future__ import annotations
@@ -135,3 +138,37 @@ API_KEYS = f"{PREFIX}:apikeys"
 def rate_limit_bucket(key_id: str, dimension: str) -> str:
     """One key's token bucket for `requests` or `tokens` per minute (a hash: level, ts), shared by every replica."""
     return f"{PREFIX}:ratelimit:{{{key_id}}}:{dimension}"
+
+
+# ---- Batch API (README "Batch API"; `batches/`) ---------------------------------------------------------------
+
+#: The rq queue batch jobs go on (rq keeps it under `rq:queue:axion-batches`; `rq info` shows it).
+BATCH_QUEUE = "axion-batches"
+
+#: Sorted set of file ids by creation time (the /v1/files listing).
+FILES_INDEX = f"{PREFIX}:files"
+
+#: Sorted set of batch ids by creation time (the /v1/batches listing, newest first).
+BATCHES_INDEX = f"{PREFIX}:batches"
+
+
+def batch_stream(kind: str, model: str) -> str:
+    """The low-priority stream of batch lines for one model: workers take from it only slots the online stream
+    (`job_stream`) leaves free."""
+    return f"{PREFIX}:{kind}:{{{model}}}:batch"
+
+
+def file_meta(file_id: str) -> str:
+    """A stored file's OpenAI `file` object (JSON)."""
+    return f"{PREFIX}:file:{{{file_id}}}"
+
+
+def file_lines(file_id: str) -> str:
+    """A stored file's content as a list of JSONL lines (no newlines): batch outputs are appended line by line."""
+    return f"{PREFIX}:file:{{{file_id}}}:lines"
+
+
+def batch(batch_id: str) -> str:
+    """A batch's state (hash): status, timestamps, request counts, file ids; one field per value so the runner's
+    counters and a cancel never overwrite each other."""
+    return f"{PREFIX}:batch:{{{batch_id}}}"

@@ -95,6 +95,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     external_engine_lacks: str = "auto"  # request features the engine cannot serve ("auto": known per engine)
     external_engine_unsupported: Literal["reject", "native"] = "reject"
     external_engine_connections: PositiveInt = 16
+    # Batch API (README "Batch API"): upload size, lines per batch, lines in flight, worker slots kept for online.
+    files_max_bytes: PositiveInt = 10 * 1024 * 1024
+    batch_max_lines: PositiveInt = 50_000
+    batch_window: PositiveInt = 16
+    batch_reserved_slots: NonNegativeInt = 1
+    batch_slots_beside_online: NonNegativeInt = 1
 
     @property
     def model_id(self) -> str:

@@ -33,6 +33,9 @@ log = logging.getLogger("axion.worker")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: its id and its fields
 GATHER_GAP_MS = 3  # an idle worker that got a job keeps reading while the next arrives within this gap
+#: Entry ids read from the batch stream carry this prefix, so `ack` and the heartbeat know their stream.
+BATCH_TAG = b"batch:"
+BATCH_POLL_S = 0.1  # after an empty read of the batch stream, it is not read again for this long
 
 
 class StreamWorker:
@@ -48,6 +51,8 @@ class StreamWorker:
                                max_batch_size=settings.max_batch_size, revision=revision)
         self.stopping = asyncio.Event()
         self._last_takeover = float("-inf")
+        self.batch_stream = keys.batch_stream(kind, model_id)  # low priority: only slots online leaves free
+        self._batch_empty_at = float("-inf")
         self.handles_signals = True  # False under workers/host.py, which owns SIGTERM for the whole process
         self.withdrawn = False  # no longer announced: the heartbeat only keeps the in-flight jobs alive
         self._beat_lock = asyncio.Lock()
@@ -124,11 +129,12 @@ class StreamWorker:
                 await heartbeat_keys.remove(self.redis.pipeline(transaction=False), self.worker_id).execute()
 
     async def _ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in (self.stream, self.batch_stream):
+            try:
+                await self.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def _heartbeat_loop(self) -> None:
         """Beat every HEARTBEAT_TTL_S / 3 for as long as the worker runs; a failed beat (Redis down) is logged
@@ -155,7 +161,8 @@ class StreamWorker:
                         pipe = heartbeat_keys.write(self.redis.pipeline(transaction=False), info,
                                                     self.settings.heartbeat_ttl_s)
                         await pipe.execute()
-                await refresh_own(self.redis, self.stream, self.worker_id, self.in_flight())
+                for stream, ids in self.by_stream(self.in_flight()).items():
+                    await refresh_own(self.redis, stream, self.worker_id, ids)
             except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed (%s)", type(exc).__name__)
             except Exception:  # never let the heartbeat die quietly: the fleet would think this worker dead
@@ -171,8 +178,11 @@ class StreamWorker:
         if count <= 0 or now - self._last_takeover < self.settings.visibility_timeout_s / 3:
             return [], []
         self._last_takeover = now
-        claimed = await take_over(self.redis, self.stream, self.worker_id,
-                                  int(self.settings.visibility_timeout_s * 1000), count)
+        idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        claimed = await take_over(self.redis, self.stream, self.worker_id, idle_ms, count)
+        if len(claimed) < count:  # then batch lines a dead worker left
+            claimed += [((BATCH_TAG + entry_id, fields), delivered) for (entry_id, fields), delivered in
+                        await take_over(self.redis, self.batch_stream, self.worker_id, idle_ms, count - len(claimed))]
         return [entry for entry, _ in claimed], [delivered for _, delivered in claimed]
 
     def give_up_if_spent(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
@@ -189,9 +199,42 @@ class StreamWorker:
 
     def ack(self, pipe: aioredis.client.Pipeline, entry_id: bytes) -> aioredis.client.Pipeline:
         self.info.jobs_done += 1
-        pipe.xack(self.stream, keys.WORKER_GROUP, entry_id)
-        pipe.xdel(self.stream, entry_id)
+        ((stream, (raw_id,)),) = self.by_stream([entry_id]).items()
+        pipe.xack(stream, keys.WORKER_GROUP, raw_id)
+        pipe.xdel(stream, raw_id)
         return pipe
+
+    def by_stream(self, entry_ids: list[bytes]) -> dict[str, list[bytes]]:
+        """Entry ids grouped by the stream they came from, as that stream knows them (the batch tag removed)."""
+        grouped: dict[str, list[bytes]] = {}
+        for entry_id in entry_ids:
+            if entry_id.startswith(BATCH_TAG):
+                grouped.setdefault(self.batch_stream, []).append(entry_id[len(BATCH_TAG):])
+            else:
+                grouped.setdefault(self.stream, []).append(entry_id)
+        return grouped
+
+    @staticmethod
+    def is_batch(entry_id: bytes | None) -> bool:
+        return entry_id is not None and entry_id.startswith(BATCH_TAG)
+
+    def batch_due(self) -> bool:
+        """Whether the batch stream is worth a read now (it gave lines last time, or BATCH_POLL_S has passed)."""
+        return time.monotonic() - self._batch_empty_at >= BATCH_POLL_S
+
+    async def read_batch(self, count: int) -> list[Entry]:
+        """Up to `count` lines of the low-priority batch stream, never blocking. Callers ask only for slots the
+        online stream left free; after an empty read the stream is left alone for BATCH_POLL_S, so a fleet
+        with no batch running pays one extra read per BATCH_POLL_S, not one per step."""
+        now = time.monotonic()
+        if count <= 0 or now - self._batch_empty_at < BATCH_POLL_S:
+            return []
+        reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.batch_stream: ">"},
+                                            count=count)
+        entries = [(BATCH_TAG + entry_id, fields) for entry_id, fields in self.entries(reply)]
+        if not entries:
+            self._batch_empty_at = now
+        return entries
 
     async def read(self, count: int, block: bool) -> list[Entry]:
         """Up to `count` new entries; blocks up to BATCH_TIMEOUT_MS when `block`."""

@@ -27,6 +27,7 @@ from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker")
+ONLINE_QUIET_S = 1.0  # batch lines take more than BATCH_SLOTS_BESIDE_ONLINE slots only after this long without online
 
 
 class ChatWorker(StreamWorker):
@@ -39,6 +40,7 @@ class ChatWorker(StreamWorker):
         self.engine = engine
         self.info.vocab_size = engine.vocab_size
         self.steps = 0
+        self._online_at = float("-inf")  # when an online request last ran here (batch lines yield to them)
         # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
         # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-engine")
@@ -51,7 +53,10 @@ class ChatWorker(StreamWorker):
         if (free := self._free_slots()) > 0:  # free slots go first to the jobs of workers that stopped
             await self._admit_all(*await self.take_over_due(free))
         if not self.engine.active and (free := self._free_slots()) > 0:
-            await self._admit_all(await self.read_burst(free))
+            await self._admit_all(await self.read(free, block=False))  # online first, then batch lines, then wait
+            await self._admit_batch()
+            if not self.engine.active:
+                await self._admit_all(await self.read_burst(free))
         if self.engine.active:
             await self._step()
 
@@ -80,6 +85,26 @@ class ChatWorker(StreamWorker):
     def _free_slots(self) -> int:
         return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.engine.active
 
+    async def _admit_batch(self) -> None:
+        """Batch lines, after the online read, only into slots online left free, less BATCH_RESERVED_SLOTS kept
+        open so an online request arriving meanwhile starts at the next step; and while online traffic runs (or
+        ran less than ONLINE_QUIET_S ago), at most BATCH_SLOTS_BESIDE_ONLINE batch lines at once, so online
+        steps stay about as short as without the batch. None while an online prompt waits for its prefill (it
+        would share that forward pass), and online prompts go first in the prefill queue: a batch line holds
+        an online request back by at most the step under way."""
+        pending, now = self.engine.pending, time.monotonic()
+        running = self.engine.rows + pending
+        batch_running = sum(1 for seq in running if self.is_batch(seq.tag))
+        if batch_running < len(running):
+            self._online_at = now
+        if any(not self.is_batch(seq.tag) for seq in pending):
+            pending.sort(key=lambda seq: self.is_batch(seq.tag))
+            return
+        cap = (self.settings.batch_slots_beside_online if now - self._online_at < ONLINE_QUIET_S
+               else self.settings.max_batch_size)
+        room = min(self._free_slots() - self.settings.batch_reserved_slots, cap - batch_running)
+        if room > 0 and (entries := await self.read_batch(room)):
+            await self._admit_all(entries)
 
     def in_flight(self) -> list[bytes]:
         return list({seq.tag for seq in self.engine.rows + self.engine.pending if seq.tag is not None})
@@ -148,6 +173,7 @@ class ChatWorker(StreamWorker):
             await self._publish(*await self._in_torch_thread(self.engine.decode_step), read=True)
         elif (free := self._free_slots()) > 0:
             await self._admit_all(await self.read(free, block=False))
+            await self._admit_batch()
         self.steps += 1
 
     async def _in_torch_thread(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> tuple[
@@ -212,6 +238,7 @@ class ChatWorker(StreamWorker):
                         self.engine.cancel(request_id)
             if free > 0:
                 await self._admit_all(self.entries(replies[-1]))
+                await self._admit_batch()
 
 
 async def serve_worker(settings: Settings) -> None:

@@ -1,0 +1,184 @@
+"""Files for the Batch API, kept in Redis: the OpenAI `file` object and the content as a list of JSONL lines.
+
+Why Redis and not a directory: every API replica answers /v1/files and every rq worker reads the input and
+writes the outputs, and Redis is the one thing all of them already share; a directory would need a shared
+volume on every host. A list of lines (not one string) lets the runner read its input a window at a time and
+append each result as it arrives, so neither side holds a whole file. The price is memory: FILES_MAX_BYTES
+bounds an upload, and outputs cost about their size in Redis until deleted.
+
+Free of the web framework: the API routes and the rq batch runner both use it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+
+from api.errors import APIError
+from common import keys
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+MAX_LINE_ERRORS = 20  # listed in a refusal; the count says how many there were in all
+READ_CHUNK = 1000  # lines per LRANGE when a file is read back
+
+FilePurpose = Literal["batch", "batch_output"]
+
+
+class FileObject(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """OpenAI's `file` object (`openai.types.FileObject`)."""
+
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: FilePurpose
+    object: Literal["file"] = "file"
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class BatchLine(msgspec.Struct):
+    """One request of a batch input file."""
+
+    custom_id: str
+    method: str
+    url: str
+    body: dict[str, Any]
+
+
+_line_decoder = msgspec.json.Decoder(BatchLine)
+_file_decoder = msgspec.json.Decoder(FileObject)
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex[:24]}"
+
+
+def not_found(file_id: str) -> APIError:
+    return APIError(404, f"No such file: '{file_id}'.", param="file_id", code="file_not_found")
+
+
+def parse_batch_file(data: bytes, max_lines: int) -> list[bytes]:
+    """The non-blank lines of an upload, each checked as a batch request; a 400 listing every bad line (by its
+    1-based line number in the file) when any is wrong, so a client fixes them all in one go."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "The file is not UTF-8 text.", param="file", code="invalid_file") from None
+    lines: list[bytes] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        problem = _line_problem(raw, seen)
+        if problem:
+            errors.append(f"line {number}: {problem}")
+        lines.append(raw.strip().encode())
+    if not lines:
+        raise APIError(400, "The file holds no requests.", param="file", code="invalid_file")
+    if len(lines) > max_lines:
+        errors.insert(0, f"{len(lines)} requests; at most {max_lines} (BATCH_MAX_LINES) per file")
+    if errors:
+        shown = "; ".join(errors[:MAX_LINE_ERRORS])
+        more = f" (and {len(errors) - MAX_LINE_ERRORS} more)" if len(errors) > MAX_LINE_ERRORS else ""
+        raise APIError(400, f"Invalid batch file, {len(errors)} problem(s): {shown}{more}.", param="file",
+                       code="invalid_file")
+    return lines
+
+
+def _line_problem(raw: str, seen: set[str]) -> str | None:
+    try:
+        line = _line_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        return f"not a batch request ({exc})"
+    except msgspec.DecodeError:
+        return "not valid JSON"
+    if not line.custom_id or len(line.custom_id) > 512:
+        return "'custom_id' must be 1 to 512 characters"
+    if line.custom_id in seen:
+        return f"duplicate custom_id '{line.custom_id}'"
+    seen.add(line.custom_id)
+    if line.method != "POST":
+        return f"'method' must be POST, not '{line.method}'"
+    if line.url not in ENDPOINTS:
+        return f"'url' must be one of {', '.join(ENDPOINTS)}, not '{line.url}'"
+    if not isinstance(line.body.get("model"), str):
+        return "'body.model' must be a string"
+    return None
+
+
+def decode_line(raw: bytes) -> BatchLine:
+    return _line_decoder.decode(raw)
+
+
+class FileStore:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def create(self, filename: str, purpose: FilePurpose, lines: list[bytes]) -> FileObject:
+        """Store a whole file (an upload) at once."""
+        obj = FileObject(id=new_file_id(), bytes=sum(len(x) + 1 for x in lines), created_at=int(time.time()),
+                         filename=filename, purpose=purpose)
+        pipe = self.redis.pipeline(transaction=True)
+        for start in range(0, len(lines), READ_CHUNK):
+            pipe.rpush(keys.file_lines(obj.id), *lines[start:start + READ_CHUNK])
+        self._index(pipe, obj)
+        await pipe.execute()
+        return obj
+
+    async def seal(self, file_id: str, filename: str, size: int) -> FileObject:
+        """Publish a file whose lines were appended under `file_id` as they were produced (a batch output)."""
+        obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
+                         purpose="batch_output")
+        await self._index(self.redis.pipeline(transaction=True), obj).execute()
+        return obj
+
+    @staticmethod
+    def _index(pipe: aioredis.client.Pipeline, obj: FileObject) -> aioredis.client.Pipeline:
+        pipe.set(keys.file_meta(obj.id), msgspec.json.encode(obj))
+        return pipe.zadd(keys.FILES_INDEX, {obj.id: time.time()})
+
+    async def get(self, file_id: str) -> FileObject:
+        raw = await self.redis.get(keys.file_meta(file_id))
+        if raw is None:
+            raise not_found(file_id)
+        return _file_decoder.decode(raw)
+
+    async def lines(self, file_id: str, start: int = 0, stop: int = -1) -> list[bytes]:
+        return list(await self.redis.lrange(keys.file_lines(file_id), start, stop))
+
+    async def content(self, file_id: str) -> bytes:
+        """The whole file as JSONL (each line ends in a newline), read in chunks."""
+        await self.get(file_id)
+        parts: list[bytes] = []
+        start = 0
+        while chunk := await self.lines(file_id, start, start + READ_CHUNK - 1):
+            parts.extend(chunk)
+            start += len(chunk)
+        return b"".join(line + b"\n" for line in parts)
+
+    async def delete(self, file_id: str) -> dict[str, Any]:
+        await self.get(file_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(keys.file_meta(file_id), keys.file_lines(file_id))
+        pipe.zrem(keys.FILES_INDEX, file_id)
+        await pipe.execute()
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    async def list(self, purpose: str | None, limit: int, after: str | None) -> dict[str, Any]:
+        """Newest first; `after` is the last id of the previous page."""
+        ids = [i.decode() for i in await self.redis.zrevrange(keys.FILES_INDEX, 0, -1)]
+        if after is not None and after in ids:
+            ids = ids[ids.index(after) + 1:]
+        raws = await self.redis.mget([keys.file_meta(i) for i in ids]) if ids else []
+        objs = [_file_decoder.decode(r) for r in raws if r is not None]
+        objs = [o for o in objs if purpose is None or o.purpose == purpose]
+        page = objs[:limit]
+        return {"object": "list", "data": msgspec.to_builtins(page), "has_more": len(objs) > limit,
+                "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}

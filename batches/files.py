@@ -118,6 +118,10 @@ def decode_line(raw: bytes) -> BatchLine:
 
 
 class FileStore:
+    """Files in Redis. Writes are ordered rather than transactional (a Redis Cluster spreads a file's keys and the
+    index over slots): lines first, the `file` object and the index entry last, so a file is listed only once
+    whole; a delete removes the object first."""
+
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
 
@@ -125,7 +129,7 @@ class FileStore:
         """Store a whole file (an upload) at once."""
         obj = FileObject(id=new_file_id(), bytes=sum(len(x) + 1 for x in lines), created_at=int(time.time()),
                          filename=filename, purpose=purpose)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(lines), READ_CHUNK):
             pipe.rpush(keys.file_lines(obj.id), *lines[start:start + READ_CHUNK])
         self._index(pipe, obj)
@@ -136,7 +140,7 @@ class FileStore:
         """Publish a file whose lines were appended under `file_id` as they were produced (a batch output)."""
         obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
                          purpose="batch_output")
-        await self._index(self.redis.pipeline(transaction=True), obj).execute()
+        await self._index(self.redis.pipeline(transaction=False), obj).execute()
         return obj
 
     @staticmethod
@@ -165,7 +169,7 @@ class FileStore:
 
     async def delete(self, file_id: str) -> dict[str, Any]:
         await self.get(file_id)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)
         pipe.delete(keys.file_meta(file_id), keys.file_lines(file_id))
         pipe.zrem(keys.FILES_INDEX, file_id)
         await pipe.execute()

@@ -93,8 +93,9 @@ class BatchRunner:
         if problems:
             return await self._fail(problems)
         ids = {"output": fields.get("output_file") or new_file_id(), "error": fields.get("error_file") or new_file_id()}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(keys.file_lines(ids["output"]), keys.file_lines(ids["error"]))  # a retried attempt starts over
+        pipe = self.redis.pipeline(transaction=False)
+        for file_id in ids.values():  # a retried attempt starts over (one DEL each: two slots on a cluster)
+            pipe.delete(keys.file_lines(file_id))
         pipe.hset(keys.batch(self.batch_id), mapping={"total": len(lines), "completed": 0, "failed": 0,
                                                        "output_file": ids["output"], "error_file": ids["error"]})
         await pipe.execute()

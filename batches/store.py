@@ -58,7 +58,7 @@ class BatchStore:
             "total": 0, "completed": 0, "failed": 0, "metadata": json.dumps(metadata) if metadata else "",
             "models": json.dumps(sorted(models)) if models is not None else "",
         }
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.batch(batch_id), mapping=fields)
         pipe.zadd(keys.BATCHES_INDEX, {batch_id: time.time()})  # finer than created_at: pages keep order
         await pipe.execute()

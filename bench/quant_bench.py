@@ -1,7 +1,11 @@
 """Int8 weight-only serving against the unquantized model: weight memory and greedy agreement, through the server.
 
-    .venv/bin/python bench/serve_bench.py --write-model medium models/bench-medium   # once
-    .venv/bin/python bench/quant_bench.py models/bench-medium [--json out.json]
+    .venv/bin/python bench/train_medium.py models/bench-medium-trained   # once: ~15 min on two busy cores
+    .venv/bin/python bench/quant_bench.py models/bench-medium-trained --controls [--json out.json]
+
+Use the trained model: it has the medium random model's architecture (`serve_bench.py --write-model medium`), but
+the random one is chaotic (initializer_range 0.5: any rounding, bfloat16 included, flips its greedy path within a
+few tokens), so on it agreement measures the model's sensitivity, not the quantization (see bench/RESULTS.md).
 
 One `axion api`, two `axion worker`s on an embedded Redis: the model as is (float32 on CPU) and the same folder
 with QUANTIZATION=int8 (served as `<name>-int8`). Each prompt of a fixed set is sent greedily to both with
@@ -11,7 +15,9 @@ Targets (issue 10): int8 weights ≥ 45 % smaller; ≥ 90 % of greedy tokens equ
 answer of the unquantized model). With --controls the script also measures, in this process, two things that say
 how much of any disagreement is the model's own sensitivity rather than the quantization: the same comparison for
 plain bfloat16 weights (what a GPU server runs by default), and the teacher-forced agreement of int8 (each step
-given the unquantized model's own prefix, so one early flip does not count for every later token).
+given the unquantized model's own prefix, so one early flip does not count for every later token), with float32's
+top-1 minus top-2 logit margin (median, and at each step where int8's argmax differs). The share of distinct tokens
+in float32's answers is always reported: a model that loops on a token or two agrees trivially.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ def serve_and_compare(model: Path, max_tokens: int, logs: Path) -> dict[str, Any
                 p.wait(timeout=60)
     plain, int8 = answers[str(model.resolve())], answers[int8_id]
     return {"agreement": _agreement(plain, int8), "first_divergence": _first_divergences(plain, int8),
+            "distinct_token_ratio": _distinct_ratio(plain), "answers": {"float32": plain, "int8": int8},
             "weights_bytes": {"float32": health[str(model.resolve())]["weights_bytes"],
                               "int8": health[int8_id]["weights_bytes"]},
             "rss_bytes": {"float32": health[str(model.resolve())]["rss_bytes"], "int8": health[int8_id]["rss_bytes"]},
@@ -111,6 +118,11 @@ def _agreement(reference: list[list[Any]], other: list[list[Any]]) -> float:
     """Share of the reference's token positions where `other` has the same token."""
     same = sum(a == b for ref, oth in zip(reference, other, strict=True) for a, b in zip(ref, oth, strict=False))
     return same / max(1, sum(map(len, reference)))
+
+
+def _distinct_ratio(answers: list[list[Any]]) -> float:
+    """Mean share of distinct tokens per answer: a model that loops on one or two tokens agrees trivially."""
+    return statistics.mean(len(set(a)) / max(1, len(a)) for a in answers)
 
 
 def _first_divergences(reference: list[list[Any]], other: list[list[Any]]) -> list[int]:
@@ -141,20 +153,29 @@ def controls(model_dir: Path, max_tokens: int) -> dict[str, Any]:
 
     reference = greedy(plain)
     same = total = 0
+    margins: list[float] = []  # float32's top-1 minus top-2 logit at every step
+    flip_margins: list[float] = []  # the same, at the steps where int8's argmax differs
     with torch.inference_mode():
         for enc, answer in zip(encs, reference, strict=True):
             ids = torch.cat([enc["input_ids"], torch.tensor([answer])], dim=1)
             n = enc["input_ids"].shape[1]
-            a = plain(ids).logits[0, n - 1:-1].argmax(-1)
+            logits = plain(ids).logits[0, n - 1:-1]
+            a = logits.argmax(-1)
             b = int8(ids).logits[0, n - 1:-1].argmax(-1)
+            top2 = logits.topk(2, dim=-1).values
+            margin = (top2[:, 0] - top2[:, 1]).tolist()
+            margins += margin
+            flip_margins += [m for m, flip in zip(margin, (a != b).tolist(), strict=True) if flip]
             same, total = same + int((a == b).sum()), total + len(answer)
     return {"bf16_free_running_agreement": _agreement(reference, greedy(bf16)),
-            "int8_teacher_forced_agreement": same / total}
+            "int8_teacher_forced_agreement": same / total,
+            "float32_top2_margin_median": statistics.median(margins),
+            "float32_top2_margin_at_int8_flips": sorted(round(m, 4) for m in flip_margins)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, nargs="?", default=ROOT / "models" / "bench-medium")
+    parser.add_argument("model", type=Path, nargs="?", default=ROOT / "models" / "bench-medium-trained")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--controls", action="store_true", help="also bf16 and teacher-forced int8, in process")
     parser.add_argument("--json", type=Path)
@@ -175,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{saving:.1%} less (target >= 45%: {'met' if saving >= 0.45 else 'NOT met'})")
     print(f"greedy agreement through the server: {result['agreement']:.1%} of tokens (target >= 90%: "
           f"{'met' if result['agreement'] >= 0.9 else 'NOT met'}); first divergence median "
-          f"{statistics.median(result['first_divergence'])} of {args.max_tokens}")
+          f"{statistics.median(result['first_divergence'])} of {args.max_tokens}; distinct tokens per float32 answer "
+          f"{result['distinct_token_ratio']:.0%}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

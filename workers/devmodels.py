@@ -9,6 +9,7 @@ the same arguments produces byte-identical weights and identical greedy outputs.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -88,8 +89,10 @@ The committee met on Tuesday, March 5th, to discuss the budget, the schedule & t
 """
 
 
-def _train_tokenizer(vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on :data:`CORPUS`.
+def _train_tokenizer(
+    vocab_size: int, max_length: int, lines: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``lines`` (default: :data:`CORPUS`).
 
     Byte-level pre-tokenization plus the byte-level decoder make any text encodable and
     make ``decode(encode(text))`` roundtrip exactly. On a tiny corpus the trainer stops
@@ -104,7 +107,9 @@ def _train_tokenizer(vocab_size: int, max_length: int) -> PreTrainedTokenizerFas
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    if lines is None:
+        lines = CORPUS.splitlines(keepends=True)
+    tok.train_from_iterator(lines, trainer=trainer)
     # Like Llama 3: plain encode() prepends BOS; the chat template adds its own BOS and
     # apply_chat_template encodes without special tokens, so there is no double BOS.
     bos_id = tok.token_to_id(BOS)

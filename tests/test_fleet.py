@@ -18,8 +18,17 @@ REQUESTS = 64
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_model_dir: Path, redis_server: EmbeddedRedis,
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this module's own: the session's shared one keeps consumers that earlier tests' workers left in
+    the tiny model's group, and this module counts the group's consumers."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model_dir: Path, own_redis: EmbeddedRedis,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    redis_server = own_redis
     logs = tmp_path_factory.mktemp("fleet-logs")
     ports = [free_port(), free_port()]
     env = {"MAX_BATCH_SIZE": "8", "CONCURRENT_REQUESTS": "32"}

@@ -21,6 +21,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from tests.conftest import Server
@@ -97,7 +98,12 @@ def test_openapi_schema_fuzz(served: Server, capsys: pytest.CaptureFixture[str])
     for op in operations:
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
         for mode in modes:
-            fuzz_operation(served, op, mode, counts)
+            try:
+                fuzz_operation(served, op, mode, counts)
+            except Unsatisfiable:
+                # An operation whose only inputs are a path id (POST /v1/batches/{id}/cancel) has no invalid
+                # request to generate; every positive case still ran.
+                assert mode is GenerationMode.NEGATIVE and not op.body, op.label
     total = report(capsys, f"schemathesis over {len(operations)} operations", counts, started)
     assert total >= MIN_CASES
     served_ok = sum(n for (label, _, status), n in counts.items() if status == 200 and label.startswith("POST"))

@@ -57,22 +57,19 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
     decision = await cache.decide(req, request.headers.get("cache-control"))
     headers["x-axion-cache"] = decision.header
     metrics: Metrics = state.metrics
-    lease = None
+    hit, lease = await cache.read(decision, request_id)
+    if hit is not None:
+        metrics.cache_hits.labels("chat").inc()
+        log.info("request %s model=%s stream=%s cache hit", request_id, req.model, bool(req.stream),
+                 extra={"job_id": request_id, "model": req.model, "outcome": "cache hit"})
+        headers["x-axion-cache"] = "hit"
+        hit = as_fresh(hit, request_id, aliases.shown(req.model))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return Stream(replay_stream(hit, include_usage), media_type="text/event-stream",
+                          headers=SSE_HEADERS | headers)
+        return Response(msgspec.json.encode(hit), media_type="application/json", headers=headers)
     if decision.read and decision.key:
-        hit = await cache.lookup(decision.key)
-        if hit is None:
-            hit, lease = await cache.claim(decision.key, request_id)
-        if hit is not None:
-            metrics.cache_hits.labels("chat").inc()
-            log.info("request %s model=%s stream=%s cache hit", request_id, req.model, bool(req.stream),
-                     extra={"job_id": request_id, "model": req.model, "outcome": "cache hit"})
-            headers["x-axion-cache"] = "hit"
-            hit = as_fresh(hit, request_id, aliases.shown(req.model))
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return Stream(replay_stream(hit, include_usage), media_type="text/event-stream",
-                              headers=SSE_HEADERS | headers)
-            return Response(msgspec.json.encode(hit), media_type="application/json", headers=headers)
         metrics.cache_misses.labels("chat").inc()
     save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
     run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease,

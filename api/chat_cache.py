@@ -74,6 +74,16 @@ class ChatCache:
         raw = await self.store.get(key)
         return None if raw is None else _completion_decoder.decode(raw)
 
+    async def read(self, decision: CacheDecision, holder: str) -> tuple[p.ChatCompletion | None, Lease | None]:
+        """What a request the decision lets read gets: a hit (stored, or left by the single-flight leader it
+        waited for), else the lease to generate under (None: generate without one)."""
+        if not (decision.read and decision.key):
+            return None, None
+        hit = await self.lookup(decision.key)
+        if hit is not None:
+            return hit, None
+        return await self.claim(decision.key, holder)
+
     async def claim(self, key: str, holder: str) -> tuple[p.ChatCompletion | None, Lease | None]:
         """Miss so far: lead the generation, or wait for the request that leads it. Returns a hit (found after
         all, or left by the leader), else the lease to generate under (None when waiting ended without an

@@ -89,13 +89,9 @@ class LineRunner:
         _no_stream(req.stream)
         cache = self.chat_cache
         decision = await cache.decide(req, None)
-        lease = None
-        if decision.read and decision.key:
-            hit = await cache.lookup(decision.key)
-            if hit is None:
-                hit, lease = await cache.claim(decision.key, request_id)
-            if hit is not None:
-                return as_fresh(hit, request_id, req.model)
+        hit, lease = await cache.read(decision, request_id)
+        if hit is not None:
+            return as_fresh(hit, request_id, req.model)
         save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
         run = ChatRun(self.ctx, req, request_id, on_complete=save, lease=lease)
         accepted = await run.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -101,3 +102,16 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return []
+
+
+def kill_9_worker_and_check_nothing_left(front_pid: int, tree: list[psutil.Process]) -> None:
+    """SIGKILL the chat worker that runs the engine's guard; the engine's processes (`tree`) and the guard must go,
+    and so must the engine's TMPDIR, which the guard removes as the worker could not."""
+    guard = guards(front_pid)
+    worker = guard[0].parent()
+    assert worker is not None and "worker" in worker.cmdline()
+    scratch = Path(guard[0].environ()["TMPDIR"])
+    assert scratch.is_dir()
+    worker.send_signal(signal.SIGKILL)
+    assert wait_gone(tree + guard) == []
+    assert not scratch.exists()

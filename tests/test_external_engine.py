@@ -27,6 +27,7 @@ from tests.engine_helpers import (
     chat_worker_info,
     engine_tree,
     guards,
+    kill_9_worker_and_check_nothing_left,
     start_front,
     wait_backend,
     wait_engine_started,
@@ -184,15 +185,7 @@ def test_kill_9_of_the_worker_leaves_no_engine_process(tiny_model_dir: Path, tmp
     front = start_front(tiny_model_dir, tmp_path, "front", wait=False, BACKEND="external",
                         EXTERNAL_ENGINE_CMD=AXION_ENGINE_CMD, EXTERNAL_ENGINE_START_TIMEOUT_S="120")
     try:
-        tree = wait_engine_started(front, 4)
-        guard = guards(front.procs[0].process.pid)
-        worker = guard[0].parent()
-        assert worker is not None and "worker" in worker.cmdline()
-        scratch = Path(guard[0].environ()["TMPDIR"])
-        assert scratch.is_dir()
-        worker.send_signal(signal.SIGKILL)
-        assert wait_gone(tree + guard) == []
-        assert not scratch.exists()  # the engine's TMPDIR, removed by the guard as the worker could not
+        kill_9_worker_and_check_nothing_left(front.procs[0].process.pid, wait_engine_started(front, 4))
     finally:
         front.procs[0].stop()
 

@@ -18,7 +18,14 @@ import openai
 import pytest
 
 from tests.conftest import REPO, Server
-from tests.engine_helpers import chat_worker_info, engine_tree, guards, start_front, wait_backend, wait_gone
+from tests.engine_helpers import (
+    chat_worker_info,
+    engine_tree,
+    guards,
+    kill_9_worker_and_check_nothing_left,
+    start_front,
+    wait_backend,
+)
 
 MAX_BIN = REPO / ".venv-max/bin/max"
 # MAX's compile cache outlives the checkout, as pip's cache does, so a fresh clone on a machine that ran the tests
@@ -99,11 +106,4 @@ def test_kill_9_of_the_worker_leaves_no_max_process(max_front: Server) -> None:
     front = max_front.procs[0].process.pid
     tree = engine_tree(front)
     assert len(tree) >= 2, tree  # `max serve` and its model worker, at least
-    guard = guards(front)
-    worker = guard[0].parent()
-    assert worker is not None and "worker" in worker.cmdline()
-    scratch = Path(guard[0].environ()["TMPDIR"])
-    assert scratch.is_dir()
-    worker.send_signal(signal.SIGKILL)
-    assert wait_gone(tree + guard) == []
-    assert not scratch.exists()  # the engine's TMPDIR, removed by the guard as the worker could not
+    kill_9_worker_and_check_nothing_left(front, tree)

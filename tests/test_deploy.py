@@ -70,7 +70,7 @@ def test_probes_and_termination_match_the_processes() -> None:
         spec = deployment["spec"]["template"]["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         for c in spec["containers"]:
-            assert c["command"][:1] == ["axion"] and c["command"][1] in ("api", "worker"), name
+            assert c["command"][:1] == ["axion"] and c["command"][1] in ("api", "worker", "batch-worker"), name
             kinds |= {e["value"] for e in c.get("env", []) if e["name"] == "WORKER_KIND"}
     assert kinds == {"chat", "embed", "rerank"}
     assert _by_kind("PodDisruptionBudget")
@@ -119,10 +119,11 @@ def test_compose_file_holds_together() -> None:
         env = service["environment"]
         assert set(env) <= SETTINGS, (name, set(env) - SETTINGS)
         assert service["command"][:1] == ["axion"], name
-        roles[name] = service["command"][1] if service["command"][1] == "api" else env["WORKER_KIND"]
+        role = service["command"][1]
+        roles[name] = role if role in ("api", "batch-worker") else env["WORKER_KIND"]
         if service["command"][1] == "api":
             assert service["healthcheck"]["test"], name
-    assert sorted(roles.values()) == ["api", "api", "chat", "chat", "embed", "rerank"]
+    assert sorted(roles.values()) == ["api", "api", "batch-worker", "chat", "chat", "embed", "rerank"]
     assert services["chat-worker-cpu"]["profiles"] == ["cpu"]
     gpu = services["chat-worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "Dockerfile.cuda"

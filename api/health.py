@@ -157,7 +157,8 @@ def _problems(settings: Settings, redis_state: dict[str, Any], hub: ReplyHub, wo
 
 async def queue_stats(redis: aioredis.Redis, settings: Settings, workers: list[WorkerInfo]) -> list[dict[str, Any]]:
     """Per (kind, model) served now, and the default chat model: depth (XLEN: waiting + running), pending
-    (delivered to a worker, not yet answered), waiting, dead letters; one pipelined round trip for all."""
+    (delivered to a worker, not yet answered), waiting, dead letters, and the Batch API's low-priority stream
+    (`batch_depth`); one pipelined round trip for all."""
     targets = sorted({(w.kind, w.model) for w in workers} | {("chat", settings.model_id)})
     pipe = redis.pipeline(transaction=False)
     for kind, model in targets:
@@ -165,11 +166,12 @@ async def queue_stats(redis: aioredis.Redis, settings: Settings, workers: list[W
         pipe.xlen(stream)
         pipe.xpending(stream, keys.WORKER_GROUP)
         pipe.xlen(keys.dead_letter_stream(kind, model))
+        pipe.xlen(keys.batch_stream(kind, model))
     replies = await pipe.execute(raise_on_error=False)
     out = []
     for i, (kind, model) in enumerate(targets):
-        depth, pending_info, dead = replies[3 * i: 3 * i + 3]
-        for reply in (depth, pending_info, dead):
+        depth, pending_info, dead, batch = replies[4 * i: 4 * i + 4]
+        for reply in (depth, pending_info, dead, batch):
             if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
                 raise reply
         depth = depth if isinstance(depth, int) else 0
@@ -179,6 +181,7 @@ async def queue_stats(redis: aioredis.Redis, settings: Settings, workers: list[W
             "kind": kind, "model": model, "stream": keys.job_stream(kind, model),
             "depth": depth, "pending": pending, "waiting": max(0, depth - pending),
             "dead_letters": dead if isinstance(dead, int) else 0,
+            "batch_depth": batch if isinstance(batch, int) else 0,
             "max_queued_jobs": settings.max_queued_jobs,
             "workers": len(mine),
             "active_sequences": sum(w.active_sequences for w in mine),

@@ -87,6 +87,8 @@ class Metrics:
         self.queue_waiting = Gauge("axion:queue_waiting", "Jobs no worker has read yet.", qlabels, registry=r)
         self.dead_letters = Gauge("axion:dead_letters", "Entries in the model's dead-letter stream.", qlabels,
                                   registry=r)
+        self.batch_depth = Gauge("axion:batch_queue_depth", "Entries in the model's Batch API stream (low priority: "
+                                 "waiting + running batch lines).", qlabels, registry=r)
         self.workers = Gauge("axion:workers", "Live workers.", qlabels, registry=r)
         wlabels = ["worker_id", "kind", "model_name"]
         self.w_active = Gauge("axion:worker_active_sequences", "Sequences in the worker's batch.", wlabels,
@@ -100,7 +102,8 @@ class Metrics:
                                   "where the worker reports it.", wlabels, registry=r)
         self.w_tps = Gauge("axion:worker_tokens_per_s", "Decoded tokens (embed/rerank: inputs) per second over "
                            "the worker's last heartbeat interval.", wlabels, registry=r)
-        self._fleet = (self.queue_depth, self.queue_pending, self.queue_waiting, self.dead_letters, self.workers,
+        self._fleet = (self.queue_depth, self.queue_pending, self.queue_waiting, self.dead_letters, self.batch_depth,
+                       self.workers,
                        self.w_active, self.w_batch, self.w_occupancy, self.w_kv, self.w_device_mem, self.w_tps)
 
     async def render(self, redis: aioredis.Redis, registry: WorkerRegistry, settings: Settings) -> bytes:
@@ -123,6 +126,7 @@ class Metrics:
                 self.queue_pending.labels(*labels).set(q["pending"])
                 self.queue_waiting.labels(*labels).set(q["waiting"])
                 self.dead_letters.labels(*labels).set(q["dead_letters"])
+                self.batch_depth.labels(*labels).set(q["batch_depth"])
                 self.workers.labels(*labels).set(q["workers"])
             for w in workers:
                 labels = (w.worker_id, w.kind, w.model)

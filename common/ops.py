@@ -52,14 +52,15 @@ def targets(r: redis.Redis, live: list[WorkerInfo]) -> list[tuple[str, str]]:
     pairs = [(k, m) for m in models for k in KINDS]
     pipe = r.pipeline(transaction=False)
     for kind, model in pairs:
-        pipe.exists(keys.job_stream(kind, model), keys.dead_letter_stream(kind, model))
+        pipe.exists(keys.job_stream(kind, model), keys.dead_letter_stream(kind, model), keys.batch_stream(kind, model))
     exists = pipe.execute()
     served = {(w.kind, w.model) for w in live if w.model}  # an idle worker (workers/host.py) serves no model
     return sorted({p for p, n in zip(pairs, exists, strict=True) if n} | served)
 
 
 def queues(r: redis.Redis, live: list[WorkerInfo] | None = None) -> list[dict[str, Any]]:
-    """Per (kind, model): stream length, pending, lag (entries not yet delivered), dead letters, workers."""
+    """Per (kind, model): stream length, pending, lag (entries not yet delivered), dead letters, Batch API lines
+    in the model's low-priority stream, workers."""
     live = workers(r) if live is None else live
     pairs = targets(r, live)
     pipe = r.pipeline(transaction=False)
@@ -67,10 +68,11 @@ def queues(r: redis.Redis, live: list[WorkerInfo] | None = None) -> list[dict[st
         pipe.xlen(keys.job_stream(kind, model))
         pipe.xinfo_groups(keys.job_stream(kind, model))
         pipe.xlen(keys.dead_letter_stream(kind, model))
+        pipe.xlen(keys.batch_stream(kind, model))
     replies = pipe.execute(raise_on_error=False)
     rows = []
     for i, (kind, model) in enumerate(pairs):
-        length, groups, dead = replies[3 * i: 3 * i + 3]
+        length, groups, dead, batch = replies[4 * i: 4 * i + 4]
         group = next((g for g in groups if _s(g.get("name")) == keys.WORKER_GROUP), None) \
             if isinstance(groups, list) else None
         pending = int(group["pending"]) if group else 0
@@ -79,7 +81,8 @@ def queues(r: redis.Redis, live: list[WorkerInfo] | None = None) -> list[dict[st
         rows.append({"kind": kind, "model": model, "stream": keys.job_stream(kind, model),
                      "length": length if isinstance(length, int) else 0, "pending": pending,
                      "lag": int(lag) if lag is not None else (length if isinstance(length, int) else 0) - pending,
-                     "dead_letters": dead if isinstance(dead, int) else 0, "workers": len(mine),
+                     "dead_letters": dead if isinstance(dead, int) else 0,
+                     "batch_lines": batch if isinstance(batch, int) else 0, "workers": len(mine),
                      "active_sequences": sum(w.active_sequences for w in mine),
                      "batch_capacity": sum(w.max_batch_size for w in mine)})
     return rows
@@ -129,8 +132,8 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-QUEUE_COLUMNS = ["kind", "model", "length", "pending", "lag", "dead_letters", "workers", "active_sequences",
-                 "batch_capacity"]
+QUEUE_COLUMNS = ["kind", "model", "length", "pending", "lag", "dead_letters", "batch_lines", "workers",
+                 "active_sequences", "batch_capacity"]
 
 
 def print_status(data: dict[str, Any]) -> None:

@@ -202,6 +202,18 @@ def test_ops_cli_status_queues_and_dead_letters(fleet: Fleet) -> None:
     assert r.xlen(keys.dead_letter_stream("chat", fleet.model)) == 0
     assert fleet.cli("dead-letters", "drop", "1-1").returncode == 1
 
+    # Batch API lines waiting in a model's low-priority stream show in `axion queues` (an embed stream here, which
+    # no worker of this fleet reads, so the count holds still)
+    batch_stream = keys.batch_stream("embed", fleet.model)
+    for _ in range(2):
+        r.xadd(batch_stream, {"job": b"{}"})
+    try:
+        [row] = [q for q in fleet.cli_json("queues") if q["kind"] == "embed"]
+        assert row["batch_lines"] == 2 and row["length"] == 0
+        assert "BATCH_LINES" in fleet.cli("queues").stdout
+    finally:
+        r.delete(batch_stream)
+
 
 def test_queues_watch_refreshes_until_ctrl_c(fleet: Fleet) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "common.cli", "queues", "--watch", "0.2"], env=fleet.env,

@@ -140,7 +140,10 @@ class JobRun:
         if ctx.slots.locked():
             assert ctx.queue is not None
             await ctx.queue.check(self.stream_key, self.job.model)
-        await asyncio.wait_for(ctx.slots.acquire(), self._left())
+        # Not asyncio.wait_for: on Python 3.11 it drops a cancellation (the client left) that lands as the slot is
+        # handed over, and the request would then run for nobody (see Subscription.get in reply_hub.py).
+        async with asyncio.timeout(self._left()):
+            await ctx.slots.acquire()
         self._holds_slot = True
 
     async def answer(self) -> Tokenized | Embedded | Scored:

@@ -1,4 +1,4 @@
-"""Run several real chat workers (`serve_worker`, exactly as `axion worker` runs it) in this one process:
+"""Run several real chat workers (`serve_worker`: built as `axion worker` builds them) in this one process:
 `python -m tests.worker_host SPEC [SPEC ...]`, where each SPEC is a model folder, or a JSON object of settings
 (environment variable names, e.g. {"MODEL_NAME": "/m", "QUANTIZATION": "int8", "SERVED_MODEL_NAME": "m-int8"})
 laid over the environment's.

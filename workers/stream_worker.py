@@ -226,14 +226,13 @@ class StreamWorker:
         """Up to `count` lines of the low-priority batch stream, never blocking. Callers ask only for slots the
         online stream left free; after an empty read the stream is left alone for BATCH_POLL_S, so a fleet
         with no batch running pays one extra read per BATCH_POLL_S, not one per step."""
-        now = time.monotonic()
-        if count <= 0 or now - self._batch_empty_at < BATCH_POLL_S:
+        if count <= 0 or not self.batch_due():
             return []
         reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.batch_stream: ">"},
                                             count=count)
         entries = [(BATCH_TAG + entry_id, fields) for entry_id, fields in self.entries(reply)]
         if not entries:
-            self._batch_empty_at = now
+            self._batch_empty_at = time.monotonic()
         return entries
 
     async def read(self, count: int, block: bool) -> list[Entry]:

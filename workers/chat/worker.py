@@ -242,25 +242,14 @@ class ChatWorker(StreamWorker):
 
 
 async def serve_worker(settings: Settings) -> None:
-    from workers.chat.loader import load_causal_lm
+    """One native chat worker for MODEL_NAME, built as `axion worker` builds it (`workers/loading.py`) but without
+    the hot-swap host, so several can share one process (tests/worker_host.py)."""
+    from workers import loading
 
-    reason = "BACKEND=native"
-    if settings.backend != "native":  # an external engine (workers/chat/external) when it can serve the model
-        from workers.chat.external.serve import serve_external
-
-        outcome = await serve_external(settings)
-        if outcome.served:
-            return
-        reason = outcome.reason
-    loaded = await asyncio.to_thread(load_causal_lm, settings.model_name, settings.device,
-                                     gguf_file=settings.model_gguf_file, quantization=settings.quantization)
-    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
-                        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-                        prefix_cache_tokens=settings.prefix_cache_tokens)
     redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
     try:
-        worker = ChatWorker(settings, engine, redis, str(loaded.dtype).removeprefix("torch."))
-        worker.info.backend, worker.info.backend_reason = "native", reason
+        worker = await asyncio.to_thread(loading.open_chat, settings, redis, settings.model_name,
+                                         settings.served_model_name)
         await worker.run()
     finally:
         await redis.aclose()

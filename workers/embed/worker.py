@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 import redis.asyncio as aioredis
 
-from common import keys, redis_client
+from common import keys
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.redis_cluster import publish
 from common.settings import Settings
@@ -194,17 +194,3 @@ class EmbedWorker(StreamWorker):
                 answers[n] = Scored(scores=[1 / (1 + math.exp(-logits[k])) for k in span],
                                     prompt_tokens=sum(min(counts[k], self.backend.max_tokens) for k in span))
         return answers  # type: ignore[return-value]
-
-
-async def serve_embed_worker(settings: Settings, kind: Literal["embed", "rerank"]) -> None:
-    from workers.embed.backends import load_embedding, load_reranker
-
-    name = settings.embedding_model if kind == "embed" else settings.rerank_model
-    loader = load_embedding if kind == "embed" else load_reranker
-    backend = await asyncio.to_thread(loader, name, device=settings.embed_device,
-                                      cache_dir=settings.fastembed_cache_path)
-    redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
-    try:
-        await EmbedWorker(settings, backend, redis, kind).run()
-    finally:
-        await redis.aclose()

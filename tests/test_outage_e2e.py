@@ -72,12 +72,8 @@ def stream_events(stack: Stack, max_tokens: int, out: list[dict]) -> None:
                 out.append(json.loads(line[6:]))
 
 
-def test_redis_outage_gives_quick_503s_and_the_fleet_recovers_by_itself(stack: Stack) -> None:
-    client = httpx.Client(timeout=30)
-    assert chat(stack, client).status_code == 200
-    pids = [p.process.pid for p in stack.procs]
-
-    # A stream in flight when Redis goes: it must end with an error frame, not hang until REQUEST_TIMEOUT_S.
+def stream_in_flight(stack: Stack) -> tuple[list[dict], threading.Thread]:
+    """A 1000-token stream read on a thread, returned once its first token frame has arrived."""
     frames: list[dict] = []
     reader = threading.Thread(target=stream_events, args=(stack, 1000, frames), daemon=True)
     reader.start()
@@ -85,6 +81,16 @@ def test_redis_outage_gives_quick_503s_and_the_fleet_recovers_by_itself(stack: S
     while not any("choices" in f for f in frames) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert any("choices" in f for f in frames), frames
+    return frames, reader
+
+
+def test_redis_outage_gives_quick_503s_and_the_fleet_recovers_by_itself(stack: Stack) -> None:
+    client = httpx.Client(timeout=30)
+    assert chat(stack, client).status_code == 200
+    pids = [p.process.pid for p in stack.procs]
+
+    # A stream in flight when Redis goes: it must end with an error frame, not hang until REQUEST_TIMEOUT_S.
+    frames, reader = stream_in_flight(stack)
 
     port = stack.redis.port
     stack.redis.stop()
@@ -146,13 +152,7 @@ def test_a_hung_redis_is_noticed_within_the_timeouts(stack: Stack) -> None:
     client = httpx.Client(timeout=30)
     assert chat(stack, client).status_code == 200
     pids = [p.process.pid for p in stack.procs]
-    frames: list[dict] = []
-    reader = threading.Thread(target=stream_events, args=(stack, 1000, frames), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not any("choices" in f for f in frames) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert any("choices" in f for f in frames), frames
+    frames, reader = stream_in_flight(stack)
 
     assert stack.redis.process is not None
     redis_pid = stack.redis.process.pid

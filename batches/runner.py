@@ -34,7 +34,7 @@ from api.reply_hub import ReplyHub
 from batches.files import BatchLine, FileStore, decode_line, new_file_id
 from batches.lines import LineResult, LineRunner, output_line, unanswered_line
 from batches.store import TERMINAL, BatchStore
-from common import keys, redis_client
+from common import aio, keys, redis_client
 from common.settings import Settings, load_settings
 
 log = logging.getLogger("axion.batches")
@@ -45,7 +45,7 @@ STATUS_POLL_S = 0.25  # how often the feeder looks for a cancel (one HGET)
 def run_batch(batch_id: str) -> str:
     """rq entry point (synchronous): run one batch to a final status and return that status."""
     logging.basicConfig(level=logging.INFO)
-    return asyncio.run(BatchRunner(load_settings(), batch_id).run())
+    return aio.run(BatchRunner(load_settings(), batch_id).run())
 
 
 class BatchRunner:

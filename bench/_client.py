@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,6 +26,7 @@ import psutil
 from openai import AsyncOpenAI
 
 from bench._measure import LevelStats, PromptFactory, RequestTiming, level_key, summarize
+from bench._sse import SSEClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,8 @@ class Server:
         env.update(MODEL_NAME=self.model_id, SERVER_HOST="127.0.0.1", SERVER_PORT=str(self.port),
                    MAX_BATCH_SIZE=str(self.max_batch_size), CONCURRENT_REQUESTS="1024", MAX_CONNECTIONS="1024",
                    MAX_SEQ_LEN=str(self.max_seq_len), LOG_LEVEL="info", DEVICE="cpu", ALLOW_MODEL_PATHS="true",
-                   CACHE_CAPACITY="0")  # generation is measured: repeated prompts must not be cache hits
+                   CACHE_CAPACITY="0",  # generation is measured: repeated prompts must not be cache hits
+                   SERVE_EMBEDDINGS="false")  # chat only: no embedding and rerank workers on the cores
         env["BACKEND"] = os.environ.get("BACKEND", "native")  # the native engine unless BACKEND=max is asked for
         return env
 
@@ -116,32 +119,41 @@ class Server:
             totals[role] += times.user + times.system
         return totals
 
-    def client(self, kind: str = "raw") -> AsyncOpenAI | RawClient:
+    def client(self, kind: str = "raw") -> AnyClient:
         if kind == "raw":
             return RawClient(self.base_url)
+        if kind == "httpx":
+            return HttpxClient(self.base_url)
         return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="x", max_retries=0)
 
 
-class RawClient:
-    """OpenAI-protocol streaming over plain httpx, parsing each SSE line with msgspec, as vLLM's serving benchmark
-    does with aiohttp. The official SDK builds a pydantic object per chunk; on a 2-core box that CPU comes out
-    of the server being measured (8-11% of a core at 16-64 streams)."""
+class RawClient(SSEClient):
+    """OpenAI-protocol streaming on raw asyncio sockets (`bench/_sse.py`), as vLLM's serving benchmark does with
+    aiohttp. The official SDK builds a pydantic object per chunk, and httpx parses each chunk through h11; on a
+    2-core box that CPU comes out of the server being measured (the SDK: 8-11% of a core at 16-64 streams)."""
+
+
+class HttpxClient:
+    """The same protocol over httpx, to cross-check the raw client (`--client httpx`)."""
 
     def __init__(self, base_url: str) -> None:
         limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
         self.http = httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits)
 
-    async def __aenter__(self) -> RawClient:
+    async def __aenter__(self) -> HttpxClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
 
 
-async def stream_request(client: AsyncOpenAI | RawClient, model: str, messages: list[dict[str, str]],
+AnyClient = AsyncOpenAI | RawClient | HttpxClient
+
+
+async def stream_request(client: AnyClient, model: str, messages: list[dict[str, str]],
                          out: int) -> RequestTiming:
     """One streamed chat completion; TTFT is send → first chunk with text (the role-only first chunk is skipped)."""
-    if isinstance(client, RawClient):
+    if isinstance(client, RawClient | HttpxClient):
         return await _stream_raw(client, model, messages, out)
     timing = RequestTiming(sent=time.perf_counter())
     stream = await client.chat.completions.create(
@@ -165,38 +177,46 @@ async def stream_request(client: AsyncOpenAI | RawClient, model: str, messages: 
     return timing
 
 
-async def _stream_raw(client: RawClient, model: str, messages: list[dict[str, str]], out: int) -> RequestTiming:
+async def _stream_raw(client: RawClient | HttpxClient, model: str, messages: list[dict[str, str]],
+                      out: int) -> RequestTiming:
     body = {"model": model, "messages": messages, "stream": True, "temperature": 0, "max_tokens": out,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     timing = RequestTiming(sent=time.perf_counter())
-    async with client.http.stream("POST", "/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            now = time.perf_counter()
-            chunk = msgspec.json.decode(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            usage = chunk.get("usage")
-            if usage:
-                timing.completion_tokens, timing.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
-                timing.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-            for choice in chunk["choices"]:
-                content = choice["delta"].get("content")
-                if content and timing.first is None:
-                    timing.first = now
-                if timing.first is not None and (content or choice.get("finish_reason")):
-                    timing.chunks.append(now)
-                    timing.last = now
+    async for chunk in _chunks(client, body):
+        now = time.perf_counter()
+        if "error" in chunk:
+            raise RuntimeError(f"stream error: {chunk['error']}")
+        usage = chunk.get("usage")
+        if usage:
+            timing.completion_tokens, timing.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+            timing.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        for choice in chunk["choices"]:
+            content = choice["delta"].get("content")
+            if content and timing.first is None:
+                timing.first = now
+            if timing.first is not None and (content or choice.get("finish_reason")):
+                timing.chunks.append(now)
+                timing.last = now
     if timing.completion_tokens == 0:
         raise RuntimeError("the stream ended without a usage chunk")
     return timing
 
 
-async def run_level(server: Server, client: AsyncOpenAI | RawClient, prompts: PromptFactory, concurrency: int,
-                    rounds: int, out: int, system: str = "server", prefix: str = "") -> LevelStats:
+async def _chunks(client: RawClient | HttpxClient, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    if isinstance(client, RawClient):
+        async for chunk in client.stream("/v1/chat/completions", body):
+            yield chunk
+        return
+    async with client.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                yield msgspec.json.decode(line[6:])
+
+
+async def run_level(server: Server, client: AnyClient, prompts: PromptFactory, concurrency: int, rounds: int,
+                    out: int, system: str = "server", prefix: str = "") -> LevelStats:
     """C clients, each sending R requests back to back, after one warm-up request.
 
     `prefix` keeps the prompts of a repeated level (the Poisson mode's lone and capacity runs) apart.
@@ -227,7 +247,7 @@ def poisson_arrivals(rate: float, requests: int | None, duration_s: float, seed:
         times.append(t)
 
 
-async def run_poisson(server: Server, client: AsyncOpenAI | RawClient, prompts: PromptFactory, arrivals: list[float],
+async def run_poisson(server: Server, client: AnyClient, prompts: PromptFactory, arrivals: list[float],
                       out: int) -> LevelStats:
     """Open-loop load: each request is sent at its arrival time whether or not earlier ones have finished."""
     await stream_request(client, server.model_id, prompts.messages("warmup-poisson"), out)
@@ -243,7 +263,7 @@ async def run_poisson(server: Server, client: AsyncOpenAI | RawClient, prompts: 
     return stats
 
 
-async def run_shared_prefix(server: Server, client: AsyncOpenAI | RawClient, prompts: PromptFactory, system_tokens: int,
+async def run_shared_prefix(server: Server, client: AnyClient, prompts: PromptFactory, system_tokens: int,
                             followers: int, out: int) -> dict[str, Any]:
     """One shared system prompt: the first request alone, then `followers` more one after another.
 

@@ -38,12 +38,11 @@ class RawConnection:
     @classmethod
     async def open(cls, host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> RawConnection:
         reader, writer = await asyncio.open_connection(host, port)
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
-                 f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
-        return cls(reader, writer, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return cls(reader, writer, request_bytes(host, port, path, body, headers))
 
-    async def send(self) -> Reply:
-        self.writer.write(self.request)
+    async def send(self, request: bytes | None = None) -> Reply:
+        """Send the prebuilt request (or `request`, built by `request_bytes`) and read the answer."""
+        self.writer.write(request or self.request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         headers = {}
@@ -59,6 +58,12 @@ class RawConnection:
     async def close(self) -> None:
         self.writer.close()
         await self.writer.wait_closed()
+
+
+def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 class HttpxConnection:

@@ -14,7 +14,6 @@ only then starts the server, so the two never compete for the cores. Every reque
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime
 import gc
@@ -32,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `bench`, `common` and `wo
 
 from bench import _client, _engine
 from bench._measure import LevelStats, PromptFactory, percentile
+from common import aio
 
 MEDIUM = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
           "vocab_size": 32000}
@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-requests", type=int, default=16, help="requests of the `generate` baselines")
     p.add_argument("--no-engine", action="store_true", help="concurrency mode: skip the engine-alone runs")
     p.add_argument("--hf-cb", action="store_true", help="also run transformers' continuous batching at C=16")
-    p.add_argument("--client", choices=["raw", "openai"], default="raw",
-                   help="raw: httpx + msgspec SSE parsing, as vLLM's benchmark (default); openai: the official SDK")
+    p.add_argument("--client", choices=["raw", "httpx", "openai"], default="raw",
+                   help="raw: asyncio sockets + msgspec SSE parsing, as vLLM's benchmark with aiohttp (default); "
+                        "httpx: the same over httpx; openai: the official SDK")
     p.add_argument("--rate", type=float, help="poisson: requests/s (default: half the measured capacity)")
     p.add_argument("--duration", type=float, default=20.0, help="poisson: seconds of arrivals")
     p.add_argument("--requests", type=int, help="poisson: number of requests (overrides --duration)")
@@ -106,7 +107,7 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
                         await _client.run_level(server, client, prompts, c, args.rounds, out), repeat))
 
     with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
-        asyncio.run(drive(server))
+        aio.run(drive(server))
     return rows
 
 
@@ -133,7 +134,7 @@ def run_poisson(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, A
             rows["poisson"] = await _client.run_poisson(server, client, prompts, arrivals, out)
 
     with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
-        asyncio.run(drive(server))
+        aio.run(drive(server))
     return rows
 
 
@@ -144,7 +145,7 @@ def run_shared_prefix(args: argparse.Namespace, prompts: PromptFactory) -> dict[
                                                    args.output_tokens)
 
     with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
-        return asyncio.run(drive(server))
+        return aio.run(drive(server))
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -209,7 +210,9 @@ def _settings_line(h: dict[str, Any]) -> str:
     return f"levels {h['concurrency']}, {h['rounds']} request(s) per client per level"
 
 
-CLIENTS = {"raw": "raw OpenAI-protocol streaming over httpx, SSE parsed with msgspec (as vLLM's benchmark)",
+CLIENTS = {"raw": "OpenAI-protocol streaming on raw asyncio sockets, SSE parsed with msgspec (bench/_sse.py; "
+                  "vLLM's benchmark does the same with aiohttp)",
+           "httpx": "OpenAI-protocol streaming over httpx, SSE parsed with msgspec",
            "openai": "the official openai SDK (AsyncOpenAI)"}
 
 

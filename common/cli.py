@@ -71,7 +71,7 @@ def check_models(settings: Settings, kind: str) -> None:
 
 
 def run_worker(settings: Settings) -> int:
-    import asyncio
+    from common import aio
 
     check_models(settings, settings.worker_kind)
 
@@ -85,13 +85,13 @@ def run_worker(settings: Settings) -> int:
         # worker takes no hot-swap commands. When the engine cannot serve it, the native host below does.
         from workers.chat.external.serve import serve_external
 
-        outcome = asyncio.run(serve_external(settings))
+        outcome = aio.run(serve_external(settings))
         if outcome.served:
             return 0
         reason = outcome.reason
     from workers.host import serve
 
-    asyncio.run(serve(settings, reason))  # WORKER_KIND's model, swappable by `axion models load|unload`
+    aio.run(serve(settings, reason))  # WORKER_KIND's model, swappable by `axion models load|unload`
     return 0
 
 

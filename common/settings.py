@@ -65,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     embed_cross_request_batching: bool = True
     serve_embeddings: bool = True
     prefill_chunk_tokens: PositiveInt = 512
+    prefill_idle_tokens: PositiveInt = 2048
     prefix_cache_tokens: NonNegativeInt = 16384
     # Security (README "Security"): keys, rate limits, CORS, request limits, which models may be loaded.
     api_keys: str = ""

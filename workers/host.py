@@ -35,7 +35,7 @@ from common.model_ids import load_problem
 from common.protocol import decode_worker
 from common.redis_cluster import mget
 from common.settings import Settings, split_list
-from workers import loading
+from workers import loading, model_thread
 from workers.stream_worker import REDIS_ERRORS, StreamWorker
 
 log = logging.getLogger("axion.worker.host")
@@ -77,8 +77,8 @@ class WorkerHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        self._start(await asyncio.to_thread(loading.open_worker, self.settings, self.redis, kind, model,
-                                            served_name, backend_reason))
+        self._start(await model_thread.run(loading.open_worker, self.settings, self.redis, kind, model,
+                                           served_name, backend_reason))
         control = asyncio.create_task(self._control_loop(), name="axion-control")
         try:
             await self.stopping.wait()
@@ -174,8 +174,8 @@ class WorkerHost:
         self._start(IdleWorker(self.settings, self.redis, kind, loading_model=command.model))
         loading.free_memory()
         try:
-            worker = await asyncio.to_thread(loading.open_worker, self.settings, self.redis, kind, command.model,
-                                             command.served_name)
+            worker = await model_thread.run(loading.open_worker, self.settings, self.redis, kind, command.model,
+                                            command.served_name)
         except Exception as exc:
             log.exception("control: loading %s failed; this worker stays idle", command.model)
             await self._stop_current()

@@ -106,6 +106,7 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
     steps.next("engine")
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                        prefill_idle_tokens=settings.prefill_idle_tokens,
                         prefix_cache_tokens=settings.prefix_cache_tokens)
     steps.next("warm-up forward pass")
     first = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else 0

@@ -242,12 +242,13 @@ class StreamWorker:
                                             count=count, block=block_ms)
         return self.entries(reply)
 
-    async def read_burst(self, count: int) -> list[Entry]:
-        """Block for a first entry, then keep reading while more arrive less than GATHER_GAP_MS apart, up to
-        `count` entries and BATCH_TIMEOUT_MS in all. A burst of requests (clients that all got their answers at
-        once and send again) then makes one batch instead of a trickle of small ones; a lone request waits for
-        one gap only. The gap is slept here: Redis ends a BLOCK only at its `hz` tick (100 ms by default)."""
-        entries = await self.read(count, block=True)
+    async def read_burst(self, count: int, block: bool = True) -> list[Entry]:
+        """Read (blocking for a first entry unless `block` is false), then keep reading while more arrive less
+        than GATHER_GAP_MS apart, up to `count` entries and BATCH_TIMEOUT_MS in all. A burst of requests (clients
+        that all got their answers at once and send again) then makes one batch instead of a trickle of small
+        ones; a lone request waits for one gap only. The gap is slept here: Redis ends a BLOCK only at its `hz`
+        tick (100 ms by default)."""
+        entries = await self.read(count, block=block)
         deadline = time.monotonic() + self.settings.batch_timeout_ms / 1000
         while entries and len(entries) < count and time.monotonic() < deadline:
             await asyncio.sleep(GATHER_GAP_MS / 1000)

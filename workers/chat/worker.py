@@ -7,11 +7,9 @@ consumer group, where it can be reclaimed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import redis.asyncio as aioredis
@@ -21,6 +19,7 @@ from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
+from workers import model_thread
 from workers.chat.engine import ChatEngine, Sequence
 from workers.chat.quantize import weight_bytes
 from workers.revision import load_variant, model_revision
@@ -41,9 +40,6 @@ class ChatWorker(StreamWorker):
         self.info.vocab_size = engine.vocab_size
         self.steps = 0
         self._online_at = float("-inf")  # when an online request last ran here (batch lines yield to them)
-        # Every engine call runs on this one thread: torch's OpenMP keeps a thread team per calling thread, so
-        # hopping across a thread pool (asyncio.to_thread) builds several spinning teams that fight for the cores.
-        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-engine")
 
     def keep_running(self) -> bool:
         """Once stopping, the sequences in flight still finish."""
@@ -53,7 +49,8 @@ class ChatWorker(StreamWorker):
         if (free := self._free_slots()) > 0:  # free slots go first to the jobs of workers that stopped
             await self._admit_all(*await self.take_over_due(free))
         if not self.engine.active and (free := self._free_slots()) > 0:
-            await self._admit_all(await self.read(free, block=False))  # online first, then batch lines, then wait
+            # Online first (with the rest of a burst that is still arriving), then batch lines, then wait.
+            await self._admit_all(await self.read_burst(free, block=False))
             await self._admit_batch()
             if not self.engine.active:
                 await self._admit_all(await self.read_burst(free))
@@ -61,7 +58,6 @@ class ChatWorker(StreamWorker):
             await self._step()
 
     def on_stop(self) -> None:
-        self._torch_thread.shutdown(wait=False)
         engine = self.engine
         log.info("worker %s stopped after %d steps: %d decode steps, mean batch %.2f, %d prompt tokens "
                  "computed, %d reused from the prefix cache", self.worker_id, self.steps, engine.decode_steps,
@@ -168,24 +164,25 @@ class ChatWorker(StreamWorker):
         another: overlapping the stream read and publishing with the decode pass was measured slower (server
         at 64 streams: 457 against 511 tokens/s), as this loop's Python then competes with torch for the GIL."""
         if self.engine.pending:
-            await self._publish(*await self._in_torch_thread(self.engine.prefill_step))
+            await self._publish(*await self._in_model_thread(self.engine.prefill_step))
         if self.engine.rows:
-            await self._publish(*await self._in_torch_thread(self.engine.decode_step), read=True)
+            await self._publish(*await self._in_model_thread(self.engine.decode_step), read=True)
         elif (free := self._free_slots()) > 0:
             await self._admit_all(await self.read(free, block=False))
             await self._admit_batch()
         self.steps += 1
 
-    async def _in_torch_thread(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> tuple[
+    async def _in_model_thread(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> tuple[
             list[tuple[Sequence, Event]], list[Sequence]]:
-        """Run an engine phase on the torch thread; return its events and the sequences that left the batch."""
+        """Run an engine phase on the model thread (`workers/model_thread.py`); return its events and the
+        sequences that left the batch."""
         def run() -> tuple[list[tuple[Sequence, Event]], list[Sequence]]:
             events = phase()
             released, self.engine.released = self.engine.released, []
             return events, released
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._torch_thread, run)
+            return await model_thread.run(run)
         except Exception:
             log.exception("engine step failed; failing the %d sequences in the batch", self.engine.active)
             failure = Failed(status=500, message="The model failed while generating.", type="server_error",
@@ -248,7 +245,7 @@ async def serve_worker(settings: Settings) -> None:
 
     redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
     try:
-        worker = await asyncio.to_thread(loading.open_chat, settings, redis, settings.model_name,
+        worker = await model_thread.run(loading.open_chat, settings, redis, settings.model_name,
                                          settings.served_model_name)
         await worker.run()
     finally:

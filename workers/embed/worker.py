@@ -8,10 +8,8 @@ call so the backend's internal batches pad little; results go back to their jobs
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import msgspec
@@ -22,6 +20,7 @@ from common import keys
 from common.protocol import Embedded, EmbedJob, Failed, RerankJob, Scored, encode
 from common.redis_cluster import publish
 from common.settings import Settings
+from workers import model_thread
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -42,13 +41,9 @@ class EmbedWorker(StreamWorker):
         self.backend = backend
         self.kind = kind
         self.cross_request_batching = settings.embed_cross_request_batching
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-embed")
         self._answering: list[bytes] = []  # entries being answered: kept alive by the heartbeat
         self.calls = 0
         self.items = 0
-
-    def on_stop(self) -> None:
-        self._thread.shutdown(wait=False)
 
     def refresh_stats(self) -> None:
         """Model calls and inputs so far, in the heartbeat's step counters: inputs per call is the batching."""
@@ -56,7 +51,7 @@ class EmbedWorker(StreamWorker):
         self.info.decode_steps, self.info.decoded_tokens = self.calls, self.items
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await model_thread.run(fn, *args)
 
     async def _one_call(self, fn: Any, inputs: list[Any], wanted: list[int], counts: list[int]) -> tuple[
             list[int], Any]:

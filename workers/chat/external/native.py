@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,6 +14,7 @@ import redis.asyncio as aioredis
 from common import keys
 from common.protocol import ChatJob, Failed, encode
 from common.settings import Settings
+from workers import model_thread
 
 log = logging.getLogger("axion.worker")
 
@@ -24,13 +24,11 @@ class NativeFallback:
         self.settings = settings
         self._engine: Any = None
         self._lock = asyncio.Lock()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-native")  # one torch thread
 
     async def answer(self, redis: aioredis.Redis, job: ChatJob, stop_now: Callable[[], Awaitable[bool]]) -> None:
         """Generate `job` natively, publishing every event as it comes (the caller acknowledges the entry)."""
-        loop = asyncio.get_running_loop()
         async with self._lock:
-            engine = self._engine or await loop.run_in_executor(self._thread, self._load)
+            engine = self._engine or await model_thread.run(self._load)
             channel = keys.reply_channel(job.request_id)
             seq = engine.prepare(job)
             if isinstance(seq, Failed):
@@ -38,7 +36,7 @@ class NativeFallback:
                 return
             await redis.publish(channel, encode(engine.add(seq)))
             while engine.active:
-                events = await loop.run_in_executor(self._thread, engine.step)
+                events = await model_thread.run(engine.step)
                 engine.released = []
                 pipe = redis.pipeline(transaction=False)
                 for _seq, event in events:
@@ -58,4 +56,4 @@ class NativeFallback:
         return self._engine
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False)
+        self._engine = None  # the model thread is the process's (workers/model_thread.py) and outlives this

@@ -80,7 +80,8 @@ class CacheServer(Server):
     def _env(self) -> dict[str, str]:
         env = super()._env()
         env.update(REDIS_URL=self.redis_url, LOG_LEVEL="warning", HF_HUB_OFFLINE="1",
-                   SERVE_EMBEDDINGS="true" if self.embed_dirs else "false")
+                   SERVE_EMBEDDINGS="true" if self.embed_dirs else "false",
+                   CACHE_CAPACITY="1000", EMBED_CACHE_CAPACITY="1000")  # the serving benchmark's server has them off
         if self.embed_dirs:
             env.update(EMBEDDING_MODEL=str(self.embed_dirs[0]), RERANK_MODEL=str(self.embed_dirs[1]))
         return env

@@ -92,6 +92,7 @@ class EmbedServer(Server):
                    RERANK_MODEL=str(self.rerank_dir), SERVER_HOST="127.0.0.1", SERVER_PORT=str(self.port),
                    CONCURRENT_REQUESTS="1024", MAX_CONNECTIONS="1024", LOG_LEVEL="warning", HF_HUB_OFFLINE="1",
                    ALLOW_MODEL_PATHS="true", EMBED_CACHE_CAPACITY="0",  # measure the model, not the cache
+                   BACKEND="native",  # the idle chat worker must not start (and compile on) an external engine
                    EMBED_CROSS_REQUEST_BATCHING="true" if self.batching else "false")
         return env
 

@@ -70,8 +70,10 @@ class EmbedWorker(StreamWorker):
 
     async def iteration(self) -> None:
         entries, deliveries = await self.take_over_due(JOBS_PER_READ)
+        per_read = JOBS_PER_READ if self.cross_request_batching else 1
         if not entries and self.batch_due():  # online first; batch lines only when it has none, a few per call
-            entries = await self.read(JOBS_PER_READ, block=False) or await self.read_batch(self.settings.max_batch_size)
+            entries = await self.read(per_read, block=False) or await self.read_batch(
+                self.settings.max_batch_size if self.cross_request_batching else 1)
         if not entries:
             if self.cross_request_batching:
                 entries = await self.read_burst(JOBS_PER_READ)

@@ -148,7 +148,8 @@ def system_job(user: str, rid: str) -> ChatJob:
 @pytest.mark.parametrize("chunk", [512, 7])
 def test_prefix_reuse_and_chunked_prefill_keep_greedy_output(loaded: tuple, chunk: int) -> None:
     model, tok = loaded
-    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=chunk, prefix_cache_tokens=4096)
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=chunk, prefill_idle_tokens=chunk,
+                        prefix_cache_tokens=4096)
     results: dict[str, list] = {}
     seqs = []
     for i, user in enumerate(["first question", "second question", "a third, longer question about ships"]):
@@ -170,8 +171,8 @@ def test_long_prompt_prefill_does_not_stall_running_decodes(loaded: tuple) -> No
     engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=16)
     results: dict[str, list] = {}
     runner = admit(engine, job(PROMPTS[0], "runner", max_tokens=40))
-    while not runner.output_ids:  # its own prompt takes two 16-token chunks
-        drain(engine, results)
+    drain(engine, results)  # nothing else decodes: its prompt takes one pass (PREFILL_IDLE_TOKENS), not 16-token chunks
+    assert len(runner.output_ids) == 2 and len(runner.prompt_ids) > 16
     long = admit(engine, system_job("long one", "long"))
     steps_to_prefill = 0
     while long.computed < len(long.prompt_ids):
@@ -183,6 +184,27 @@ def test_long_prompt_prefill_does_not_stall_running_decodes(loaded: tuple) -> No
     while engine.active:
         drain(engine, results)
     assert runner.output_ids == greedy_ids(loaded, PROMPTS[0], 40)
+
+
+def test_idle_worker_prefills_a_burst_in_one_pass(loaded: tuple) -> None:
+    """With nothing decoding, the prefill budget is PREFILL_IDLE_TOKENS: four prompts that arrive together at an
+    idle engine get their first tokens in one step and then decode in step; two more arriving while they decode
+    get PREFILL_CHUNK_TOKENS only. Greedy output is unchanged either way."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=8, prefill_idle_tokens=4096)
+    results: dict[str, list] = {}
+    burst = [admit(engine, job(p, f"b{i}", max_tokens=12)) for i, p in enumerate(PROMPTS)]
+    assert sum(len(s.prompt_ids) for s in burst) > 8
+    drain(engine, results)
+    assert [len(s.output_ids) for s in burst] == [2, 2, 2, 2]  # the first token from the prefill, one decoded
+    late = [admit(engine, job(p, f"l{i}", max_tokens=12)) for i, p in enumerate(PROMPTS[:2])]
+    assert all(len(s.prompt_ids) > 8 for s in late)
+    drain(engine, results)
+    assert [s.computed for s in late] == [8, 0]  # one 8-token chunk of the first; the second waits
+    while engine.active:
+        drain(engine, results)
+    for s, prompt in zip(burst + late, PROMPTS + PROMPTS[:2], strict=True):
+        assert s.output_ids == greedy_ids(loaded, prompt, 12)
 
 
 def test_prefix_cache_evicts_least_recently_used(loaded: tuple) -> None:

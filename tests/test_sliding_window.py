@@ -55,7 +55,7 @@ def test_sliding_window_engine_equals_generate(tmp_path: Path, family: str) -> N
     assert loaded.model.config.sliding_window == WINDOW
     expected = [_generate(folder, p) for p in PROMPTS]
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 1024, prefill_chunk_tokens=16,
-                        prefix_cache_tokens=4096)
+                        prefill_idle_tokens=16, prefix_cache_tokens=4096)  # chunks even with nothing decoding
     assert _engine_outputs(engine, PROMPTS[:1]) == expected[:1]  # alone, prefilled in chunks of 16
     assert _engine_outputs(engine, PROMPTS) == expected  # batched; the first prompt now from the prefix cache
     assert engine.prefix_cache.hits > 0

@@ -41,6 +41,7 @@ from common.protocol import Failed, encode
 log = logging.getLogger("axion.api.replies")
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+KEEPALIVE_SLACK_S = 0.005  # a read that times out this much early still counts as the deadline reached
 RECONNECT_S = 0.5
 
 _LOST = encode(Failed(status=503, type="server_error", code="redis_unavailable",
@@ -180,7 +181,7 @@ class ReplyHub:
             try:
                 if self._pubsub.connection is None:  # never connected yet (Redis was down at start)
                     await self._connect()
-                message = await self._pubsub.get_message(timeout=min(1.0, self.timeout_s))
+                message = await self._pubsub.get_message(timeout=self._wait_s())
                 await self._keepalive(message is not None)
             except asyncio.CancelledError:
                 raise
@@ -204,18 +205,27 @@ class ReplyHub:
             if self.sharded and message["type"] == "sunsubscribe" and self._subs.get(channel):
                 self._moved(lambda name, moved=channel: name == moved, confirmed=True)  # the server dropped it
 
+    def _wait_s(self) -> float:
+        """How long the next read may wait: until the next keep-alive decision (a PING due, or its PONG overdue),
+        at most 1 s. Waiting a fixed second instead let a read that woke a hair before the deadline (timer
+        granularity: seen with uvloop) postpone the PING by a whole second, so a hung Redis took 3 timeouts to
+        notice, not 2."""
+        due = (self._ping_at if self._ping_at is not None else self._heard_at) + self.timeout_s
+        return min(1.0, max(0.005, due - time.monotonic()))
+
     async def _keepalive(self, heard: bool) -> None:
         """PING a silent connection; raise when the PONG is overdue (the server hangs: no error would come)."""
         now = time.monotonic()
+        late = now + KEEPALIVE_SLACK_S
         if heard:
             self._heard_at, self._ping_at = now, None
         elif self._ping_at is not None:
-            if now - self._ping_at > self.timeout_s:
+            if late - self._ping_at > self.timeout_s:
                 self._ping_at = None
                 if self._pubsub.connection is not None:
                     await self._pubsub.connection.disconnect()
                 raise RedisTimeoutError(f"no PONG within {self.timeout_s:g}s")
-        elif now - self._heard_at > self.timeout_s:
+        elif late - self._heard_at > self.timeout_s:
             self._ping_at = now
             async with self._lock:
                 await self._pubsub.ping()

@@ -154,7 +154,7 @@ def test_clients_that_leave_free_their_slots_at_once(fleet: Fleet) -> None:
 def test_non_streaming_client_that_leaves_is_cancelled(fleet: Fleet) -> None:
     fleet.ensure_two_workers()
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, 300, tokens=900, stream=False), timeout=1.0)
+        httpx.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, 300, tokens=3000, stream=False), timeout=1.0)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline and any(w["active_sequences"] for w in fleet.chat_workers()):
         time.sleep(0.05)
@@ -174,7 +174,7 @@ def test_sigterm_to_a_busy_worker_finishes_its_requests(fleet: Fleet) -> None:
 def test_deadline_gives_504_in_time(fleet: Fleet) -> None:
     fleet.ensure_two_workers()
     started = time.monotonic()
-    resp = httpx.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, 400, tokens=900, stream=False),
+    resp = httpx.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, 400, tokens=3000, stream=False),
                       headers={"X-Request-Timeout": "0.5"}, timeout=30)
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 3

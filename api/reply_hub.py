@@ -211,7 +211,7 @@ class ReplyHub:
         granularity: seen with uvloop) postpone the PING by a whole second, so a hung Redis took 3 timeouts to
         notice, not 2."""
         due = (self._ping_at if self._ping_at is not None else self._heard_at) + self.timeout_s
-        return min(1.0, max(0.005, due - time.monotonic()))
+        return min(1.0, max(KEEPALIVE_SLACK_S, due - time.monotonic()))
 
     async def _keepalive(self, heard: bool) -> None:
         """PING a silent connection; raise when the PONG is overdue (the server hangs: no error would come)."""

@@ -43,21 +43,26 @@ class RawConnection:
     async def send(self, request: bytes | None = None) -> Reply:
         """Send the prebuilt request (or `request`, built by `request_bytes`) and read the answer."""
         self.writer.write(request or self.request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in header_lines:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
+        status, headers = await read_head(self.reader)
         if "content-length" not in headers:
-            raise HTTPFailure(f"no Content-Length in the answer ({status_line}); this client reads only that")
-        return Reply(int(status_line.split(" ", 2)[1]), headers,
-                     await self.reader.readexactly(int(headers["content-length"])))
+            raise HTTPFailure(f"no Content-Length in the answer (HTTP {status}); this client reads only that")
+        return Reply(status, headers, await self.reader.readexactly(int(headers["content-length"])))
 
     async def close(self) -> None:
         self.writer.close()
         await self.writer.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """An HTTP/1.1 answer's status and headers (names lower-cased)."""
+    raw = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ", 2)[1]), headers
 
 
 def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from bench._http import read_head, request_bytes
+
 _decode = msgspec.json.Decoder().decode
 
 
@@ -58,21 +60,20 @@ class SSEClient:
                 continue
             conn.writer.write(head)
             try:
-                return conn, *await _read_head(conn.reader)
+                return conn, *await read_head(conn.reader)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
                     raise
                 conn.close()
         conn = _Connection(*await asyncio.open_connection(self.host, self.port, limit=1 << 20))
         conn.writer.write(head)
-        return conn, *await _read_head(conn.reader)
+        return conn, *await read_head(conn.reader)
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yields each event's JSON; raises SSEFailure on a non-200 answer (with its body)."""
-        payload = msgspec.json.encode(body)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
-        conn, status, headers = await self._open(head + payload)
+        request = request_bytes(self.host, self.port, path, msgspec.json.encode(body),
+                                {"Accept": "text/event-stream"})
+        conn, status, headers = await self._open(request)
         reusable = False
         try:
             if status != 200:
@@ -91,17 +92,6 @@ class SSEClient:
                 self._idle.append(conn)
             else:
                 conn.close()
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    raw = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = raw.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return int(status_line.split(" ", 2)[1]), headers
 
 
 async def _body_pieces(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:

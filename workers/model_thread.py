@@ -23,5 +23,4 @@ _thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axion-model")
 
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)` on the model thread, awaited from the event loop."""
-    call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
-    return await asyncio.get_running_loop().run_in_executor(_thread, call)
+    return await asyncio.get_running_loop().run_in_executor(_thread, functools.partial(fn, *args, **kwargs))

@@ -50,9 +50,6 @@ class EmbedWorker(StreamWorker):
         super().refresh_stats()
         self.info.decode_steps, self.info.decoded_tokens = self.calls, self.items
 
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
-        return await model_thread.run(fn, *args)
-
     async def _one_call(self, fn: Any, inputs: list[Any], wanted: list[int], counts: list[int]) -> tuple[
             list[int], Any]:
         """The `wanted` inputs (of every job of the read) in one model call, shortest first so the backend's
@@ -60,7 +57,7 @@ class EmbedWorker(StreamWorker):
         order = sorted(wanted, key=lambda i: counts[i])
         if not order:
             return [], []
-        results = await self._in_thread(fn, [inputs[i] for i in order])
+        results = await model_thread.run(fn, [inputs[i] for i in order])
         self.calls += 1
         self.items += len(order)
         return order, results
@@ -117,7 +114,7 @@ class EmbedWorker(StreamWorker):
                     refused[k] = Failed(status=400, param="input", code="invalid_value", message=str(exc))
                     job.texts = []
         texts = [text for _, job in jobs for text in job.texts]
-        counts: list[int] = await self._in_thread(self.backend.count_tokens, texts)
+        counts: list[int] = await model_thread.run(self.backend.count_tokens, texts)
         answers: list[Embedded | Failed | None] = []
         wanted: list[int] = []  # positions in `texts` of the jobs that are not refused
         start = 0
@@ -163,7 +160,7 @@ class EmbedWorker(StreamWorker):
         """Every (query, document) pair of every job in one scoring call, sorted by length; scores go back to
         their jobs in document order."""
         pairs = [(job.query, doc) for _, job in jobs for doc in job.documents]
-        counts: list[int] = await self._in_thread(self.backend.count_tokens, pairs)
+        counts: list[int] = await model_thread.run(self.backend.count_tokens, pairs)
         answers: list[Scored | Failed | None] = []
         wanted: list[int] = []
         start = 0

@@ -147,8 +147,9 @@ class ExternalChatWorker(StreamWorker):
         relay = Relay(self.redis, self.client, job, prompt_tokens=prompt, skip=[int(p or 0) for p in progress],
                       ttl_s=int(self.settings.request_timeout_s) + 60, token_counter=self._counter())
         running = asyncio.create_task(relay.run())
-        while True:
-            done, _ = await asyncio.wait({running}, timeout=CANCEL_POLL_S)
+        while True:  # the cancel flag is polled; the deadline is waited for exactly
+            wait_s = CANCEL_POLL_S if job.deadline is None else min(CANCEL_POLL_S, max(0.0, job.deadline - time.time()))
+            done, _ = await asyncio.wait({running}, timeout=wait_s)
             if done:
                 break
             past_deadline = job.deadline is not None and job.deadline < time.time()

@@ -49,6 +49,7 @@ class Server:
         self.start_timeout_s = start_timeout_s
         self.log = tempfile.NamedTemporaryFile(prefix="serve_bench-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dtype = ""  # as the worker reports it in /health
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SERVED_MODEL_NAME", "RUST_LOG")}
@@ -71,6 +72,7 @@ class Server:
             try:
                 health = httpx.get(f"{self.base_url}/health", timeout=2).json()
                 if health.get("workers"):
+                    self.dtype = health["workers"][0]["dtype"]
                     return self
             except (httpx.HTTPError, ValueError):
                 pass

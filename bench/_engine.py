@@ -27,10 +27,14 @@ from workers.chat.engine import ChatEngine, Sequence
 
 
 def load(model_dir: Path, attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """float32 on CPU, with torch using every core: the same dtype and device the server gets (DEVICE=cpu)."""
+    """On the CPU, with torch using every core, in the dtype the server picks (DTYPE from this process's
+    environment, which the server inherits; `auto` is bf16 on a CPU with AMX, else fp32)."""
+    from common.settings import load_settings
+    from workers.chat.loader import pick_device
+
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": pick_device("cpu", load_settings().dtype)[1]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to("cpu").eval()

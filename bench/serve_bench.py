@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="poisson: number of requests (overrides --duration)")
     p.add_argument("--system-tokens", type=int, default=512, help="shared-prefix: system prompt tokens")
     p.add_argument("--followers", type=int, default=8, help="shared-prefix: requests after the first")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="DTYPE of the server and of every engine-alone run (auto: bf16 on a CPU with AMX, else fp32)")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.write_model is None and args.model is None:
@@ -107,6 +109,8 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
                         await _client.run_level(server, client, prompts, c, args.rounds, out), repeat))
 
     with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+        if model is not None and server.dtype != str(model.dtype).removeprefix("torch."):
+            raise RuntimeError(f"the server runs {server.dtype}, the engine-alone runs {model.dtype}")
         aio.run(drive(server))
     return rows
 
@@ -183,6 +187,12 @@ def _parameters(model_dir: Path) -> int:
     return total
 
 
+def _dtype_name(dtype: str) -> str:
+    from workers.chat.loader import pick_device
+
+    return str(pick_device("cpu", dtype)[1]).removeprefix("torch.")
+
+
 def header(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
@@ -193,7 +203,7 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "model": str(args.model), "parameters": _parameters(args.model), "mode": args.mode,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "concurrency": args.levels,
-        "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": "cpu, float32",
+        "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": f"cpu, {_dtype_name(args.dtype)}",
         "rate": args.rate, "duration_s": args.duration, "requests": args.requests,
         "system_tokens": args.system_tokens, "followers": args.followers, "max_seq_len": args.max_seq_len,
         "engine_options": _engine.engine_options(), "client": args.client,
@@ -366,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     args.model = args.model.resolve()
+    os.environ["DTYPE"] = args.dtype  # the server inherits it; bench/_engine.py reads it for the runs in process
     prompts = PromptFactory(AutoTokenizer.from_pretrained(args.model), args.prompt_tokens)
     info = header(args)
     print(header_markdown(info))

@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     log_level: LogLevel = "info"
     log_format: Literal["text", "json"] = "text"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: workers/chat/loader.py pick_device
     request_timeout_s: PositiveFloat = 600.0
     heartbeat_ttl_s: PositiveFloat = 10.0
     visibility_timeout_s: PositiveFloat = 15.0

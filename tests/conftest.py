@@ -19,6 +19,9 @@ import pytest
 from common.redis_server import EmbeddedRedis, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+# The tests compare served text with float32 `generate`; DTYPE=auto would serve bf16 on a CPU with AMX.
+# Tests of other dtypes pass their own DTYPE to the processes they start.
+os.environ["DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ def scaled_medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_int8_weights_take_under_55_percent(scaled_medium: Path) -> None:
-    plain = load_causal_lm(str(scaled_medium), "cpu")
-    int8 = load_causal_lm(str(scaled_medium), "cpu", quantization="int8")
+    plain = load_causal_lm(str(scaled_medium), "cpu", dtype_name="float32")
+    int8 = load_causal_lm(str(scaled_medium), "cpu", dtype_name="float32", quantization="int8")
     before, after = weight_bytes(plain.model), weight_bytes(int8.model)
     ratio = after / before
     print(f"weights: float32 {before / 2**20:.2f} MiB, int8 {after / 2**20:.2f} MiB, ratio {ratio:.3f} "
@@ -39,7 +39,7 @@ def test_int8_weights_take_under_55_percent(scaled_medium: Path) -> None:
 
 def test_int4_on_cpu_is_refused_with_the_reason(scaled_medium: Path) -> None:
     with pytest.raises(RuntimeError, match="int4 needs a CUDA device"):
-        load_causal_lm(str(scaled_medium), "cpu", quantization="int4")
+        load_causal_lm(str(scaled_medium), "cpu", dtype_name="float32", quantization="int4")
 
 
 def test_quantization_setting_is_validated() -> None:

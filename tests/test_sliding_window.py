@@ -51,7 +51,7 @@ def test_sliding_window_engine_equals_generate(tmp_path: Path, family: str) -> N
     base = FAMILIES[family]
     narrow = dataclasses.replace(base, config={**base.config, "sliding_window": WINDOW})
     folder = build_family_model(narrow, tmp_path / family)
-    loaded = load_causal_lm(str(folder), "cpu")
+    loaded = load_causal_lm(str(folder), "cpu", dtype_name="float32")
     assert loaded.model.config.sliding_window == WINDOW
     expected = [_generate(folder, p) for p in PROMPTS]
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 1024, prefill_chunk_tokens=16,

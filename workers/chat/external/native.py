@@ -50,7 +50,7 @@ class NativeFallback:
         from workers.chat.loader import load_causal_lm
 
         log.info("loading %s natively for the requests its engine cannot serve", self.settings.model_name)
-        loaded = load_causal_lm(self.settings.model_name, self.settings.device)
+        loaded = load_causal_lm(self.settings.model_name, self.settings.device, dtype_name=self.settings.dtype)
         self._engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, self.settings.max_seq_len,
                                   prefill_chunk_tokens=self.settings.prefill_chunk_tokens, prefix_cache_tokens=0)
         return self._engine

@@ -70,7 +70,8 @@ def serve_and_compare(model: Path, max_tokens: int, logs: Path) -> dict[str, Any
         env = {k: v for k, v in os.environ.items() if k not in ("SERVED_MODEL_NAME", "QUANTIZATION")}
         env.update(MODEL_NAME=str(model.resolve()), REDIS_URL=redis.url, SERVER_HOST="127.0.0.1",
                    SERVER_PORT=str(port), DEVICE="cpu", ALLOW_MODEL_PATHS="true", CACHE_CAPACITY="0",
-                   MAX_SEQ_LEN="1024", LOG_LEVEL="info")
+                   MAX_SEQ_LEN="1024", LOG_LEVEL="info",
+                   DTYPE="float32")  # int8 is compared with float32 (DTYPE=auto is bf16 on a CPU with AMX)
         procs = [_start(["api"], env, logs / "api.log"), _start(["worker"], env, logs / "plain.log"),
                  _start(["worker"], env | {"QUANTIZATION": "int8", "SERVED_MODEL_NAME": int8_id}, logs / "int8.log")]
         try:

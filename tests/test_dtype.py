@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.protocol import Finished
 from tests.test_engine import PROMPTS, admit, drain, greedy_ids, job
@@ -39,3 +40,22 @@ def test_bf16_engine_equals_bf16_generate(tiny_model_dir: Path) -> None:
             drain(engine, results)
         assert isinstance(results[str(i)][-1], Finished)
         assert seq.output_ids == greedy_ids((loaded.model, loaded.tokenizer), prompt, 16)
+
+
+def test_served_in_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`axion serve` with DTYPE=bfloat16: /health says bfloat16 and a streamed greedy answer, through the API,
+    Redis and the worker, is what bf16 `generate` gives."""
+    from tests.engine_helpers import chat_worker_info, start_front
+
+    front = start_front(tiny_model_dir, tmp_path, "serve-bf16", BACKEND="native", DTYPE="bfloat16")
+    try:
+        assert chat_worker_info(front)["dtype"] == "bfloat16"
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        expected = tokenizer.decode(greedy_ids((model, tokenizer), PROMPTS[1], 20), skip_special_tokens=True)
+        stream = front.client().chat.completions.create(
+            model=front.model, messages=[{"role": "user", "content": PROMPTS[1]}], temperature=0, max_tokens=20,
+            stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
+    finally:
+        front.procs[0].stop()

@@ -26,6 +26,7 @@ from common.settings import Settings
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 RETRIES = 2
 RETRY_CAP_S = 0.1
+POOL_SPARE = 32
 
 
 def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
@@ -37,7 +38,14 @@ def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
     options = _options(settings, block_ms)
     if found.cluster:
         return redis_cluster.mark(RedisCluster.from_url(url, **options), found)  # type: ignore[return-value]
-    return aioredis.from_url(url, **options)
+    # redis-py's asyncio pool holds 100 connections by default and fails the 101st command at once
+    # (MaxConnectionsError): 128 streams arriving together got 503s (bench/RESULTS.md, session 6). Each open
+    # request uses at most one connection at a time, so the pool allows MAX_CONNECTIONS of them plus the
+    # process's own (reply hub, heartbeats, health), and a command that finds none free waits up to
+    # REDIS_TIMEOUT_S for one instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=settings.max_connections + POOL_SPARE,
+                                                    timeout=settings.redis_timeout_s, **options)
+    return aioredis.Redis.from_pool(pool)
 
 
 def connect_node(settings: Settings, host: str, port: int, template: dict[str, Any]) -> aioredis.Redis:

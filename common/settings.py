@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     prefill_chunk_tokens: PositiveInt = 512
     prefill_idle_tokens: PositiveInt = 2048
     prefix_cache_tokens: NonNegativeInt = 16384
+    # Decoding steps as CUDA graphs over static KV buffers (workers/chat/graphs.py): auto = on CUDA only.
+    decode_graphs: Literal["auto", "on", "off"] = "auto"
+    graph_max_len: PositiveInt = 1024
     # Security (README "Security"): keys, rate limits, CORS, request limits, which models may be loaded.
     api_keys: str = ""
     require_api_key: bool = False

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, Tokenized, TokenLogprob
 from workers.chat import tools
 from workers.chat.grammar import GrammarCompiler
+from workers.chat.graphs import GraphDecoder
 from workers.chat.kv import new_cache
 from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.prefix_cache import PrefixCache
@@ -32,7 +33,8 @@ log = logging.getLogger("axion.worker.engine")
 class ChatEngine:
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_seq_len: int, *,
                  prefill_chunk_tokens: int = 512, prefill_idle_tokens: int = 2048,
-                 prefix_cache_tokens: int = 0) -> None:
+                 prefix_cache_tokens: int = 0, decode_graphs: str = "off", graph_max_len: int = 1024,
+                 max_batch_size: int = 64) -> None:
         self.model = model
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_idle_tokens = max(prefill_idle_tokens, prefill_chunk_tokens)
@@ -54,6 +56,10 @@ class ChatEngine:
         self.decode_steps = 0
         self.decoded_tokens = 0
         self.prefilled_tokens = 0
+        self.graphs: GraphDecoder | None = None
+        if decode_graphs == "on" or (decode_graphs == "auto" and device.type == "cuda"):
+            self.graphs = GraphDecoder(model, max_batch_size, min(graph_max_len, self.max_seq_len),
+                                       capture=device.type == "cuda")
 
     @property
     def active(self) -> int:
@@ -112,11 +118,15 @@ class ChatEngine:
         cache = self._cache
         if cache is None:
             return 0
+        if self.graphs is not None and self.graphs.holding:
+            return self.graphs.held_bytes()
         return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
     def reset(self) -> list[Sequence]:
         """Drop every sequence (after a failed step); return them so the caller can report the failure."""
         dropped = self.rows + self.pending
+        if self.graphs is not None:
+            self.graphs.rows = self.graphs.length = 0
         self.rows, self.pending, self._feed, self._cache, self._mask = [], [], [], None, None
         return dropped
 
@@ -216,10 +226,17 @@ class ChatEngine:
         mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
         positions = (mask.sum(dim=1, keepdim=True) - 1).to(torch.long)
         inputs = torch.tensor([[t] for t in self._feed], device=self.device)
-        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                         cache=self._cache, use_cache=True)
+        graphs = self.graphs
+        if graphs is not None and graphs.fits(len(self.rows), self._mask.shape[1]):
+            if not graphs.holding:
+                graphs.load(self._cache, self._mask)
+            logits = graphs.step(inputs, positions).float()
+        else:
+            self._take_back_from_graphs()
+            out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                             cache=self._cache, use_cache=True)
+            logits = out.logits[:, -1, :].float()
         self._mask = mask
-        logits = out.logits[:, -1, :].float()
         tokens = self._sample(logits[live], [self.rows[i] for i in live])
         self.decode_steps += 1
         self.decoded_tokens += len(live)
@@ -229,15 +246,24 @@ class ChatEngine:
             events.append((seq, self._advance(seq, token)))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row. Logprobs come from the raw logits; masks and penalties apply per row only."""
+        """One token per row. Logprobs come from the raw logits; masks and penalties apply per row only.
+
+        The banned end-of-turn ids of every row go in one indexed write, not one per row: on a GPU each write
+        is a host-to-device copy of its index list and a launch."""
+        rows: list[int] = []
+        cols: list[int] = []
         for row, seq in enumerate(seqs):
             if seq.params.logprobs:
                 seq.pending_logprobs = torch.log_softmax(logits[row], dim=-1)
             too_short = len(seq.output_ids) < seq.params.min_tokens
             banned = (self.eos_ids if seq.params.ignore_eos or too_short else []) + (
                 seq.params.stop_token_ids if too_short else [])
-            if banned:
-                logits[row, banned] = float("-inf")
+            rows += [row] * len(banned)
+            cols += banned
+        if rows:
+            index = torch.tensor([rows, cols], device=logits.device)
+            logits[index[0], index[1]] = float("-inf")
+        for row, seq in enumerate(seqs):
             if needs_processing(seq.params):
                 process_row(logits[row], seq.params, seq.prompt_ids, seq.output_ids)
             if seq.matcher is not None:
@@ -245,7 +271,7 @@ class ChatEngine:
         greedy = [r for r, s in enumerate(seqs) if s.params.temperature == 0.0]
         tokens = [0] * len(seqs)
         if greedy:
-            picks = torch.argmax(logits[greedy], dim=-1).tolist()
+            picks = torch.argmax(logits if len(greedy) == len(seqs) else logits[greedy], dim=-1).tolist()
             for r, t in zip(greedy, picks, strict=True):
                 tokens[r] = int(t)
         for r, seq in enumerate(seqs):
@@ -296,7 +322,13 @@ class ChatEngine:
                         cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
+    def _take_back_from_graphs(self) -> None:
+        """The batch is about to change (or outgrew the graphs): its cache comes back from the static buffers."""
+        if self.graphs is not None and self.graphs.holding:
+            self.graphs.unload(self._cache)
+
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> None:
+        self._take_back_from_graphs()
         if self._cache is None or self._mask is None:
             self._cache, self._mask = cache, mask
         else:
@@ -313,6 +345,7 @@ class ChatEngine:
         if len(keep) == len(self.rows):
             return
         self.released.extend(s for i, s in enumerate(self.rows) if i not in set(keep))
+        self._take_back_from_graphs()
         if not keep:
             self.rows, self._feed, self._cache, self._mask = [], [], None, None
             return

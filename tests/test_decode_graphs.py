@@ -1,0 +1,123 @@
+"""The static-buffer decoding path that CUDA graphs replay (workers/chat/graphs.py), run eagerly on the CPU.
+
+Capture itself needs a GPU (bench/engine_check.py checks it there); what runs here is everything else: the copy
+of the batch into the buffers and back whenever a sequence joins or leaves, the bucket switches as the context
+grows, the fall-back to eager decoding past GRAPH_MAX_LEN, and that a step never reads a value back to the host
+(which would fail capture on a GPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.protocol import ChatJob, ChatMessage, Finished, SamplingParams
+from workers.chat.engine import ChatEngine, Sequence
+
+PROMPTS = ["Hello there", "Tell me a story about the sea and the stars", "x", "What is two plus two? Be brief.",
+           "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "Weather report"]
+# Ops that copy a device value to the host: each one synchronises, and during capture it is an error.
+HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+              "aten.equal.default", "aten.item.default"}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple:
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def job(prompt: str, rid: str, max_tokens: int) -> ChatJob:
+    return ChatJob(request_id=rid, model="m", messages=[ChatMessage("user", prompt)],
+                   params=SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), created=0.0)
+
+
+def greedy_ids(loaded: tuple, prompt: str, n: int) -> list[int]:
+    model, tok = loaded
+    enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def run(engine: ChatEngine, jobs: list[ChatJob], join_every: int) -> dict[str, list[int]]:
+    """Admit one job every `join_every` steps (0: all at once); each request's tokens."""
+    queue, outputs, steps = list(jobs), {}, 0
+    while queue or engine.active:
+        if queue and (join_every == 0 or steps % join_every == 0):
+            for j in queue if join_every == 0 else queue[:1]:
+                seq = engine.prepare(j)
+                assert isinstance(seq, Sequence)
+                engine.add(seq)
+            queue = [] if join_every == 0 else queue[1:]
+        for seq, event in engine.step():
+            if isinstance(event, Finished):
+                outputs[seq.request_id] = list(seq.output_ids)
+        steps += 1
+    return outputs
+
+
+@pytest.mark.parametrize("join_every", [0, 1, 3])
+def test_static_path_equals_generate_as_sequences_join_and_leave(loaded: tuple, join_every: int) -> None:
+    """Lengths 20..145: the batch crosses the 128-position bucket, and rows of 1..6 cross the row buckets."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=8)
+    jobs = [job(p, str(i), 20 + 25 * i) for i, p in enumerate(PROMPTS)]
+    got = run(engine, jobs, join_every)
+    for i, p in enumerate(PROMPTS):
+        assert got[str(i)] == greedy_ids(loaded, p, 20 + 25 * i), f"request {i} ({join_every=})"
+    assert engine.graphs is not None and engine.graphs.replays > 0.9 * engine.decode_steps
+    assert engine.active == 0 and not engine.graphs.holding and engine.kv_bytes() == 0
+
+
+def test_past_graph_max_len_decoding_goes_on_eagerly(loaded: tuple) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", graph_max_len=64,
+                        max_batch_size=2)
+    jobs = [job(p, str(i), 60) for i, p in enumerate(PROMPTS[:3])]  # 3 rows > 2: eager until one leaves
+    got = run(engine, jobs, 2)
+    for i, p in enumerate(PROMPTS[:3]):
+        assert got[str(i)] == greedy_ids(loaded, p, 60)
+    assert engine.graphs is not None and 0 < engine.graphs.replays < engine.decode_steps
+
+
+def test_off_and_auto_on_cpu_decode_eagerly(loaded: tuple) -> None:
+    model, tok = loaded
+    for setting in ("off", "auto"):
+        assert ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs=setting).graphs is None
+
+
+class HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if str(func) in HOST_READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_static_step_reads_nothing_back_to_the_host(loaded: tuple) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=4)
+    for i, p in enumerate(PROMPTS[:3]):
+        seq = engine.prepare(job(p, str(i), 10))
+        assert isinstance(seq, Sequence)
+        engine.add(seq)
+    engine.step()
+    engine.step()
+    graphs = engine.graphs
+    assert graphs is not None and graphs.holding
+    probe = HostReads()
+    with torch.inference_mode(), probe:
+        logits = graphs.step(torch.zeros((graphs.rows, 1), dtype=torch.long), torch.full((graphs.rows, 1), 30))
+    assert logits.shape[0] == 3
+    assert probe.seen == []
+    with torch.inference_mode(), probe:  # the probe does see a read when there is one
+        int(logits[0, 0].argmax())
+    assert probe.seen

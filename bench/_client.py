@@ -40,12 +40,14 @@ def _free_port() -> int:
 class Server:
     """`python -m common.cli serve` (API + one worker + embedded Redis) as a child process, up until `stop`."""
 
-    def __init__(self, model_dir: Path, max_batch_size: int, max_seq_len: int, start_timeout_s: float = 300.0) -> None:
+    def __init__(self, model_dir: Path, max_batch_size: int, max_seq_len: int, start_timeout_s: float = 300.0,
+                 device: str = "cpu") -> None:
         self.model_id = str(model_dir)
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.device = device
         self.start_timeout_s = start_timeout_s
         self.log = tempfile.NamedTemporaryFile(prefix="serve_bench-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,7 +57,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SERVED_MODEL_NAME", "RUST_LOG")}
         env.update(MODEL_NAME=self.model_id, SERVER_HOST="127.0.0.1", SERVER_PORT=str(self.port),
                    MAX_BATCH_SIZE=str(self.max_batch_size), CONCURRENT_REQUESTS="1024", MAX_CONNECTIONS="1024",
-                   MAX_SEQ_LEN=str(self.max_seq_len), LOG_LEVEL="info", DEVICE="cpu", ALLOW_MODEL_PATHS="true",
+                   MAX_SEQ_LEN=str(self.max_seq_len), LOG_LEVEL="info", DEVICE=self.device, ALLOW_MODEL_PATHS="true",
                    CACHE_CAPACITY="0",  # generation is measured: repeated prompts must not be cache hits
                    SERVE_EMBEDDINGS="false")  # chat only: no embedding and rerank workers on the cores
         env["BACKEND"] = os.environ.get("BACKEND", "native")  # the native engine unless BACKEND=max is asked for

@@ -26,18 +26,20 @@ from common.protocol import ChatJob, ChatMessage, Delta, Finished, SamplingParam
 from workers.chat.engine import ChatEngine, Sequence
 
 
-def load(model_dir: Path, attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """On the CPU, with torch using every core, in the dtype the server picks (DTYPE from this process's
-    environment, which the server inherits; `auto` is bf16 on a CPU with AMX, else fp32)."""
+def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """On `device` (auto, cpu or cuda, as DEVICE), with torch using every core, in the dtype the server picks
+    (DTYPE from this process's environment, which the server inherits; `auto` is bf16 on CUDA and on a CPU with
+    AMX, else fp32)."""
     from common.settings import load_settings
     from workers.chat.loader import pick_device
 
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    kwargs: dict[str, Any] = {"dtype": pick_device("cpu", load_settings().dtype)[1]}
+    where, dtype = pick_device(device, load_settings().dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to("cpu").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(where).eval()
     return model, tokenizer
 
 
@@ -67,8 +69,8 @@ def _greedy(tokenizer: Any, out: int) -> GenerationConfig:
 def sequential_generate(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, n: int) -> LevelStats:
     """N requests one after another, batch size 1."""
     config = _greedy(tokenizer, out)
-    model.generate(torch.tensor([prompts.ids("warmup-generate")]), generation_config=config)
-    inputs = [torch.tensor([prompts.ids(f"generate-{i}")]) for i in range(n)]
+    model.generate(torch.tensor([prompts.ids("warmup-generate")], device=model.device), generation_config=config)
+    inputs = [torch.tensor([prompts.ids(f"generate-{i}")], device=model.device) for i in range(n)]
     timings: list[RequestTiming] = []
     start = time.perf_counter()
     for ids in inputs:
@@ -86,11 +88,12 @@ def static_batch_generate(model: Any, tokenizer: Any, prompts: PromptFactory, ou
     """One left-padded `generate` call over N prompts; latencies are not observable per request, only throughput."""
     config = _greedy(tokenizer, out)
     tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": [prompts.ids(f"generate-{i}") for i in range(n)]}, return_tensors="pt")
-    warm = tokenizer.pad({"input_ids": [prompts.ids("warmup-generate")] * 2}, return_tensors="pt")
+    batch = tokenizer.pad({"input_ids": [prompts.ids(f"generate-{i}") for i in range(n)]},
+                          return_tensors="pt").to(model.device)
+    warm = tokenizer.pad({"input_ids": [prompts.ids("warmup-generate")] * 2}, return_tensors="pt").to(model.device)
     model.generate(**warm, generation_config=config)
     start = time.perf_counter()
-    result = model.generate(**batch, generation_config=config)
+    result = model.generate(**batch, generation_config=config).cpu()
     wall = time.perf_counter() - start
     new = result[:, batch["input_ids"].shape[1]:]
     timings = [RequestTiming(sent=start, completion_tokens=int(row.numel()),
@@ -155,7 +158,7 @@ def _drive(engine: ChatEngine, jobs: list[ChatJob], concurrency: int) -> tuple[l
 def chat_engine(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, concurrency: int,
                 requests: int, max_seq_len: int) -> LevelStats:
     """The Axion engine without API or Redis, at the server's concurrency and request count."""
-    engine = ChatEngine(model, tokenizer, torch.device("cpu"), max_seq_len, **engine_options())
+    engine = ChatEngine(model, tokenizer, model.device, max_seq_len, **engine_options())
     _drive(engine, [_job("warmup", prompts.user(f"warmup-c{concurrency}"), out)], 1)
     jobs = [_job(f"r{i}", prompts.user(level_key(concurrency, i)), out) for i in range(requests)]
     timings, wall = _drive(engine, jobs, concurrency)
@@ -194,12 +197,13 @@ def _cb_collect(manager: Any, sent: dict[str, float]) -> list[RequestTiming]:
 
 
 @torch.no_grad()
-def hf_continuous_batching(model_dir: Path, prompts: PromptFactory, out: int, concurrency: int) -> LevelStats:
+def hf_continuous_batching(model_dir: Path, prompts: PromptFactory, out: int, concurrency: int,
+                           device: str = "cpu") -> LevelStats:
     """transformers' ContinuousBatchingManager (sdpa, paged KV), `concurrency` requests submitted at once.
 
     eos_token_id=-1 turns EOS off, like ignore_eos on the server.
     """
-    model, tokenizer = load(model_dir, attn_implementation="sdpa")
+    model, tokenizer = load(model_dir, device, attn_implementation="sdpa")
     keys = ["warmup-cb", *(level_key(concurrency, i) for i in range(concurrency))]
     longest = max(len(prompts.ids(k)) for k in keys)
     config = GenerationConfig(do_sample=False, max_new_tokens=out, eos_token_id=-1,

@@ -1,6 +1,6 @@
 """Axion serving benchmark: the server under load next to what the same model gives without it.
 
-    python bench/serve_bench.py --write-model tiny models/bench-tiny     # or: --write-model medium DIR
+    python bench/serve_bench.py --write-model tiny models/bench-tiny     # or medium, or llama-1b (GPU)
     python bench/serve_bench.py models/bench-tiny --hf-cb --json out.json  # --mode concurrency (default)
     python bench/serve_bench.py models/bench-tiny --mode poisson         # rate = half the measured capacity
     python bench/serve_bench.py models/bench-tiny --mode shared-prefix
@@ -29,19 +29,24 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench`, `common` and `workers` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import _client, _engine
+from bench import _bound, _client, _engine
 from bench._measure import LevelStats, PromptFactory, percentile
 from common import aio
 
 MEDIUM = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
           "vocab_size": 32000}
+# Shaped like Llama-3.2-1B (1.24 B parameters, tied embeddings, bf16 weights): the GPU benchmark model.
+LLAMA_1B = {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 8192,
+            "vocab_size": 128256, "tie_word_embeddings": True, "dtype": "bfloat16"}
+SIZES: dict[str, dict[str, Any]] = {"tiny": {}, "medium": MEDIUM, "llama-1b": LLAMA_1B}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", type=Path, help="model folder (build one with --write-model)")
-    p.add_argument("--write-model", nargs=2, metavar=("SIZE", "DIR"), help="SIZE is tiny or medium; then exit")
+    p.add_argument("--write-model", nargs=2, metavar=("SIZE", "DIR"),
+                   help="SIZE is tiny, medium or llama-1b; then exit")
     p.add_argument("--mode", choices=["concurrency", "poisson", "shared-prefix"], default="concurrency")
     p.add_argument("--prompt-tokens", type=int, default=64, help="chat-templated prompt length")
     p.add_argument("--output-tokens", type=int, default=64, help="tokens every request produces")
@@ -64,12 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--followers", type=int, default=8, help="shared-prefix: requests after the first")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="DTYPE of the server and of every engine-alone run (auto: bf16 on a CPU with AMX, else fp32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="DEVICE of the server and of every engine-alone run (auto: CUDA when torch sees one)")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = p.parse_args(argv)
     if args.write_model is None and args.model is None:
         p.error("a model folder is required (or --write-model SIZE DIR)")
-    if args.write_model and args.write_model[0] not in ("tiny", "medium"):
-        p.error("--write-model SIZE must be tiny or medium")
+    if args.write_model and args.write_model[0] not in SIZES:
+        p.error(f"--write-model SIZE must be one of {', '.join(SIZES)}")
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     return args
 
@@ -77,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_model(size: str, out_dir: str) -> None:
     from workers.devmodels import build_tiny_llama
 
-    path = build_tiny_llama(out_dir, **(MEDIUM if size == "medium" else {}))
+    path = build_tiny_llama(out_dir, **SIZES[size])
     print(f"wrote the {size} benchmark model to {path}")
 
 
@@ -90,10 +97,12 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
     model = tokenizer = None
     if not args.no_engine:
         if args.hf_cb:
-            rows["hf_cb"] = _engine.hf_continuous_batching(args.model, prompts, out, 16)
+            rows["hf_cb"] = _engine.hf_continuous_batching(args.model, prompts, out, 16, args.device)
             gc.collect()
-        model, tokenizer = _engine.load(args.model)
+        model, tokenizer = _engine.load(args.model, args.device)
         rows["static"] = _engine.static_batch_generate(model, tokenizer, prompts, out, args.baseline_requests)
+        if model.device.type == "cuda":
+            rows["bandwidth_bytes_per_s"] = _bound.measure_bandwidth(model.device)
 
     async def drive(server: _client.Server) -> None:
         async with server.client(args.client) as client:
@@ -108,11 +117,19 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
                     rows["server"].append(_tagged(
                         await _client.run_level(server, client, prompts, c, args.rounds, out), repeat))
 
-    with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+    with _server(args) as server:
         if model is not None and server.dtype != str(model.dtype).removeprefix("torch."):
             raise RuntimeError(f"the server runs {server.dtype}, the engine-alone runs {model.dtype}")
         aio.run(drive(server))
+    if "bandwidth_bytes_per_s" in rows:
+        rows["bound"] = [{"concurrency": c, **_bound.bound(model, rows["bandwidth_bytes_per_s"], c,
+                                                           _prompt_mean(rows, c), out)} for c in args.levels]
     return rows
+
+
+def _prompt_mean(rows: dict[str, Any], concurrency: int) -> float:
+    means = [r.prompt_tokens_mean for r in rows["server"] if r.concurrency == concurrency]
+    return sum(means) / len(means)
 
 
 def _tagged(stats: LevelStats, repeat: int) -> LevelStats:
@@ -137,7 +154,7 @@ def run_poisson(args: argparse.Namespace, prompts: PromptFactory) -> dict[str, A
             arrivals = _client.poisson_arrivals(rate, args.requests, args.duration)
             rows["poisson"] = await _client.run_poisson(server, client, prompts, arrivals, out)
 
-    with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+    with _server(args) as server:
         aio.run(drive(server))
     return rows
 
@@ -148,8 +165,12 @@ def run_shared_prefix(args: argparse.Namespace, prompts: PromptFactory) -> dict[
             return await _client.run_shared_prefix(server, client, prompts, args.system_tokens, args.followers,
                                                    args.output_tokens)
 
-    with _client.Server(args.model, args.max_batch_size, args.max_seq_len) as server:
+    with _server(args) as server:
         return aio.run(drive(server))
+
+
+def _server(args: argparse.Namespace) -> _client.Server:
+    return _client.Server(args.model, args.max_batch_size, args.max_seq_len, device=args.device)
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -187,10 +208,15 @@ def _parameters(model_dir: Path) -> int:
     return total
 
 
-def _dtype_name(dtype: str) -> str:
+def _device_name(device: str, dtype: str) -> str:
+    """"cpu, float32" or "cuda (NVIDIA H100 80GB HBM3), bfloat16": what DEVICE and DTYPE resolve to here."""
+    import torch
+
     from workers.chat.loader import pick_device
 
-    return str(pick_device("cpu", dtype)[1]).removeprefix("torch.")
+    where, resolved = pick_device(device, dtype)
+    name = f"cuda ({torch.cuda.get_device_name(where)})" if where.type == "cuda" else where.type
+    return f"{name}, {str(resolved).removeprefix('torch.')}"
 
 
 def header(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,7 +229,7 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "model": str(args.model), "parameters": _parameters(args.model), "mode": args.mode,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "concurrency": args.levels,
-        "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": f"cpu, {_dtype_name(args.dtype)}",
+        "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": _device_name(args.device, args.dtype),
         "rate": args.rate, "duration_s": args.duration, "requests": args.requests,
         "system_tokens": args.system_tokens, "followers": args.followers, "max_seq_len": args.max_seq_len,
         "engine_options": _engine.engine_options(), "client": args.client,
@@ -299,6 +325,36 @@ def render_concurrency(rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]
               "ratio. Throughputs are medians over the runs.",
               f"CPU % = CPU time of each process over the level's wall time (100 = one core of {os.cpu_count()}); "
               "the driver is this process (the benchmark's client)."]
+    if "bound" in rows:
+        bound_lines, derived["bound"] = render_bound(rows)
+        lines += bound_lines
+    return lines, derived
+
+
+def render_bound(rows: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Server and engine throughput as a share of the memory-bandwidth bound (bench/_bound.py), and TTFT."""
+    bandwidth = rows["bandwidth_bytes_per_s"]
+    lines = ["", f"Memory-bandwidth bound: measured device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + write); "
+             "bytes per step = weights read once + every sequence's cached keys and values (prompt + half the "
+             "output).", "", "| C | MB per step | bound step ms | bound tok/s | server tok/s | server ÷ bound | "
+             "engine ÷ bound | server TTFT p50 ms |", "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    derived = []
+    for b in rows["bound"]:
+        c = b["concurrency"]
+        server = percentile([r.tokens_per_s for r in rows["server"] if r.concurrency == c], 50)
+        engine = percentile([r.tokens_per_s for r in rows["engine"] if r.concurrency == c], 50)
+        ttft = percentile([r.ttft_p50_ms for r in rows["server"] if r.concurrency == c and r.ttft_p50_ms], 50)
+        entry = {**b, "server_over_bound": _ratio(server, b["tokens_per_s"]),
+                 "engine_over_bound": _ratio(engine, b["tokens_per_s"]), "server_ttft_p50_ms": ttft}
+        derived.append(entry)
+        lines.append(f"| {c} | {b['bytes_per_step'] / 1e6:.0f} | {b['step_ms']:.3f} | {b['tokens_per_s']:.0f} | "
+                     f"{_f(server)} | {_f(entry['server_over_bound'], 3)} | {_f(entry['engine_over_bound'], 3)} | "
+                     f"{_f(ttft)} |")
+    at = {d["concurrency"]: d for d in derived}
+    if 64 in at:
+        lines.append(f"\nTarget: server ÷ bound at C=64 = {_f(at[64]['server_over_bound'], 3)} (target ≥ 0.25).")
+    if 32 in at:
+        lines.append(f"Target: server TTFT p50 at C=32 = {_f(at[32]['server_ttft_p50_ms'])} ms (target < 200 ms).")
     return lines, derived
 
 
@@ -377,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     args.model = args.model.resolve()
     os.environ["DTYPE"] = args.dtype  # the server inherits it; bench/_engine.py reads it for the runs in process
+    os.environ["MAX_BATCH_SIZE"] = str(args.max_batch_size)  # the engine-alone runs size their graph buffers by it
     prompts = PromptFactory(AutoTokenizer.from_pretrained(args.model), args.prompt_tokens)
     info = header(args)
     print(header_markdown(info))

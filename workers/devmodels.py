@@ -139,6 +139,8 @@ def build_tiny_llama(
     vocab_size: int = 512,
     max_position_embeddings: int = 4096,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
+    dtype: str = "float32",
 ) -> Path:
     """Write a random-weight Llama causal LM, its tokenizer and generation config to ``out_dir``.
 
@@ -156,6 +158,8 @@ def build_tiny_llama(
 
     ``config.vocab_size`` is the requested ``vocab_size``; a tiny corpus may yield fewer
     BPE tokens, in which case the embedding is simply larger than ``len(tokenizer)``.
+    ``tie_word_embeddings`` shares the input embedding with ``lm_head`` (as Llama 3.2 1B does),
+    so the zeroed rows are zero there too; ``dtype`` is the dtype the weights are saved in.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,11 +180,11 @@ def build_tiny_llama(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         initializer_range=0.5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=ids[BOS],
         eos_token_id=ids[EOT],
         pad_token_id=ids[PAD],
-        dtype="float32",
+        dtype=dtype,
     )
 
     torch.manual_seed(seed)
@@ -189,6 +193,7 @@ def build_tiny_llama(
         head = model.lm_head.weight
         head[list(ids.values())] = 0.0
         head[len(tokenizer) :] = 0.0
+    model = model.to(getattr(torch, dtype))
 
     gen = GenerationConfig(
         bos_token_id=ids[BOS],

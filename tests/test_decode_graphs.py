@@ -74,6 +74,20 @@ def test_static_path_equals_generate_as_sequences_join_and_leave(loaded: tuple, 
     assert engine.active == 0 and not engine.graphs.holding and engine.kv_bytes() == 0
 
 
+def test_buckets_built_ahead_at_warm_up_serve_the_same_tokens(loaded: tuple) -> None:
+    """The worker's warm-up builds every bucket before the first request (on CUDA: captures them)."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", graph_max_len=256,
+                        max_batch_size=4)
+    assert engine.capture_graphs() == 3 * 2  # rows 1, 2, 4 x lengths 128, 256
+    assert engine.capture_graphs() == 0
+    jobs = [job(p, str(i), 30 + 40 * i) for i, p in enumerate(PROMPTS[:4])]
+    got = run(engine, jobs, 1)
+    for i, p in enumerate(PROMPTS[:4]):
+        assert got[str(i)] == greedy_ids(loaded, p, 30 + 40 * i)
+    assert engine.graphs is not None and engine.graphs.replays == engine.decode_steps
+
+
 def test_past_graph_max_len_decoding_goes_on_eagerly(loaded: tuple) -> None:
     model, tok = loaded
     engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", graph_max_len=64,

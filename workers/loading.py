@@ -114,6 +114,9 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
     first = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else 0
     with torch.no_grad():
         loaded.model(torch.tensor([[first]], device=loaded.device))
+        captured = engine.capture_graphs()
+    if captured:
+        log.info("%s: captured %d decode graphs", model, captured)
     per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name,
                                         model_gguf_file=gguf_file)
     worker = ChatWorker(per_model, engine, redis, str(loaded.dtype).removeprefix("torch."))

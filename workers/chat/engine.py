@@ -113,6 +113,11 @@ class ChatEngine:
             self._drop_finished()
         return events
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> int:
+        """Capture every decode graph bucket now (worker warm-up); 0 without CUDA graphs."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
     def kv_bytes(self) -> int:
         """Bytes held by the running batch's KV cache (prefix cache and prefilling sequences not included)."""
         cache = self._cache

@@ -4,8 +4,9 @@ An eager decoding step of a 1B Llama launches ~500 small kernels, and on a GPU t
 them from Python, not by the GPU (bench/RESULTS.md). A CUDA graph replays the whole forward pass with one launch,
 but it needs every tensor at a fixed address and shape. So the running batch's keys and values are copied into
 buffers of MAX_BATCH_SIZE rows x GRAPH_MAX_LEN positions, allocated once, and each step writes its new column in
-place. One graph is captured (lazily, the first time a shape is needed) per bucket of batch rows x cached length;
-every bucket is a view of the same buffers, so moving to a longer bucket as the sequences grow copies nothing.
+place. One graph is captured per bucket of batch rows x cached length, all of them at the worker's warm-up
+(`capture_all`; a bucket still missing is captured when first needed); every bucket is a view of the same
+buffers, so moving to a longer bucket as the sequences grow copies nothing.
 Rows past the live ones are padding that attends to one zero position.
 
 The engine's own cache stays the truth whenever the batch changes (a sequence joins or leaves): the buffers are
@@ -104,6 +105,30 @@ class GraphDecoder:
         gib = 2 * layers * self._keys[0].numel() * self._keys[0].element_size() / 2**30
         log.info("decode graphs: KV buffers for %d rows x %d positions (%.2f GiB), %s", self.max_rows, self.max_len,
                  gib, "CUDA graphs" if self.capture else "eager (no capture)")
+
+    def capture_all(self) -> int:
+        """Capture every bucket now (the worker's warm-up), not the first time a batch needs it: a capture runs
+        the forward pass three times, eagerly, and lazily each one stalled the whole batch for 0.15-0.9 s on
+        the H100 of bench/RESULTS.md. Without capture (CPU) it builds the buckets' eager steps. Returns the
+        number of buckets built."""
+        if self.holding:
+            return 0
+        if not self._keys:
+            config = self.model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            param = next(self.model.parameters())
+            like = torch.empty((1, config.num_key_value_heads, 1, head_dim), dtype=param.dtype, device=param.device)
+            self._allocate(like, config.num_hidden_layers)
+        self._mask.zero_()
+        self._mask[:, 0, 0, 0] = True  # the warm-up passes attend to one zero position: finite keys and values
+        before = len(self._graphs)
+        for rows in self.row_buckets:
+            for length in self.len_buckets:
+                if (rows, length) not in self._graphs:
+                    self._graphs[(rows, length)] = self._build(rows, length)
+        for buffer in self._keys + self._values:
+            buffer.zero_()
+        return len(self._graphs) - before
 
     def load(self, cache: Any, mask: torch.Tensor) -> None:
         """Copy the engine's batch (cache [rows, heads, len, dim] per layer, 2D mask [rows, len]) into the buffers."""

@@ -8,6 +8,7 @@ grows, the fall-back to eager decoding past GRAPH_MAX_LEN, and that a step never
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.protocol import ChatJob, ChatMessage, Finished, SamplingParams
+from tests.test_sliding_window import PROMPTS as LONG_PROMPTS
+from tests.test_sliding_window import WINDOW, _engine_outputs, _generate
 from workers.chat.engine import ChatEngine, Sequence
+from workers.chat.loader import load_causal_lm
+from workers.devfamilies import FAMILIES, build_family_model
 
 PROMPTS = ["Hello there", "Tell me a story about the sea and the stars", "x", "What is two plus two? Be brief.",
            "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "Weather report"]
@@ -135,3 +140,25 @@ def test_a_static_step_reads_nothing_back_to_the_host(loaded: tuple) -> None:
     with torch.inference_mode(), probe:  # the probe does see a read when there is one
         int(logits[0, 0].argmax())
     assert probe.seen
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral"])
+def test_models_the_static_path_would_get_wrong_decode_eagerly(tmp_path: Path, family: str) -> None:
+    """A sliding window shorter than GRAPH_MAX_LEN (and Gemma 2's eager attention): with the static path these
+    gave other tokens than `generate`; now the engine leaves graphs off for them and decodes eagerly."""
+    base = FAMILIES[family]
+    folder = build_family_model(dataclasses.replace(base, config={**base.config, "sliding_window": WINDOW}),
+                                tmp_path / family)
+    loaded = load_causal_lm(str(folder), "cpu", dtype_name="float32")
+    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 1024, decode_graphs="on", max_batch_size=4)
+    assert engine.graphs is None
+    assert _engine_outputs(engine, LONG_PROMPTS) == [_generate(folder, p) for p in LONG_PROMPTS]
+
+
+def test_full_attention_families_keep_the_static_path(tmp_path: Path) -> None:
+    folder = build_family_model(FAMILIES["qwen3"], tmp_path / "qwen3")
+    loaded = load_causal_lm(str(folder), "cpu", dtype_name="float32")
+    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 1024, decode_graphs="on", max_batch_size=4)
+    assert engine.graphs is not None
+    assert _engine_outputs(engine, LONG_PROMPTS) == [_generate(folder, p) for p in LONG_PROMPTS]
+    assert engine.graphs.replays == engine.decode_steps > 0

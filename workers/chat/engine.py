@@ -21,6 +21,7 @@ from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, T
 from workers.chat import tools
 from workers.chat.grammar import GrammarCompiler
 from workers.chat.graphs import GraphDecoder
+from workers.chat.graphs import unsupported as graphs_unsupported
 from workers.chat.kv import new_cache
 from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.prefix_cache import PrefixCache
@@ -58,8 +59,12 @@ class ChatEngine:
         self.prefilled_tokens = 0
         self.graphs: GraphDecoder | None = None
         if decode_graphs == "on" or (decode_graphs == "auto" and device.type == "cuda"):
-            self.graphs = GraphDecoder(model, max_batch_size, min(graph_max_len, self.max_seq_len),
-                                       capture=device.type == "cuda")
+            max_len = min(graph_max_len, self.max_seq_len)
+            reason = graphs_unsupported(model.config, max_len)
+            if reason is None:
+                self.graphs = GraphDecoder(model, max_batch_size, max_len, capture=device.type == "cuda")
+            else:
+                log.info("decode graphs off for this model (%s): decoding eagerly", reason)
 
     @property
     def active(self) -> int:
@@ -131,7 +136,7 @@ class ChatEngine:
         """Drop every sequence (after a failed step); return them so the caller can report the failure."""
         dropped = self.rows + self.pending
         if self.graphs is not None:
-            self.graphs.rows = self.graphs.length = 0
+            self.graphs.discard()
         self.rows, self.pending, self._feed, self._cache, self._mask = [], [], [], None, None
         return dropped
 
@@ -350,10 +355,12 @@ class ChatEngine:
         if len(keep) == len(self.rows):
             return
         self.released.extend(s for i, s in enumerate(self.rows) if i not in set(keep))
-        self._take_back_from_graphs()
         if not keep:
+            if self.graphs is not None:
+                self.graphs.discard()  # the whole batch left: nothing to copy back
             self.rows, self._feed, self._cache, self._mask = [], [], None, None
             return
+        self._take_back_from_graphs()
         assert self._cache is not None and self._mask is not None
         index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)

@@ -11,7 +11,8 @@ Rows past the live ones are padding that attends to one zero position.
 
 The engine's own cache stays the truth whenever the batch changes (a sequence joins or leaves): the buffers are
 copied out before and in again after, once per change, not per step. Contexts longer than GRAPH_MAX_LEN, and
-batches larger than the buffers, decode eagerly as before.
+batches larger than the buffers, decode eagerly as before; so do models the static path would compute wrongly
+(`unsupported`: attention other than SDPA, a sliding window shorter than GRAPH_MAX_LEN).
 
 On a CPU the same static path runs without capture (DECODE_GRAPHS=on): the tests check it against `generate` and
 that a step makes no host synchronisation, which would break capture on a GPU.
@@ -61,6 +62,25 @@ class _ColumnLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         assert self.keys is not None
         return self.keys.shape[2]
+
+
+def unsupported(config: Any, max_len: int) -> str | None:
+    """Why the static path would not compute what the model computes, or None when it does.
+
+    It hands every layer one boolean [rows, 1, 1, length] mask, as SDPA takes it: an eager attention adds the
+    mask to its scores, and a sliding layer whose window is shorter than the buffers would look past it (Gemma 2
+    and 3 and Mistral gave other tokens than `generate` with a window of 8; tests/test_decode_graphs.py)."""
+    attention = getattr(config, "_attn_implementation", None)
+    if attention != "sdpa":
+        return f"attention {attention!r}, not sdpa"
+    types = set(getattr(config, "layer_types", None) or [])
+    if not types <= {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(types)}"
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in types or (not types and window)
+    if sliding and window and window < max_len:
+        return f"sliding window {window} < GRAPH_MAX_LEN {max_len}"
+    return None
 
 
 def buckets(limit: int, sizes: tuple[int, ...]) -> list[int]:
@@ -144,13 +164,17 @@ class GraphDecoder:
         self._mask[rows:, 0, 0, 0] = True  # padding rows attend to one (zero) position: no all-masked softmax
         self.rows, self.length = rows, length
 
+    def discard(self) -> None:
+        """Forget the held batch (it finished or failed as a whole): nothing to copy back."""
+        self.rows = self.length = 0
+
     def unload(self, cache: Any) -> None:
         """Give the engine its batch back (copies: the buffers are reused by the next batch)."""
         rows, length = self.rows, self.length
         for layer, keys, values in zip(cache.layers, self._keys, self._values, strict=True):
             layer.keys = keys[:rows, :, :length].clone()
             layer.values = values[:rows, :, :length].clone()
-        self.rows = self.length = 0
+        self.discard()
 
     def held_bytes(self) -> int:
         if not self.holding:

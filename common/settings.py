@@ -71,6 +71,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     # Decoding steps as CUDA graphs over static KV buffers (workers/chat/graphs.py): auto = on CUDA only.
     decode_graphs: Literal["auto", "on", "off"] = "auto"
     graph_max_len: PositiveInt = 1024
+    # Fresh prompts prefill through CUDA graphs too, in buckets of up to this many prompt positions; 0 = eagerly.
+    graph_prefill_tokens: NonNegativeInt = 2048
     # Security (README "Security"): keys, rate limits, CORS, request limits, which models may be loaded.
     api_keys: str = ""
     require_api_key: bool = False

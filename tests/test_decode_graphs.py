@@ -84,7 +84,10 @@ def test_buckets_built_ahead_at_warm_up_serve_the_same_tokens(loaded: tuple) -> 
     model, tok = loaded
     engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", graph_max_len=256,
                         max_batch_size=4)
-    assert engine.capture_graphs() == 3 * 2  # rows 1, 2, 4 x lengths 128, 256
+    assert engine.prefill_graphs is not None
+    prefill = [(r, n) for r in (1, 2, 4) for n in (16, 32, 64, 128, 256)]
+    assert engine.prefill_graphs.buckets == sorted(prefill, key=lambda b: (b[0] * b[1], b[1]))
+    assert engine.capture_graphs() == 3 * 2 + len(prefill)  # decode: rows 1, 2, 4 x lengths 128, 256
     assert engine.capture_graphs() == 0
     jobs = [job(p, str(i), 30 + 40 * i) for i, p in enumerate(PROMPTS[:4])]
     got = run(engine, jobs, 1)
@@ -134,7 +137,7 @@ def test_a_static_step_reads_nothing_back_to_the_host(loaded: tuple) -> None:
     assert graphs is not None and graphs.holding
     probe = HostReads()
     with torch.inference_mode(), probe:
-        logits = graphs.step(torch.zeros((graphs.rows, 1), dtype=torch.long), torch.full((graphs.rows, 1), 30))
+        logits = graphs.step([0] * graphs.rows)
     assert logits.shape[0] == 3
     assert probe.seen == []
     with torch.inference_mode(), probe:  # the probe does see a read when there is one
@@ -162,3 +165,101 @@ def test_full_attention_families_keep_the_static_path(tmp_path: Path) -> None:
     assert engine.graphs is not None
     assert _engine_outputs(engine, LONG_PROMPTS) == [_generate(folder, p) for p in LONG_PROMPTS]
     assert engine.graphs.replays == engine.decode_steps > 0
+
+
+def drain(engine: ChatEngine, outputs: dict[str, list[int]]) -> None:
+    while engine.active:
+        for seq, event in engine.step():
+            if isinstance(event, Finished):
+                outputs[seq.request_id] = list(seq.output_ids)
+
+
+def admit(engine: ChatEngine, j: ChatJob) -> Sequence:
+    seq = engine.prepare(j)
+    assert isinstance(seq, Sequence)
+    engine.add(seq)
+    return seq
+
+
+LONG = "Numbers: " + " ".join(str(i) for i in range(1, 15))
+
+
+def test_a_longer_prompt_joins_the_held_batch_in_place(loaded: tuple) -> None:
+    """The batch stays in the buffers: the new prompt ends at the shared column, which moves past the older row
+    (masked gap columns for it), and both still decode what `generate` gives."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=4)
+    graphs = engine.graphs
+    assert graphs is not None
+    admit(engine, job("x", "short", 30))
+    engine.step()
+    engine.step()
+    held = graphs.length
+    longer = admit(engine, job(LONG, "long", 30))
+    assert len(longer.prefill_ids) > held + 1
+    engine.prefill_step()
+    assert graphs.rows == 2 and graphs.length == len(longer.prefill_ids)
+    outputs: dict[str, list[int]] = {}
+    drain(engine, outputs)
+    assert outputs == {"short": greedy_ids(loaded, "x", 30), "long": greedy_ids(loaded, LONG, 30)}
+    assert engine.prefill_graphs is not None and engine.prefill_graphs.replays == 2
+    assert graphs.replays == engine.decode_steps
+
+
+def test_a_full_shared_column_compacts_the_batch_and_stays_static(loaded: tuple) -> None:
+    """A long prompt that came and went left the short row with a gap; when the shared column reaches
+    GRAPH_MAX_LEN the rows are gathered to the left and decoding goes on through the buffers, not eagerly."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", graph_max_len=64,
+                        max_batch_size=4)
+    graphs = engine.graphs
+    assert graphs is not None
+    short = admit(engine, job("x", "short", 36))
+    engine.step()
+    longer = admit(engine, job(LONG, "long", 2))
+    outputs: dict[str, list[int]] = {}
+    drain(engine, outputs)
+    assert len(longer.prefill_ids) + 36 > 64 > len(short.prompt_ids) + 36  # only the gap outgrows the buffers
+    assert outputs == {"short": greedy_ids(loaded, "x", 36), "long": greedy_ids(loaded, LONG, 2)}
+    assert graphs.replays == engine.decode_steps
+
+
+def test_rows_prefill_eagerly_past_the_graph_prefill_buckets(loaded: tuple) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", graph_prefill_tokens=32,
+                        max_batch_size=4)
+    assert engine.prefill_graphs is not None and max(r * n for r, n in engine.prefill_graphs.buckets) <= 32
+    jobs = [job(p, str(i), 12) for i, p in enumerate([LONG, "x", "Hello there"])]
+    got = run(engine, jobs, 1)
+    assert got == {str(i): greedy_ids(loaded, j.messages[0].content, 12) for i, j in enumerate(jobs)}
+    assert 0 < engine.prefill_graphs.replays < 3
+
+
+def test_a_graph_prefill_reads_nothing_back_to_the_host(loaded: tuple) -> None:
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=4)
+    prefill = engine.prefill_graphs
+    assert prefill is not None
+    prompts = [admit(engine, job(p, str(i), 4)).prefill_ids for i, p in enumerate(PROMPTS[:3])]
+    probe = HostReads()
+    with torch.inference_mode(), probe:
+        static, mask, logits = prefill.run(prompts)
+    assert probe.seen == []
+    assert logits.shape[0] == mask.shape[0] == 3 and mask.shape[1] == max(len(p) for p in prompts)
+    assert static.layers[0].keys.shape[:3] == (3, model.config.num_key_value_heads, mask.shape[1])
+
+
+def test_a_failed_prefill_capture_leaves_prefill_eager(loaded: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a model whose forward cannot be captured must not stop the worker from starting."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=4)
+    prefill = engine.prefill_graphs
+    assert prefill is not None
+
+    def fails(rows: int, length: int) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(prefill, "_build", fails)
+    assert engine.capture_graphs() > 0  # the decode buckets
+    assert engine.prefill_graphs is None and engine.graphs is not None
+    assert run(engine, [job("Hello there", "a", 16)], 0) == {"a": greedy_ids(loaded, "Hello there", 16)}

@@ -19,10 +19,11 @@ def loaded(tiny_model_dir: Path) -> tuple:
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-@pytest.fixture
-def engine(loaded: tuple) -> ChatEngine:
+@pytest.fixture(params=["off", "on"])
+def engine(loaded: tuple, request: pytest.FixtureRequest) -> ChatEngine:
+    """Eager, and the static path CUDA graphs replay (run without capture here: workers/chat/graphs.py)."""
     model, tok = loaded
-    return ChatEngine(model, tok, torch.device("cpu"), 4096)
+    return ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs=request.param, max_batch_size=8)
 
 
 def job(prompt: str, rid: str, **params: object) -> ChatJob:
@@ -145,11 +146,11 @@ def system_job(user: str, rid: str) -> ChatJob:
                    params=SamplingParams(temperature=0.0, max_tokens=10), created=0.0)
 
 
-@pytest.mark.parametrize("chunk", [512, 7])
-def test_prefix_reuse_and_chunked_prefill_keep_greedy_output(loaded: tuple, chunk: int) -> None:
+@pytest.mark.parametrize(("chunk", "graphs"), [(512, "off"), (7, "off"), (512, "on"), (7, "on")])
+def test_prefix_reuse_and_chunked_prefill_keep_greedy_output(loaded: tuple, chunk: int, graphs: str) -> None:
     model, tok = loaded
     engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=chunk, prefill_idle_tokens=chunk,
-                        prefix_cache_tokens=4096)
+                        prefix_cache_tokens=4096, decode_graphs=graphs, max_batch_size=4)
     results: dict[str, list] = {}
     seqs = []
     for i, user in enumerate(["first question", "second question", "a third, longer question about ships"]):

@@ -20,9 +20,10 @@ from transformers import DynamicCache
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, Tokenized, TokenLogprob
 from workers.chat import tools
 from workers.chat.grammar import GrammarCompiler
+from workers.chat.graph_prefill import GraphPrefill, StaticKV, owned
 from workers.chat.graphs import GraphDecoder
 from workers.chat.graphs import unsupported as graphs_unsupported
-from workers.chat.kv import new_cache
+from workers.chat.kv import new_cache, pad_left
 from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import needs_processing, process_row, sample_row
@@ -35,7 +36,7 @@ class ChatEngine:
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_seq_len: int, *,
                  prefill_chunk_tokens: int = 512, prefill_idle_tokens: int = 2048,
                  prefix_cache_tokens: int = 0, decode_graphs: str = "off", graph_max_len: int = 1024,
-                 max_batch_size: int = 64) -> None:
+                 graph_prefill_tokens: int = 2048, max_batch_size: int = 64) -> None:
         self.model = model
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_idle_tokens = max(prefill_idle_tokens, prefill_chunk_tokens)
@@ -58,11 +59,15 @@ class ChatEngine:
         self.decoded_tokens = 0
         self.prefilled_tokens = 0
         self.graphs: GraphDecoder | None = None
+        self.prefill_graphs: GraphPrefill | None = None
         if decode_graphs == "on" or (decode_graphs == "auto" and device.type == "cuda"):
             max_len = min(graph_max_len, self.max_seq_len)
             reason = graphs_unsupported(model.config, max_len)
             if reason is None:
                 self.graphs = GraphDecoder(model, max_batch_size, max_len, capture=device.type == "cuda")
+                if graph_prefill_tokens > 0:
+                    self.prefill_graphs = GraphPrefill(model, graph_prefill_tokens, max_batch_size, max_len,
+                                                       self.graphs.capture, tokenizer.pad_token_id or 0)
             else:
                 log.info("decode graphs off for this model (%s): decoding eagerly", reason)
 
@@ -120,16 +125,29 @@ class ChatEngine:
 
     @torch.inference_mode()
     def capture_graphs(self) -> int:
-        """Capture every decode graph bucket now (worker warm-up); 0 without CUDA graphs."""
-        return self.graphs.capture_all() if self.graphs is not None else 0
+        """Capture every decode and prefill graph bucket now (worker warm-up); 0 without graphs. A model whose
+        forward pass cannot be captured (it reads a value back to the host, say) runs eagerly instead of failing
+        the worker's start."""
+        built = 0
+        try:
+            built += self.graphs.capture_all() if self.graphs is not None else 0
+        except RuntimeError as exc:
+            log.warning("decode graphs off: capture failed (%s); decoding and prefilling eagerly", exc)
+            self.graphs = self.prefill_graphs = None
+        try:
+            built += self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
+        except RuntimeError as exc:
+            log.warning("prefill graphs off: capture failed (%s); prefilling eagerly", exc)
+            self.prefill_graphs = None
+        return built
 
     def kv_bytes(self) -> int:
         """Bytes held by the running batch's KV cache (prefix cache and prefilling sequences not included)."""
+        if self.graphs is not None and self.graphs.holding:
+            return self.graphs.held_bytes()
         cache = self._cache
         if cache is None:
             return 0
-        if self.graphs is not None and self.graphs.holding:
-            return self.graphs.held_bytes()
         return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
     def reset(self) -> list[Sequence]:
@@ -186,6 +204,14 @@ class ChatEngine:
 
     def _prefill_together(self, seqs: list[Sequence], events: list[tuple[Sequence, Event]]) -> None:
         length = max(len(s.prefill_ids) for s in seqs)
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.bucket(len(seqs), length) is not None:
+            static, mask, last = graphs.run([s.prefill_ids for s in seqs])
+            for seq in seqs:
+                seq.cache, seq.computed = None, len(seq.prefill_ids)
+                self.prefilled_tokens += len(seq.prefill_ids)
+            self._join(seqs, static, mask, last, events)
+            return
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (length - len(s.prefill_ids)) + s.prefill_ids for s in seqs],
                            device=self.device)
@@ -200,7 +226,7 @@ class ChatEngine:
             self.prefilled_tokens += len(seq.prefill_ids)
         self._join(seqs, cache, mask, out.logits[:, -1, :], events)
 
-    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, last_logits: torch.Tensor,
+    def _join(self, seqs: list[Sequence], cache: DynamicCache | StaticKV, mask: torch.Tensor, last_logits: torch.Tensor,
               events: list[tuple[Sequence, Event]]) -> None:
         """Prompts done: keep their blocks for reuse, sample each first token, move the rows into the batch."""
         length = mask.shape[1]
@@ -229,24 +255,27 @@ class ChatEngine:
                 break
 
     def _decode(self, events: list[tuple[Sequence, Event]]) -> None:
-        assert self._cache is not None and self._mask is not None
         live = [i for i, s in enumerate(self.rows) if s.finish_reason is None and not s.cancelled]
         if not live:
             return
-        mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-        positions = (mask.sum(dim=1, keepdim=True) - 1).to(torch.long)
-        inputs = torch.tensor([[t] for t in self._feed], device=self.device)
         graphs = self.graphs
-        if graphs is not None and graphs.fits(len(self.rows), self._mask.shape[1]):
-            if not graphs.holding:
-                graphs.load(self._cache, self._mask)
-            logits = graphs.step(inputs, positions).float()
+        if graphs is not None and graphs.holding and not graphs.has_room():
+            self._cache, self._mask = graphs.unload()  # compacted: it may fit again right below
+        if graphs is not None and not graphs.holding and self._mask is not None \
+                and graphs.fits(len(self.rows), self._mask.shape[1]):
+            graphs.load(self._cache, self._mask)
+            self._cache = self._mask = None
+        if graphs is not None and graphs.holding:
+            logits = graphs.step(self._feed).float()
         else:
-            self._take_back_from_graphs()
+            assert self._cache is not None and self._mask is not None
+            mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+            positions = (mask.sum(dim=1, keepdim=True) - 1).to(torch.long)
+            inputs = torch.tensor([[t] for t in self._feed], device=self.device)
             out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
                              cache=self._cache, use_cache=True)
             logits = out.logits[:, -1, :].float()
-        self._mask = mask
+            self._mask = mask
         tokens = self._sample(logits[live], [self.rows[i] for i in live])
         self.decode_steps += 1
         self.decoded_tokens += len(live)
@@ -332,21 +361,25 @@ class ChatEngine:
                         cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
-    def _take_back_from_graphs(self) -> None:
-        """The batch is about to change (or outgrew the graphs): its cache comes back from the static buffers."""
-        if self.graphs is not None and self.graphs.holding:
-            self.graphs.unload(self._cache)
-
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> None:
-        self._take_back_from_graphs()
-        if self._cache is None or self._mask is None:
-            self._cache, self._mask = cache, mask
+    def _merge(self, cache: DynamicCache | StaticKV, mask: torch.Tensor, tokens: list[int],
+               seqs: list[Sequence]) -> None:
+        """New rows go into the static buffers when those hold the batch, or can; else into the eager cache."""
+        graphs = self.graphs
+        if graphs is not None and graphs.holding and not graphs.insert(cache, mask):
+            self._cache, self._mask = graphs.unload()  # no room left: the batch goes on eagerly (or compacted)
+        if graphs is not None and graphs.holding:
+            pass
+        elif self._cache is None or self._mask is None:
+            if graphs is not None and graphs.fits(mask.shape[0], mask.shape[1]):
+                graphs.load(cache, mask)
+            else:
+                self._cache, self._mask = owned(cache, self.model.config), mask
         else:
             length = max(self._mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)], dim=0)
-                mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)], dim=0)
-            self._mask = torch.cat([_pad_left(self._mask, length), _pad_left(mask, length)], dim=0)
+                mine.keys = torch.cat([pad_left(mine.keys, length), pad_left(theirs.keys, length)], dim=0)
+                mine.values = torch.cat([pad_left(mine.values, length), pad_left(theirs.values, length)], dim=0)
+            self._mask = torch.cat([pad_left(self._mask, length), pad_left(mask, length)], dim=0)
         self.rows.extend(seqs)
         self._feed.extend(tokens)
 
@@ -354,13 +387,18 @@ class ChatEngine:
         keep = [i for i, s in enumerate(self.rows) if s.finish_reason is None and not s.cancelled]
         if len(keep) == len(self.rows):
             return
-        self.released.extend(s for i, s in enumerate(self.rows) if i not in set(keep))
+        kept = set(keep)
+        self.released.extend(s for i, s in enumerate(self.rows) if i not in kept)
         if not keep:
             if self.graphs is not None:
                 self.graphs.discard()  # the whole batch left: nothing to copy back
             self.rows, self._feed, self._cache, self._mask = [], [], None, None
             return
-        self._take_back_from_graphs()
+        if self.graphs is not None and self.graphs.holding:
+            self.graphs.release([i for i in range(len(self.rows)) if i not in kept])
+            self.rows = [self.rows[i] for i in keep]
+            self._feed = [self._feed[i] for i in keep]
+            return
         assert self._cache is not None and self._mask is not None
         index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
@@ -371,17 +409,6 @@ class ChatEngine:
         self._mask = mask[:, start:]
         self.rows = [self.rows[i] for i in keep]
         self._feed = [self._feed[i] for i in keep]
-
-
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Left-pad dim 2 (KV: [batch, heads, seq, dim]) or dim 1 (mask: [batch, seq]) with zeros to `length`."""
-    dim = 2 if t.dim() == 4 else 1
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -2,17 +2,22 @@
 
 An eager decoding step of a 1B Llama launches ~500 small kernels, and on a GPU the step is bound by launching
 them from Python, not by the GPU (bench/RESULTS.md). A CUDA graph replays the whole forward pass with one launch,
-but it needs every tensor at a fixed address and shape. So the running batch's keys and values are copied into
-buffers of MAX_BATCH_SIZE rows x GRAPH_MAX_LEN positions, allocated once, and each step writes its new column in
-place. One graph is captured per bucket of batch rows x cached length, all of them at the worker's warm-up
-(`capture_all`; a bucket still missing is captured when first needed); every bucket is a view of the same
-buffers, so moving to a longer bucket as the sequences grow copies nothing.
-Rows past the live ones are padding that attends to one zero position.
+but it needs every tensor at a fixed address and shape. So the running batch's keys and values live in buffers
+of MAX_BATCH_SIZE rows (slots) x GRAPH_MAX_LEN positions, allocated once, and each step writes its new column in
+place, the same column for every slot. One graph is captured per bucket of slots x cached length, all of them at
+the worker's warm-up (`capture_all`); every bucket is a view of the same buffers, so moving to a longer bucket as
+the sequences grow copies nothing.
 
-The engine's own cache stays the truth whenever the batch changes (a sequence joins or leaves): the buffers are
-copied out before and in again after, once per change, not per step. Contexts longer than GRAPH_MAX_LEN, and
-batches larger than the buffers, decode eagerly as before; so do models the static path would compute wrongly
-(`unsupported`: attention other than SDPA, a sliding window shorter than GRAPH_MAX_LEN).
+While the buffers hold the batch they are its only copy, and sequences join and leave in place:
+- a sequence that leaves frees its slot and nothing is copied (the slot computes garbage until reused);
+- joining sequences go into free slots, their prompts' keys and values written so they end at the shared
+  column. A prompt longer than the columns used so far moves the shared column on: the other rows get masked
+  gap columns, which cost memory but not correctness, since every row's positions and mask are its own.
+Only when the shared column reaches GRAPH_MAX_LEN is the batch compacted (`unload`: each row's real columns
+gathered to the left), and decoding goes on eagerly past the buffers (a longer context, a batch larger than
+MAX_BATCH_SIZE) or for models the static path would compute wrongly (`unsupported`: attention other than SDPA,
+a sliding window shorter than GRAPH_MAX_LEN). Masked positions still enter SDPA's weighted sum with weight 0,
+so every buffer position holds finite values: zeros, or keys and values some earlier step computed.
 
 On a CPU the same static path runs without capture (DECODE_GRAPHS=on): the tests check it against `generate` and
 that a step makes no host synchronisation, which would break capture on a GPU.
@@ -20,11 +25,14 @@ that a step makes no host synchronisation, which would break capture on a GPU.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from workers.chat.kv import new_cache
 
 log = logging.getLogger("axion.worker.graphs")
 
@@ -88,7 +96,9 @@ def buckets(limit: int, sizes: tuple[int, ...]) -> list[int]:
 
 
 class GraphDecoder:
-    """Static buffers and one captured graph per (rows, length) bucket; `capture=False` replays eagerly (CPU)."""
+    """Static buffers and one captured graph per (slots, length) bucket; `capture=False` replays eagerly (CPU).
+
+    `slots[i]` is the buffer row of the engine's batch row i."""
 
     def __init__(self, model: Any, max_rows: int, max_len: int, capture: bool) -> None:
         self.model = model
@@ -100,22 +110,31 @@ class GraphDecoder:
         self._values: list[torch.Tensor] = []
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor | None, Any]] = {}
         self._pool: Any = None
-        self.rows = 0  # live rows held in the buffers; 0 = the engine's cache is the truth
-        self.length = 0  # cached positions held in the buffers
+        self.slots: list[int] = []
+        self._free: list[int] = []  # a heap: the lowest free slot is taken first, so the used ones stay packed
+        self._slot_index: torch.Tensor | None = None  # `slots` on the device, rebuilt after a change
+        self.length = 0  # the shared column the next step writes
         self.captures = 0
         self.replays = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.slots)
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.slots)
 
     def fits(self, rows: int, cached: int) -> bool:
         return rows <= self.max_rows and cached + 1 <= self.max_len
 
-    @property
-    def holding(self) -> bool:
-        return self.rows > 0
+    def has_room(self) -> bool:
+        """Whether the next step's column still fits in the buffers."""
+        return self.length + 1 <= self.max_len
 
     def _allocate(self, like: torch.Tensor, layers: int) -> None:
         device, dtype = like.device, like.dtype
         shape = (self.max_rows, like.shape[1], self.max_len, like.shape[3])
-        # Zeros, not empty: masked positions still enter SDPA's weighted sum (with weight 0), and 0 * NaN is NaN.
         self._keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self._values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self._ids = torch.zeros((self.max_rows, 1), dtype=torch.long, device=device)
@@ -126,6 +145,13 @@ class GraphDecoder:
         log.info("decode graphs: KV buffers for %d rows x %d positions (%.2f GiB), %s", self.max_rows, self.max_len,
                  gib, "CUDA graphs" if self.capture else "eager (no capture)")
 
+    def _allocate_from_config(self) -> None:
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        param = next(self.model.parameters())
+        like = torch.empty((1, config.num_key_value_heads, 1, head_dim), dtype=param.dtype, device=param.device)
+        self._allocate(like, config.num_hidden_layers)
+
     def capture_all(self) -> int:
         """Capture every bucket now (the worker's warm-up), not the first time a batch needs it: a capture runs
         the forward pass three times, eagerly, and lazily each one stalled the whole batch for 0.15-0.9 s on
@@ -134,11 +160,7 @@ class GraphDecoder:
         if self.holding:
             return 0
         if not self._keys:
-            config = self.model.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            param = next(self.model.parameters())
-            like = torch.empty((1, config.num_key_value_heads, 1, head_dim), dtype=param.dtype, device=param.device)
-            self._allocate(like, config.num_hidden_layers)
+            self._allocate_from_config()
         self._mask.zero_()
         self._mask[:, 0, 0, 0] = True  # the warm-up passes attend to one zero position: finite keys and values
         before = len(self._graphs)
@@ -151,7 +173,8 @@ class GraphDecoder:
         return len(self._graphs) - before
 
     def load(self, cache: Any, mask: torch.Tensor) -> None:
-        """Copy the engine's batch (cache [rows, heads, len, dim] per layer, 2D mask [rows, len]) into the buffers."""
+        """Take the engine's batch (cache [rows, heads, len, dim] per layer, 2D mask [rows, len]) into the buffers,
+        which become its only copy. The mask columns past `len` of every slot are cleared."""
         rows, length = mask.shape
         layers = cache.layers
         if not self._keys:
@@ -161,20 +184,59 @@ class GraphDecoder:
             values[:rows, :, :length].copy_(layer.values)
         self._mask.zero_()
         self._mask[:rows, 0, 0, :length] = mask.bool()
-        self._mask[rows:, 0, 0, 0] = True  # padding rows attend to one (zero) position: no all-masked softmax
-        self.rows, self.length = rows, length
+        self._mask[rows:, 0, 0, 0] = True  # free slots attend to one (zero) position: no all-masked softmax
+        self._positions[:rows, 0] = mask.sum(dim=1)
+        self.slots, self._free, self._slot_index = list(range(rows)), list(range(rows, self.max_rows)), None
+        self.length = length
+
+    def insert(self, cache: Any, mask: torch.Tensor) -> bool:
+        """Add rows after the held ones (prompts done: cache [k, heads, len, dim] per layer, mask [k, len]) into
+        free slots, ending at the shared column; False (nothing done) when they do not fit."""
+        k, width = mask.shape
+        length = max(self.length, width)
+        if len(self.slots) + k > self.max_rows or length + 1 > self.max_len:
+            return False
+        new = [heapq.heappop(self._free) for _ in range(k)]
+        index = torch.tensor(new, device=self._mask.device)
+        start = length - width
+        for layer, keys, values in zip(cache.layers, self._keys, self._values, strict=True):
+            keys[:, :, start:length].index_copy_(0, index, layer.keys)
+            values[:, :, start:length].index_copy_(0, index, layer.values)
+        self._mask.index_fill_(0, index, False)
+        self._mask[:, :, :, start:length].index_copy_(0, index, mask.bool()[:, None, None, :])
+        self._positions.index_copy_(0, index, mask.sum(dim=1, keepdim=True).to(torch.long))
+        self.slots += new
+        self._slot_index, self.length = None, length
+        return True
+
+    def release(self, rows: list[int]) -> None:
+        """The engine's batch rows `rows` left: their slots are free (nothing is copied or cleared)."""
+        gone = set(rows)
+        for i in gone:
+            heapq.heappush(self._free, self.slots[i])
+        self.slots = [s for i, s in enumerate(self.slots) if i not in gone]
+        self._slot_index = None
 
     def discard(self) -> None:
         """Forget the held batch (it finished or failed as a whole): nothing to copy back."""
-        self.rows = self.length = 0
+        self.slots, self._free, self._slot_index, self.length = [], [], None, 0
 
-    def unload(self, cache: Any) -> None:
-        """Give the engine its batch back (copies: the buffers are reused by the next batch)."""
-        rows, length = self.rows, self.length
+    def unload(self) -> tuple[Any, torch.Tensor]:
+        """Give the engine its batch back, compacted: each row's real columns gathered to the left, in batch
+        row order (cache [rows, heads, len, dim] per layer, 2D mask [rows, len] of 0/1)."""
+        index, length = self._index(), self.length
+        mask = self._mask[:, 0, 0, :length].index_select(0, index)
+        width = int(mask.sum(dim=1).max())
+        order = torch.sort(mask.to(torch.int32), dim=1, stable=True).indices[:, length - width:]
+        compact = torch.gather(mask, 1, order).to(torch.long)
+        cache = new_cache(self.model.config)
         for layer, keys, values in zip(cache.layers, self._keys, self._values, strict=True):
-            layer.keys = keys[:rows, :, :length].clone()
-            layer.values = values[:rows, :, :length].clone()
+            gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            layer.keys = torch.gather(keys[:, :, :length].index_select(0, index), 2, gather)
+            layer.values = torch.gather(values[:, :, :length].index_select(0, index), 2, gather)
+            layer.is_initialized = True
         self.discard()
+        return cache, compact
 
     def held_bytes(self) -> int:
         if not self.holding:
@@ -182,14 +244,21 @@ class GraphDecoder:
         per_row_position = sum(k.shape[1] * k.shape[3] * k.element_size() for k in self._keys + self._values)
         return self.rows * self.length * per_row_position
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decoding step of the held rows (`ids`, `positions`: [rows, 1]); logits [rows, vocab]."""
-        rows, column = self.rows, self.length
-        self._ids[:rows].copy_(ids)
-        self._positions[:rows].copy_(positions)
-        self._mask[:rows, 0, 0, column] = True
+    def _index(self) -> torch.Tensor:
+        if self._slot_index is None:
+            self._slot_index = torch.tensor(self.slots, device=self._mask.device)
+        return self._slot_index
+
+    def step(self, feed: list[int]) -> torch.Tensor:
+        """One decoding step of the held rows, fed `feed` (one token per batch row); logits [rows, vocab]."""
+        column, top = self.length, max(self.slots) + 1
+        key = (next(b for b in self.row_buckets if b >= top), next(b for b in self.len_buckets if b > column))
+        ids = [0] * key[0]
+        for slot, token in zip(self.slots, feed, strict=True):
+            ids[slot] = token
+        self._ids[: key[0], 0].copy_(torch.tensor(ids))
+        self._mask[:, 0, 0, column] = True  # free slots too: they attend to a column this step writes
         self._column.fill_(column)
-        key = (next(b for b in self.row_buckets if b >= rows), next(b for b in self.len_buckets if b > column))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._build(*key)
@@ -198,10 +267,12 @@ class GraphDecoder:
             run.replay()
         else:
             logits = run()
+        self._positions.add_(1)
         self.replays += 1
         self.length += 1
         assert logits is not None
-        return logits[:rows]
+        packed = self.slots == list(range(len(self.slots)))
+        return logits[: len(self.slots)] if packed else logits.index_select(0, self._index())
 
     def _build(self, rows: int, length: int) -> tuple[Any, torch.Tensor | None, Any]:
         cache = Cache(layers=[_ColumnLayer(k[:rows, :, :length], v[:rows, :, :length], self._column)
@@ -214,19 +285,24 @@ class GraphDecoder:
 
         if not self.capture:
             return forward, None, cache
-        # Warm-up on a side stream first (cuBLAS workspaces, lazy inits), then capture. The warm-up writes the
-        # step's own column, which the replay right after overwrites.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward()
+        graph, logits = capture(forward, self._pool)
         self.captures += 1
         log.info("decode graphs: captured %d rows x %d positions (%d graphs)", rows, length, self.captures)
         return graph, logits, cache
+
+
+def capture(forward: Any, pool: Any) -> tuple[Any, Any]:
+    """A CUDA graph of `forward` and the output tensor its replays refill. Warm-up passes on a side stream first
+    (cuBLAS workspaces, lazy inits); they write the same buffers a replay overwrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+    return graph, output

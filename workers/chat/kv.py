@@ -81,3 +81,14 @@ def new_cache(config: object) -> DynamicCache:
     cache = DynamicCache(config=config)  # type: ignore[arg-type]
     cache.layers = [GrowingLayer() if isinstance(layer, DynamicLayer) else layer for layer in cache.layers]
     return cache
+
+
+def pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad dim 2 (KV: [batch, heads, seq, dim]) or dim 1 (mask: [batch, seq]) with zeros to `length`."""
+    dim = 2 if t.dim() == 4 else 1
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

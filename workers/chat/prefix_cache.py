@@ -5,13 +5,15 @@ names a whole prefix, not just a block. A new prompt reuses the longest chain of
 prompts (a common system prompt, the earlier turns of a chat) and computes only the rest. Blocks are evicted
 least recently used once the cache holds more than its capacity in tokens; a chain is always touched deepest
 block first, so a prefix is evicted after its continuations, never before (an orphaned block is unreachable).
-Each block is a copy, so a cached prefix never pins a whole batch's KV tensors in memory.
+Blocks are copies (a prompt's new blocks share one), so a cached prefix never pins a whole batch's KV tensors
+in memory.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -74,23 +76,33 @@ class PrefixCache:
             self.reused_tokens += len(chain) * BLOCK
         return cache, len(chain) * BLOCK
 
-    def store(self, prompt_ids: list[int], cache: DynamicCache, row: int = 0, offset: int = 0) -> None:
+    def store(self, prompt_ids: list[int], cache: DynamicCache | Any, row: int = 0, offset: int = 0) -> None:
         """Copy every full block of a freshly prefilled prompt that is not cached yet; the prompt sits in batch
-        row `row` of `cache`, from position `offset` on (left padding before it)."""
+        row `row` of `cache`, from position `offset` on (left padding before it). The new blocks are copied out
+        together, one copy per layer, and share it: a copy per block per layer was ~130 small copies per prompt
+        of 64 tokens on a 16-layer model, each a kernel launch on a GPU. A block evicted before its siblings
+        keeps their copy alive until they go too; never more than its own prompt's span."""
         if not self.enabled:
             return
         parent: int | None = None
         chain: list[int] = []
+        new: list[tuple[int, int, tuple[int, ...], int | None]] = []
         for i in range(min(len(prompt_ids) // BLOCK, self.capacity_blocks)):
             tokens = tuple(prompt_ids[i * BLOCK:(i + 1) * BLOCK])
             key = hash((parent, tokens))
             if key not in self._blocks:
-                span = slice(offset + i * BLOCK, offset + (i + 1) * BLOCK)
-                self._blocks[key] = Block(parent, tokens,
-                                          [layer.keys[row:row + 1, :, span].clone() for layer in cache.layers],
-                                          [layer.values[row:row + 1, :, span].clone() for layer in cache.layers])
+                new.append((i, key, tokens, parent))
             chain.append(key)
             parent = key
+        if new:
+            first, end = new[0][0], new[-1][0] + 1
+            span = slice(offset + first * BLOCK, offset + end * BLOCK)
+            keys = [layer.keys[row:row + 1, :, span].clone() for layer in cache.layers]
+            values = [layer.values[row:row + 1, :, span].clone() for layer in cache.layers]
+            for i, key, tokens, block_parent in new:
+                part = slice((i - first) * BLOCK, (i - first + 1) * BLOCK)
+                self._blocks[key] = Block(block_parent, tokens, [k[:, :, part] for k in keys],
+                                          [v[:, :, part] for v in values])
         self._touch_deepest_first(chain)
         while len(self._blocks) > self.capacity_blocks:
             self._blocks.popitem(last=False)

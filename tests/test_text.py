@@ -47,3 +47,28 @@ def test_unfinished_utf8_is_held_back() -> None:
     tracker = TextTracker(CharTokenizer(), [])
     pieces = feed(tracker, "é!")
     assert pieces == ["", "é", "!"]
+
+
+def test_the_fast_decoder_gives_what_decode_gives(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """The Rust tokenizer's own decode where it gives transformers' text (the tests' trained BPE tokenizer,
+    all-MiniLM-L6-v2's WordPiece one); `decode` where transformers would clean the text up afterwards."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from workers.chat.text import fast_decoder
+    from workers.embed.devmodels import minilm_dir
+
+    rng = random.Random(0)
+    minilm = AutoTokenizer.from_pretrained(minilm_dir())
+    cleaned = AutoTokenizer.from_pretrained(minilm_dir())
+    cleaned.clean_up_tokenization_spaces = True
+    for tok, fast in ((AutoTokenizer.from_pretrained(tiny_model_dir), True), (minilm, True), (cleaned, False)):
+        decode = fast_decoder(tok)
+        assert (decode.func == tok._tokenizer.decode) is fast, tok
+        specials = list(tok.all_special_ids)
+        words = tok.encode("Hello , world ! It ' s a test . Isn ' t it ?", add_special_tokens=False)
+        for n in (0, 1, 5, 40):
+            ids = [rng.choice(specials) if rng.random() < 0.2 else rng.randrange(len(tok)) for _ in range(n)]
+            assert decode(ids) == tok.decode(ids, skip_special_tokens=True), (tok, ids)
+        assert decode(words) == tok.decode(words, skip_special_tokens=True)

@@ -22,6 +22,7 @@ from common.settings import Settings
 from workers import model_thread
 from workers.chat.engine import ChatEngine, Sequence
 from workers.chat.quantize import weight_bytes
+from workers.chat.step_publish import queue_step
 from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -200,16 +201,7 @@ class ChatWorker(StreamWorker):
         progress lists dropped). With `read`, the same round trip also reads new jobs for the free slots and
         checks the cancel flags of the running requests."""
         pipe = self.redis.pipeline(transaction=False)
-        ttl = int(self.settings.request_timeout_s) + 60
-        for seq, _ in events:
-            if len(seq.output_ids) > seq.recorded:
-                key = keys.progress(seq.request_id, seq.index)
-                pipe.rpush(key, *seq.output_ids[seq.recorded:])
-                if seq.recorded == 0:
-                    pipe.expire(key, ttl)
-                seq.recorded = len(seq.output_ids)
-        for seq, event in events:
-            publish(pipe, keys.reply_channel(seq.request_id), encode(event))
+        queue_step(pipe, events, int(self.settings.request_timeout_s) + 60)
         for seq in released:
             seq.group.left -= 1
             if seq.group.left == 0:  # every choice of the request is done

@@ -72,3 +72,27 @@ def test_the_fast_decoder_gives_what_decode_gives(tiny_model_dir) -> None:  # ty
             ids = [rng.choice(specials) if rng.random() < 0.2 else rng.randrange(len(tok)) for _ in range(n)]
             assert decode(ids) == tok.decode(ids, skip_special_tokens=True), (tok, ids)
         assert decode(words) == tok.decode(words, skip_special_tokens=True)
+
+
+def test_incremental_decoding_gives_the_whole_decode_at_every_token(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Only the last few tokens are decoded per step; the text must still be what decoding every id gives, on
+    random ids (split UTF-8 characters, special tokens) and on real text, byte-level BPE and WordPiece alike."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from workers.chat.text import IncrementalDecoder
+    from workers.embed.devmodels import minilm_dir
+
+    rng = random.Random(1)
+    sentence = "Héllo, wörld! Ünïcode 日本語 and emoji 🙂🙂 — it's playing ##ing ok. " * 3
+    for tok in (AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(minilm_dir())):
+        specials = list(tok.all_special_ids)
+        streams = [tok.encode(sentence, add_special_tokens=False)]
+        streams += [[rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(120)]
+                    for _ in range(5)]
+        for ids in streams:
+            decoder = IncrementalDecoder(tok)
+            assert decoder._incremental
+            for n in range(len(ids) + 1):
+                assert decoder(ids[:n]) == tok.decode(ids[:n], skip_special_tokens=True), (tok, ids[:n])

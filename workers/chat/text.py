@@ -32,6 +32,42 @@ def fast_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     return partial(tokenizer.decode, skip_special_tokens=True)
 
 
+class IncrementalDecoder:
+    """The text of a growing list of output ids, decoding only the tokens since the last complete character.
+
+    Decoding all of a sequence's ids at every token made detokenizing O(n^2) in its length. As vLLM does, a
+    few tokens of context are decoded with the new ones and the context's own text cut off the front, so
+    decoders that treat a first token specially (SentencePiece's leading space, WordPiece's "##") give the same
+    text as a decode of the whole; the new text is kept only once it does not end in an unfinished UTF-8
+    character (U+FFFD). Tokenizers that go through transformers' `decode` (a clean-up pass that looks across
+    tokens, their own decoding) are decoded whole every time, as before."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._decode = fast_decoder(tokenizer)
+        self._incremental = self._decode.func != tokenizer.decode
+        self._stable = ""
+        self._context = ""  # the text of ids[prefix:read]
+        self._prefix = self._read = 0
+
+    def __call__(self, ids: list[int]) -> str:
+        if not self._incremental:
+            return self._decode(ids)
+        if len(ids) < self._read:  # not a continuation of what came before: start over
+            self._stable, self._context, self._prefix, self._read = "", "", 0, 0
+        text = self._decode(ids[self._prefix:])
+        new = text[len(self._context):] if text.startswith(self._context) else None
+        if new is None:  # the context decodes differently with the new tokens after it: decode the whole
+            self._stable, self._context, self._prefix, self._read = "", "", 0, 0
+            text = self._decode(ids)
+            new = text
+        if new and not new.endswith(REPLACEMENT):
+            self._stable += new
+            self._prefix, self._read = self._read, len(ids)
+            self._context = self._decode(ids[self._prefix:])
+            return self._stable
+        return self._stable + new
+
+
 def _cleans_up(tokenizer: Any, backend: Any) -> bool:
     """Whether transformers' `_decode` would run `clean_up_tokenization` (it skips it for BPE models)."""
     if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
@@ -43,7 +79,7 @@ def _cleans_up(tokenizer: Any, backend: Any) -> bool:
 class TextTracker:
     def __init__(self, tokenizer: Any, stop: list[str], markers: list[str] | None = None,
                  hold_leading_json: bool = False) -> None:
-        self._decode = fast_decoder(tokenizer)
+        self._decode = IncrementalDecoder(tokenizer)
         self._stop = [s for s in stop if s]
         self._markers = [m for m in markers or [] if m]
         self._prefixes = self._stop + self._markers

@@ -263,3 +263,43 @@ def test_a_failed_prefill_capture_leaves_prefill_eager(loaded: tuple, monkeypatc
     assert engine.capture_graphs() > 0  # the decode buckets
     assert engine.prefill_graphs is None and engine.graphs is not None
     assert run(engine, [job("Hello there", "a", 16)], 0) == {"a": greedy_ids(loaded, "Hello there", 16)}
+
+
+def test_the_server_with_graphs_on_streams_what_generate_gives(tiny_model_dir: Path, tmp_path: Path,
+                                                               loaded: tuple) -> None:
+    """The whole path with DECODE_GRAPHS=on: the worker builds every bucket at warm-up, and concurrent streams
+    (joining and leaving the static batch in place, prefilled through the graph prefill) arrive over SSE through
+    the official SDK, each equal to `generate`."""
+    import asyncio
+
+    from common.redis_server import free_port
+    from tests.conftest import Proc, Server, axion_env, get_json, wait_ready
+
+    port = free_port()
+    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="1024", MAX_BATCH_SIZE="4", SERVE_EMBEDDINGS="false",
+                    DECODE_GRAPHS="on", GRAPH_MAX_LEN="256")
+    proc = Proc(["serve"], env, tmp_path / "serve.log").start()
+    server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
+    lengths = [12 + 9 * i for i in range(len(PROMPTS))]
+
+    async def one(client, prompt: str, n: int) -> str:  # type: ignore[no-untyped-def]
+        stream = await client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=n,
+            stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_of_them() -> list[str]:
+        client = server.async_client(timeout=60)
+        return await asyncio.gather(*(one(client, p, n) for p, n in zip(PROMPTS, lengths, strict=True)))
+
+    try:
+        wait_ready(server.base_url, [proc])
+        texts = asyncio.run(all_of_them())
+        health = get_json(f"{server.base_url}/health")
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
+    _, tok = loaded
+    assert texts == [tok.decode(greedy_ids(loaded, p, n), skip_special_tokens=True)
+                     for p, n in zip(PROMPTS, lengths, strict=True)]
+    assert "decode graphs: KV buffers for 4 rows x 256 positions" in proc.log()
+    assert health["workers"][0]["memory"]["kv_cache_bytes"] == 0  # every stream done: no batch held

@@ -17,17 +17,16 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, Tokenized, TokenLogprob
-from workers.chat import tools
+from common.protocol import Accepted, ChatJob, Event, Failed, Tokenized
 from workers.chat.grammar import GrammarCompiler
 from workers.chat.graph_prefill import GraphPrefill, StaticKV, owned
 from workers.chat.graphs import GraphDecoder
 from workers.chat.graphs import unsupported as graphs_unsupported
 from workers.chat.kv import new_cache, pad_left
-from workers.chat.logprobs import TokenBytes, token_logprob
+from workers.chat.logprobs import TokenBytes
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import needs_processing, process_row, sample_row
-from workers.chat.sequence import Sequence, prepare, tokenize
+from workers.chat.sequence import Sequence, advance, prepare, tokenize
 
 log = logging.getLogger("axion.worker.engine")
 
@@ -322,43 +321,8 @@ class ChatEngine:
                     seq.error = "Sampling failed for these parameters."
         return tokens
 
-    def _logprobs(self, seq: Sequence, token: int) -> list[TokenLogprob] | None:
-        row, seq.pending_logprobs = seq.pending_logprobs, None
-        if row is None:
-            return None
-        return [token_logprob(row, token, seq.params.top_logprobs, self.token_bytes)]
-
     def _advance(self, seq: Sequence, token: int) -> Event:
-        """Record a sampled token and turn it into the sequence's next event."""
-        if seq.error is not None:
-            seq.finish_reason = "error"
-            return Failed(status=500, message=seq.error, type="server_error", code="sampling_error")
-        seq.output_ids.append(token)
-        logprobs = self._logprobs(seq, token)
-        if seq.matcher is not None and not seq.matcher.accept(token):
-            seq.finish_reason = "error"
-            return Failed(status=500, message="The output left the required format.", type="server_error",
-                          code="grammar_error")
-        is_eos = (token in self.eos_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
-        text = seq.text.update(seq.output_ids[:-1] if is_eos else seq.output_ids)
-        if is_eos or seq.text.stopped or (seq.matcher is not None and seq.matcher.is_terminated()):
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= seq.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
-            seq.finish_reason = "length"
-        calls = None
-        if seq.finish_reason is not None and seq.tool_format is not None:
-            content, calls = tools.parse(seq.text.text, seq.tool_format)
-            if calls:
-                seq.finish_reason = "tool_calls"
-                text += content[seq.text.sent:]
-        if seq.finish_reason is None:
-            return Delta(seq=len(seq.output_ids) - 1, text=text, completion_tokens=len(seq.output_ids), index=seq.index,
-                         logprobs=logprobs)
-        if not seq.text.stopped and not calls:
-            text += seq.text.flush()
-        return Finished(seq=len(seq.output_ids) - 1, text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
-                        prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                        cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
+        return advance(seq, token, self.eos_ids, self.max_seq_len, self.token_bytes)
 
     # ---- batch bookkeeping ---------------------------------------------------------------------------
     def _merge(self, cache: DynamicCache | StaticKV, mask: torch.Tensor, tokens: list[int],

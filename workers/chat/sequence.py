@@ -14,9 +14,20 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from common.protocol import ChatJob, ChatMessage, Failed, SamplingParams, Tokenized
+from common.protocol import (
+    ChatJob,
+    ChatMessage,
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    SamplingParams,
+    Tokenized,
+    TokenLogprob,
+)
 from workers.chat import tools
 from workers.chat.grammar import Grammar, GrammarCompiler, Matcher
+from workers.chat.logprobs import TokenBytes, token_logprob
 from workers.chat.sampling import make_generator
 from workers.chat.text import TextTracker
 
@@ -187,3 +198,43 @@ def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Fa
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(t) for t in ids]
+
+
+def advance(seq: Sequence, token: int, eos_ids: list[int], max_seq_len: int, token_bytes: TokenBytes) -> Event:
+    """Record a sampled token and turn it into the sequence's next event."""
+    if seq.error is not None:
+        seq.finish_reason = "error"
+        return Failed(status=500, message=seq.error, type="server_error", code="sampling_error")
+    seq.output_ids.append(token)
+    logprobs = _logprobs(seq, token, token_bytes)
+    if seq.matcher is not None and not seq.matcher.accept(token):
+        seq.finish_reason = "error"
+        return Failed(status=500, message="The output left the required format.", type="server_error",
+                      code="grammar_error")
+    is_eos = (token in eos_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
+    text = seq.text.update(seq.output_ids[:-1] if is_eos else seq.output_ids)
+    if is_eos or seq.text.stopped or (seq.matcher is not None and seq.matcher.is_terminated()):
+        seq.finish_reason = "stop"
+    elif len(seq.output_ids) >= seq.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= max_seq_len:
+        seq.finish_reason = "length"
+    calls = None
+    if seq.finish_reason is not None and seq.tool_format is not None:
+        content, calls = tools.parse(seq.text.text, seq.tool_format)
+        if calls:
+            seq.finish_reason = "tool_calls"
+            text += content[seq.text.sent:]
+    if seq.finish_reason is None:
+        return Delta(seq=len(seq.output_ids) - 1, text=text, completion_tokens=len(seq.output_ids), index=seq.index,
+                     logprobs=logprobs)
+    if not seq.text.stopped and not calls:
+        text += seq.text.flush()
+    return Finished(seq=len(seq.output_ids) - 1, text=text, finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+                    prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                    cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
+
+
+def _logprobs(seq: Sequence, token: int, token_bytes: TokenBytes) -> list[TokenLogprob] | None:
+    row, seq.pending_logprobs = seq.pending_logprobs, None
+    if row is None:
+        return None
+    return [token_logprob(row, token, seq.params.top_logprobs, token_bytes)]

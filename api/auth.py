@@ -48,6 +48,12 @@ def may_use(model: str) -> bool:
     return principal is None or principal.may_use(model)
 
 
+def owner() -> str:
+    """Whose files and batches the current caller sees: its key's id (everyone's, with keys off)."""
+    principal = current.get()
+    return principal.id if principal is not None else keys.ANONYMOUS_OWNER
+
+
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -56,7 +62,7 @@ class Authenticator:
     def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
         self.required = settings.auth_required
         self.redis = redis
-        self.anonymous = Principal("anonymous", rpm=settings.rate_limit_rpm, tpm=settings.rate_limit_tpm)
+        self.anonymous = Principal(keys.ANONYMOUS_OWNER, rpm=settings.rate_limit_rpm, tpm=settings.rate_limit_tpm)
         self._defaults = (settings.rate_limit_rpm, settings.rate_limit_tpm)
         # ADMIN_API_KEYS pass here too: an operator's admin key is good for every endpoint (api/admin.py).
         static = split_list(settings.api_keys) + split_list(settings.admin_api_keys)

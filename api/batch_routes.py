@@ -69,29 +69,29 @@ async def upload_file(request: Request[Any, Any, State], state: State) -> dict[s
         raise APIError(413, f"The file is {len(data)} bytes; FILES_MAX_BYTES is {settings.files_max_bytes}.",
                        param="file", code="file_too_large")
     lines = parse_batch_file(data, settings.batch_max_lines)
-    obj = await _files(state).create(upload.filename or "upload.jsonl", "batch", lines)
+    obj = await _files(state).create(upload.filename or "upload.jsonl", "batch", lines, auth.owner())
     return msgspec.to_builtins(obj)
 
 
 @get("/v1/files")
 async def list_files(state: State, purpose: str | None = None, limit: str | None = None,
                      after: str | None = None) -> dict[str, Any]:
-    return await _files(state).list(purpose, _limit(limit, 100), after)
+    return await _files(state).list(purpose, _limit(limit, 100), after, auth.owner())
 
 
 @get("/v1/files/{file_id:str}")
 async def get_file(state: State, file_id: str) -> dict[str, Any]:
-    return msgspec.to_builtins(await _files(state).get(file_id))
+    return msgspec.to_builtins(await _files(state).get(file_id, auth.owner()))
 
 
 @get("/v1/files/{file_id:str}/content")
 async def file_content(state: State, file_id: str) -> Response[bytes]:
-    return Response(await _files(state).content(file_id), media_type="application/jsonl")
+    return Response(await _files(state).content(file_id, auth.owner()), media_type="application/jsonl")
 
 
 @delete("/v1/files/{file_id:str}", status_code=200)
 async def delete_file(state: State, file_id: str) -> dict[str, Any]:
-    return await _files(state).delete(file_id)
+    return await _files(state).delete(file_id, auth.owner())
 
 
 @post("/v1/batches", status_code=200)
@@ -99,7 +99,7 @@ async def create_batch(request: Request[Any, Any, State], state: State) -> dict[
     req = decode_body(await request.body(), BatchCreate)
     files = _files(state)
     try:
-        meta = await files.get(req.input_file_id)
+        meta = await files.get(req.input_file_id, auth.owner())
     except APIError:
         raise APIError(400, f"No such input file: '{req.input_file_id}'.", param="input_file_id",
                        code="invalid_value") from None
@@ -110,7 +110,7 @@ async def create_batch(request: Request[Any, Any, State], state: State) -> dict[
     store = _batches(state)
     principal = auth.current.get()
     batch_id = await store.create(req.input_file_id, req.endpoint, req.completion_window, req.metadata,
-                                  principal.models if principal is not None else None)
+                                  principal.models if principal is not None else None, auth.owner())
     if getattr(state, "rq_redis", None) is None:
         state.rq_redis = queue.connect(state.chat.settings)
     await asyncio.to_thread(queue.enqueue, state.rq_redis, batch_id)
@@ -119,19 +119,19 @@ async def create_batch(request: Request[Any, Any, State], state: State) -> dict[
 
 @get("/v1/batches")
 async def list_batches(state: State, limit: str | None = None, after: str | None = None) -> dict[str, Any]:
-    return await _batches(state).list(_limit(limit), after)
+    return await _batches(state).list(_limit(limit), after, auth.owner())
 
 
 @get("/v1/batches/{batch_id:str}")
 async def get_batch(state: State, batch_id: str) -> dict[str, Any]:
-    return await _batches(state).get(batch_id)
+    return await _batches(state).get(batch_id, auth.owner())
 
 
 @post("/v1/batches/{batch_id:str}/cancel", status_code=200)
 async def cancel_batch(state: State, batch_id: str) -> dict[str, Any]:
     """Stop feeding new lines; the lines in flight finish and the batch ends `cancelled` with their outputs."""
     store = _batches(state)
-    await store.get(batch_id)  # 404 first
+    await store.get(batch_id, auth.owner())  # 404 first, also for another key's batch
     status = await store.move(batch_id, "cancelling", "validating", "in_progress")
     if status not in ("cancelling", "cancelled"):
         raise APIError(400, f"The batch is {status}; only a validating or running batch can be cancelled.",

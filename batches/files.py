@@ -125,41 +125,44 @@ class FileStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
 
-    async def create(self, filename: str, purpose: FilePurpose, lines: list[bytes]) -> FileObject:
-        """Store a whole file (an upload) at once."""
+    async def create(self, filename: str, purpose: FilePurpose, lines: list[bytes], owner: str) -> FileObject:
+        """Store a whole file (an upload) at once, as `owner`'s."""
         obj = FileObject(id=new_file_id(), bytes=sum(len(x) + 1 for x in lines), created_at=int(time.time()),
                          filename=filename, purpose=purpose)
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(lines), READ_CHUNK):
             pipe.rpush(keys.file_lines(obj.id), *lines[start:start + READ_CHUNK])
-        self._index(pipe, obj)
+        self._index(pipe, obj, owner)
         await pipe.execute()
         return obj
 
-    async def seal(self, file_id: str, filename: str, size: int) -> FileObject:
+    async def seal(self, file_id: str, filename: str, size: int, owner: str) -> FileObject:
         """Publish a file whose lines were appended under `file_id` as they were produced (a batch output)."""
         obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
                          purpose="batch_output")
-        await self._index(self.redis.pipeline(transaction=False), obj).execute()
+        await self._index(self.redis.pipeline(transaction=False), obj, owner).execute()
         return obj
 
     @staticmethod
-    def _index(pipe: aioredis.client.Pipeline, obj: FileObject) -> aioredis.client.Pipeline:
+    def _index(pipe: aioredis.client.Pipeline, obj: FileObject, owner: str) -> aioredis.client.Pipeline:
+        pipe.set(keys.file_owner(obj.id), owner)
         pipe.set(keys.file_meta(obj.id), msgspec.json.encode(obj))
-        return pipe.zadd(keys.FILES_INDEX, {obj.id: time.time()})
+        return pipe.zadd(keys.files_index(owner), {obj.id: time.time()})
 
-    async def get(self, file_id: str) -> FileObject:
-        raw = await self.redis.get(keys.file_meta(file_id))
-        if raw is None:
+    async def get(self, file_id: str, owner: str | None = None) -> FileObject:
+        """The file object; a 404 as for a missing file when `owner` is given and the file is someone else's
+        (the batch runner, which reads for the batch's owner, gives none)."""
+        raw, stored = await self.redis.mget([keys.file_meta(file_id), keys.file_owner(file_id)])
+        if raw is None or (owner is not None and (stored.decode() if stored else keys.ANONYMOUS_OWNER) != owner):
             raise not_found(file_id)
         return _file_decoder.decode(raw)
 
     async def lines(self, file_id: str, start: int = 0, stop: int = -1) -> list[bytes]:
         return list(await self.redis.lrange(keys.file_lines(file_id), start, stop))
 
-    async def content(self, file_id: str) -> bytes:
+    async def content(self, file_id: str, owner: str) -> bytes:
         """The whole file as JSONL (each line ends in a newline), read in chunks."""
-        await self.get(file_id)
+        await self.get(file_id, owner)
         parts: list[bytes] = []
         start = 0
         while chunk := await self.lines(file_id, start, start + READ_CHUNK - 1):
@@ -167,17 +170,17 @@ class FileStore:
             start += len(chunk)
         return b"".join(line + b"\n" for line in parts)
 
-    async def delete(self, file_id: str) -> dict[str, Any]:
-        await self.get(file_id)
+    async def delete(self, file_id: str, owner: str) -> dict[str, Any]:
+        await self.get(file_id, owner)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(keys.file_meta(file_id), keys.file_lines(file_id))
-        pipe.zrem(keys.FILES_INDEX, file_id)
+        pipe.delete(keys.file_meta(file_id), keys.file_lines(file_id), keys.file_owner(file_id))
+        pipe.zrem(keys.files_index(owner), file_id)
         await pipe.execute()
         return {"id": file_id, "object": "file", "deleted": True}
 
-    async def list(self, purpose: str | None, limit: int, after: str | None) -> dict[str, Any]:
-        """Newest first; `after` is the last id of the previous page."""
-        ids = [i.decode() for i in await self.redis.zrevrange(keys.FILES_INDEX, 0, -1)]
+    async def list(self, purpose: str | None, limit: int, after: str | None, owner: str) -> dict[str, Any]:
+        """`owner`'s files, newest first; `after` is the last id of the previous page."""
+        ids = [i.decode() for i in await self.redis.zrevrange(keys.files_index(owner), 0, -1)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1:]
         raws = await self.redis.mget([keys.file_meta(i) for i in ids]) if ids else []

@@ -33,7 +33,7 @@ from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
 from batches.files import BatchLine, FileStore, decode_line, new_file_id
 from batches.lines import LineResult, LineRunner, output_line, unanswered_line
-from batches.store import TERMINAL, BatchStore
+from batches.store import TERMINAL, BatchStore, batch_owner
 from common import aio, keys, redis_client
 from common.settings import Settings, load_settings
 
@@ -178,7 +178,8 @@ class BatchRunner:
         updates: dict[str, str] = {}
         for which in ("output", "error"):
             if ids.get(which) and await self.redis.llen(keys.file_lines(ids[which])):
-                obj = await self.files.seal(ids[which], f"{self.batch_id}_{which}.jsonl", self._sizes[which])
+                obj = await self.files.seal(ids[which], f"{self.batch_id}_{which}.jsonl", self._sizes[which],
+                                            batch_owner(fields))
                 updates[f"{which}_file_id"] = obj.id
         if updates:
             await self.store.update(self.batch_id, **updates)

@@ -46,9 +46,10 @@ class BatchStore:
         self._move = redis.register_script(_MOVE)
 
     async def create(self, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None, models: frozenset[str] | None = None) -> str:
-        """A new batch in `validating`; `models` is what the creating API key may use (None: any), which its
-        lines are held to when they run."""
+                     metadata: dict[str, str] | None, models: frozenset[str] | None = None,
+                     owner: str = keys.ANONYMOUS_OWNER) -> str:
+        """A new batch in `validating`, `owner`'s (the creating key's id: only it sees the batch and its output
+        files); `models` is what that key may use (None: any), which its lines are held to when they run."""
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         now = int(time.time())
         fields: dict[str, Any] = {
@@ -56,22 +57,24 @@ class BatchStore:
             "completion_window": completion_window, "created_at": now,
             "expires_at": now + COMPLETION_WINDOWS[completion_window], "status": "validating",
             "total": 0, "completed": 0, "failed": 0, "metadata": json.dumps(metadata) if metadata else "",
-            "models": json.dumps(sorted(models)) if models is not None else "",
+            "models": json.dumps(sorted(models)) if models is not None else "", "owner": owner,
         }
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.batch(batch_id), mapping=fields)
-        pipe.zadd(keys.BATCHES_INDEX, {batch_id: time.time()})  # finer than created_at: pages keep order
+        pipe.zadd(keys.batches_index(owner), {batch_id: time.time()})  # finer than created_at: pages keep order
         await pipe.execute()
         return batch_id
 
-    async def fields(self, batch_id: str) -> dict[str, str]:
+    async def fields(self, batch_id: str, owner: str | None = None) -> dict[str, str]:
+        """The batch's hash; a 404 as for a missing batch when `owner` is given and it is someone else's."""
         raw = await self.redis.hgetall(keys.batch(batch_id))
-        if not raw:
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if not fields or (owner is not None and batch_owner(fields) != owner):
             raise not_found(batch_id)
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return fields
 
-    async def get(self, batch_id: str) -> dict[str, Any]:
-        return as_openai(await self.fields(batch_id))
+    async def get(self, batch_id: str, owner: str | None = None) -> dict[str, Any]:
+        return as_openai(await self.fields(batch_id, owner))
 
     async def status(self, batch_id: str) -> str | None:
         raw = await self.redis.hget(keys.batch(batch_id), "status")
@@ -85,13 +88,14 @@ class BatchStore:
     async def update(self, batch_id: str, **fields: Any) -> None:
         await self.redis.hset(keys.batch(batch_id), mapping=fields)
 
-    async def list(self, limit: int, after: str | None) -> dict[str, Any]:
-        """Newest first; `after` is the last id of the previous page (OpenAI's cursor)."""
+    async def list(self, limit: int, after: str | None, owner: str) -> dict[str, Any]:
+        """`owner`'s batches, newest first; `after` is the last id of the previous page (OpenAI's cursor)."""
+        index = keys.batches_index(owner)
         start = 0
         if after is not None:
-            rank = await self.redis.zrevrank(keys.BATCHES_INDEX, after)
+            rank = await self.redis.zrevrank(index, after)
             start = 0 if rank is None else rank + 1
-        ids = [i.decode() for i in await self.redis.zrevrange(keys.BATCHES_INDEX, start, start + limit)]
+        ids = [i.decode() for i in await self.redis.zrevrange(index, start, start + limit)]
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in ids[:limit]:
             pipe.hgetall(keys.batch(batch_id))
@@ -99,6 +103,11 @@ class BatchStore:
         data = [as_openai({k.decode(): v.decode() for k, v in row.items()}) for row in rows if row]
         return {"object": "list", "data": data, "has_more": len(ids) > limit,
                 "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def batch_owner(fields: dict[str, str]) -> str:
+    """Batches made before owners were recorded belong to callers without a key."""
+    return fields.get("owner") or keys.ANONYMOUS_OWNER
 
 
 def as_openai(f: dict[str, str]) -> dict[str, Any]:

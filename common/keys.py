@@ -145,11 +145,24 @@ def rate_limit_bucket(key_id: str, dimension: str) -> str:
 #: The rq queue batch jobs go on (rq keeps it under `rq:queue:axion-batches`; `rq info` shows it).
 BATCH_QUEUE = "axion-batches"
 
-#: Sorted set of file ids by creation time (the /v1/files listing).
+#: Who files and batches belong to when API keys are off: every caller (the principal id of api/auth.py).
+ANONYMOUS_OWNER = "anonymous"
+
+#: Sorted set of the file ids of callers without a key (API keys off), by creation time (their /v1/files).
 FILES_INDEX = f"{PREFIX}:files"
 
-#: Sorted set of batch ids by creation time (the /v1/batches listing, newest first).
+#: Sorted set of the batch ids of callers without a key, by creation time (their /v1/batches, newest first).
 BATCHES_INDEX = f"{PREFIX}:batches"
+
+
+def files_index(owner: str) -> str:
+    """One owner's files by creation time: each API key (by id) lists only its own; keys off, the one index."""
+    return FILES_INDEX if owner == ANONYMOUS_OWNER else f"{FILES_INDEX}:{{{owner}}}"
+
+
+def batches_index(owner: str) -> str:
+    """One owner's batches by creation time, as `files_index`."""
+    return BATCHES_INDEX if owner == ANONYMOUS_OWNER else f"{BATCHES_INDEX}:{{{owner}}}"
 
 
 def batch_stream(kind: str, model: str) -> str:
@@ -161,6 +174,11 @@ def batch_stream(kind: str, model: str) -> str:
 def file_meta(file_id: str) -> str:
     """A stored file's OpenAI `file` object (JSON)."""
     return f"{PREFIX}:file:{{{file_id}}}"
+
+
+def file_owner(file_id: str) -> str:
+    """The id of the API key that owns a stored file (absent: `ANONYMOUS_OWNER`); batch outputs get their batch's."""
+    return f"{PREFIX}:file:{{{file_id}}}:owner"
 
 
 def file_lines(file_id: str) -> str:

@@ -225,3 +225,40 @@ def test_axion_serve_runs_batches_too(served: Server) -> None:
     client = served.client()
     batch, _ = wait_done(client, submit(client, [chat_line(f"s{i}", served.model, f"serve {i}") for i in range(3)]).id)
     assert batch.status == "completed" and batch.request_counts.completed == 3
+
+
+def test_files_and_batches_belong_to_the_key_that_made_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two API keys on one server: neither sees, reads, deletes, cancels or batches the other's files and batches
+    (the same 404 as for ids that do not exist), batch outputs included; each lists only its own."""
+    port = free_port()
+    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="1024", SERVE_EMBEDDINGS="false",
+                    API_KEYS="key-alpha,key-beta")
+    proc = Proc(["serve"], env, tmp_path / "serve.log").start()
+    base = f"http://127.0.0.1:{port}"
+    alpha, beta = (openai.OpenAI(base_url=f"{base}/v1", api_key=k, max_retries=0) for k in ("key-alpha", "key-beta"))
+    try:
+        wait_ready(base, [proc])
+        batch = submit(alpha, [chat_line("one", str(tiny_model_dir), "Hello")])
+        done, _ = wait_done(alpha, batch.id)
+        assert done.status == "completed" and done.output_file_id
+        theirs = [batch.input_file_id, done.output_file_id]
+        mine = beta.files.create(file=("mine.jsonl", jsonl([chat_line("x", str(tiny_model_dir), "hi")])),
+                                 purpose="batch")
+        for file_id in theirs:
+            for call in (beta.files.retrieve, beta.files.content, beta.files.delete):
+                with pytest.raises(openai.NotFoundError):
+                    call(file_id)
+        for call in (beta.batches.retrieve, beta.batches.cancel):
+            with pytest.raises(openai.NotFoundError):
+                call(batch.id)
+        with pytest.raises(openai.BadRequestError, match="No such input file"):
+            beta.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        assert [f.id for f in beta.files.list()] == [mine.id] and beta.batches.list().data == []
+        assert {f.id for f in alpha.files.list()} == set(theirs)
+        assert [b.id for b in alpha.batches.list()] == [batch.id]
+        assert json.loads(alpha.files.content(done.output_file_id).text)["custom_id"] == "one"
+        with pytest.raises(openai.NotFoundError):
+            alpha.files.retrieve(mine.id)
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]

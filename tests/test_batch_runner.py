@@ -16,6 +16,7 @@ from batches.files import FileStore, parse_batch_file
 from batches.runner import BatchRunner
 from batches.store import BatchStore
 from common import keys
+from common.keys import ANONYMOUS_OWNER as ANONYMOUS
 from common.redis_server import EmbeddedRedis
 from common.settings import load_settings
 from tests.conftest import REPO
@@ -29,13 +30,14 @@ def lines(n: int) -> bytes:
 async def _expired(url: str) -> tuple[str, dict, list[dict]]:
     redis = aioredis.from_url(url)
     try:
-        upload = await FileStore(redis).create("in.jsonl", "batch", parse_batch_file(lines(3), 100))
+        upload = await FileStore(redis).create("in.jsonl", "batch", parse_batch_file(lines(3), 100), ANONYMOUS)
         store = BatchStore(redis)
         batch_id = await store.create(upload.id, "/v1/embeddings", "24h", {"team": "eval"})
         await store.update(batch_id, expires_at=int(time.time()) - 1)  # the window closed before it ran
         final = await BatchRunner(load_settings({"REDIS_URL": url}), batch_id).run()
         batch = await store.get(batch_id)
-        error_lines = [json.loads(x) for x in (await FileStore(redis).content(batch["error_file_id"])).splitlines()]
+        content = await FileStore(redis).content(batch["error_file_id"], ANONYMOUS)
+        error_lines = [json.loads(x) for x in content.splitlines()]
         return final, batch, error_lines
     finally:
         await redis.aclose()
@@ -81,13 +83,13 @@ async def _restricted(url: str) -> dict[str, int]:
         body = b"\n".join(json.dumps({"custom_id": m, "method": "POST", "url": "/v1/embeddings",
                                       "body": {"model": m, "input": "x"}}).encode()
                           for m in ("open-model", "secret-model"))
-        upload = await FileStore(redis).create("in.jsonl", "batch", parse_batch_file(body, 100))
+        upload = await FileStore(redis).create("in.jsonl", "batch", parse_batch_file(body, 100), ANONYMOUS)
         store = BatchStore(redis)
         batch_id = await store.create(upload.id, "/v1/embeddings", "24h", None, frozenset({"open-model"}))
         settings = load_settings({"REDIS_URL": url, "WORKER_GRACE_S": "0"})
         assert await BatchRunner(settings, batch_id).run() == "completed"
         batch = await store.get(batch_id)
-        rows = [json.loads(x) for x in (await FileStore(redis).content(batch["error_file_id"])).splitlines()]
+        rows = [json.loads(x) for x in (await FileStore(redis).content(batch["error_file_id"], ANONYMOUS)).splitlines()]
         return {row["custom_id"]: row["response"]["status_code"] for row in rows}
     finally:
         await redis.aclose()

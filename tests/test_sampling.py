@@ -106,3 +106,24 @@ def test_n_choices_are_indexed_reproducible_and_share_a_job(loaded: tuple) -> No
         (alone,), _ = run(loaded, temperature=1.0, seed=11 + i)
         assert seq.output_ids == alone.output_ids
     assert len({tuple(s.output_ids) for s in seqs}) > 1
+
+
+def test_a_seeded_request_resumed_after_a_crash_goes_on_as_it_would_have(loaded: tuple) -> None:
+    """A worker that takes a job over replays the tokens the dead one recorded and samples the rest: with a seed,
+    the rest must be what the first worker would have drawn (each draw is seeded by the seed and its position)."""
+    model, tok = loaded
+    params = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 20, "seed": 5, "ignore_eos": True}
+    (whole,), _ = run(loaded, **params)
+    for recorded in (1, 7, 19):
+        engine = ChatEngine(model, tok, torch.device("cpu"), 4096)
+        job = ChatJob(request_id="r", model="m", messages=[ChatMessage("user", PROMPT)],
+                      params=SamplingParams(**params), created=0.0)
+        seq = engine.prepare(job)
+        assert isinstance(seq, Sequence)
+        seq.resume = whole.output_ids[:recorded]
+        engine.add(seq)
+        while engine.active:
+            engine.step()
+        assert seq.output_ids == whole.output_ids, recorded
+    (other,), _ = run(loaded, **{**params, "seed": 6})
+    assert other.output_ids != whole.output_ids

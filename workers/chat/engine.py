@@ -25,7 +25,7 @@ from workers.chat.graphs import unsupported as graphs_unsupported
 from workers.chat.kv import new_cache, pad_left
 from workers.chat.logprobs import TokenBytes
 from workers.chat.prefix_cache import PrefixCache
-from workers.chat.sampling import needs_processing, process_row, sample_row
+from workers.chat.sampling import needs_processing, process_row, sample_row, token_seed
 from workers.chat.sequence import Sequence, advance, prepare, tokenize
 
 log = logging.getLogger("axion.worker.engine")
@@ -315,7 +315,8 @@ class ChatEngine:
         for r, seq in enumerate(seqs):
             if seq.params.temperature != 0.0:
                 try:
-                    tokens[r] = sample_row(logits[r], seq.params, seq.generator)
+                    tokens[r] = sample_row(logits[r], seq.params, seq.generator,
+                                           token_seed(seq.seed, len(seq.output_ids)))
                 except (RuntimeError, ValueError) as exc:  # fail this request only, never the batch
                     log.warning("sampling failed for %s: %s", seq.request_id, exc)
                     seq.error = "Sampling failed for these parameters."

@@ -19,6 +19,19 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def token_seed(seed: int | None, position: int) -> int | None:
+    """The seed of a seeded choice's draw for its token at `position`, a function of the two alone (splitmix64
+    of them), so a worker that takes a job over after a crash samples the remaining tokens exactly as the first
+    worker would have: a generator's state after the replayed tokens could not be rebuilt without redoing every
+    draw. Unseeded choices keep their one random stream (None)."""
+    if seed is None:
+        return None
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) % 2**64
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB % 2**64
+    return x ^ (x >> 31)
+
+
 def needs_processing(params: SamplingParams) -> bool:
     return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty
                 or params.repetition_penalty != 1.0)
@@ -40,8 +53,10 @@ def process_row(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[i
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a [vocab] row of float32 logits (already masked and processed)."""
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+               seed: int | None = None) -> int:
+    """One token from a [vocab] row of float32 logits (already masked and processed); `seed` (`token_seed`)
+    reseeds the generator for this draw."""
     if params.temperature < MIN_TEMPERATURE:  # 0 is greedy; a denormal one would overflow the logits to inf
         return int(torch.argmax(logits))
     logits = logits / params.temperature
@@ -60,6 +75,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if seed is not None:
+        generator.manual_seed(seed)
     if not bool(torch.isfinite(probs).all()):  # every token masked (say, by stop_token_ids under min_tokens)
         return int(torch.argmax(logits))
     return int(torch.multinomial(probs, 1, generator=generator))

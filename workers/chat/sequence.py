@@ -1,7 +1,9 @@
 """A request as the engine sees it: one Sequence per choice (`n`), grouped so they answer as one job.
 
 Admission happens here: apply the chat template, check the lengths and the token ids the request names, and
-build the `n` sequences. Sibling `i` samples with seed `seed + i`, so `n` choices differ yet are reproducible.
+build the `n` sequences. Sibling `i` samples with seed `seed + i`, so `n` choices differ yet are reproducible,
+each token's draw seeded by its position too (sampling.token_seed), so a job resumed after a crash goes on
+exactly as it would have.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Sequence:
     text: TextTracker
     group: RequestGroup
     index: int = 0
+    seed: int | None = None  # this choice's seed (the request's + index); None: its generator's own stream
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -151,6 +154,7 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
     choices = [
         Sequence(request_id=job.request_id, prompt_ids=prompt_ids, params=params, group=group, index=i,
                  max_new_tokens=wanted or max_seq_len - len(prompt_ids),
+                 seed=None if params.seed is None else params.seed + i,
                  generator=make_generator(None if params.seed is None else params.seed + i, device),
                  text=TextTracker(tokenizer, params.stop, tools.markers(fmt) if fmt else None,
                                   hold_leading_json=fmt == "llama3"),

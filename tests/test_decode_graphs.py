@@ -303,3 +303,62 @@ def test_the_server_with_graphs_on_streams_what_generate_gives(tiny_model_dir: P
                      for p, n in zip(PROMPTS, lengths, strict=True)]
     assert "decode graphs: KV buffers for 4 rows x 256 positions" in proc.log()
     assert health["workers"][0]["memory"]["kv_cache_bytes"] == 0  # every stream done: no batch held
+
+
+COPIES = frozenset({"aten.index_copy_.default", "aten.clone.default", "aten.copy_.default", "aten.cat.default"})
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the ops that copy tensors, outside the model's forward pass (which a GPU replays as one graph)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.copies = 0
+        self._in_forward = False
+        self._model = model
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        original = self._model.forward
+
+        def forward(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self._in_forward = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_forward = False
+
+        self._model.forward = forward  # type: ignore[method-assign]
+        self._restore = original
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        self._model.forward = self._restore  # type: ignore[method-assign]
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not self._in_forward and str(func) in COPIES:
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_join_copies_every_layer_at_once(tmp_path: Path) -> None:
+    """Joining a held batch (graph prefill, the prefix cache's copy, the write into free slots) moves the keys and
+    values of every layer with one kernel each time, not one per layer per tensor: on a GPU each is a launch."""
+    from workers.devmodels import build_tiny_llama
+
+    folder = build_tiny_llama(tmp_path / "deep", num_layers=6)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=8,
+                        prefix_cache_tokens=4096)
+    for i, p in enumerate(PROMPTS[:3]):
+        admit(engine, job(p, str(i), 20))
+    engine.step()
+    engine.step()
+    assert engine.graphs is not None and engine.graphs.holding
+    admit(engine, job(LONG, "joiner", 20))
+    count = KernelCount(model)
+    with torch.inference_mode(), count:
+        engine.prefill_step()
+    assert engine.graphs.rows == 4 and engine.prefix_cache.nbytes > 0
+    assert count.copies <= 8, count.copies  # 7; one per layer per tensor before: 29 here

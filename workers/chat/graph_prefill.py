@@ -71,9 +71,11 @@ class StaticLayer:
 
 @dataclass
 class StaticKV:
-    """Views of the static buffers ([rows, heads, len, dim] per layer): valid until the next prefill replay."""
+    """Views of the static buffers ([rows, heads, len, dim] per layer), and all of them as one view `stacked`
+    ([layers, 2, rows, heads, len, dim]) so a join copies them with one kernel: valid until the next replay."""
 
     layers: list[StaticLayer]
+    stacked: torch.Tensor
 
 
 class GraphPrefill:
@@ -86,8 +88,7 @@ class GraphPrefill:
                               key=lambda b: (b[0] * b[1], b[1]))
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor | None]] = {}
         self._pool: Any = None
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+        self._flat = torch.empty(0)  # [layers, 2, positions x kv heads x head dim]: buckets view its start
         self.captures = 0
         self.replays = 0
 
@@ -102,18 +103,18 @@ class GraphPrefill:
         rows = max(r for r, _ in self.buckets)
         length = max(n for _, n in self.buckets)
         positions = max(r * n for r, n in self.buckets)
-        # One flat buffer per layer: every bucket views its start, so buckets share the memory of the largest.
+        # Every bucket views the start of one flat buffer, so buckets share the memory of the largest.
         size = positions * config.num_key_value_heads * head_dim
-        self._keys = [torch.zeros(size, dtype=param.dtype, device=param.device)
-                      for _ in range(config.num_hidden_layers)]
-        self._values = [torch.zeros_like(k) for k in self._keys]
+        self._flat = torch.zeros((config.num_hidden_layers, 2, size), dtype=param.dtype, device=param.device)
         self._shape = (config.num_key_value_heads, head_dim)
         self._ids = torch.zeros((rows, length), dtype=torch.long, device=param.device)
         self._valid = torch.ones((rows, length), dtype=torch.long, device=param.device)
 
-    def _view(self, flat: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    def _view(self, rows: int, length: int) -> torch.Tensor:
+        """[layers, 2, rows, heads, length, dim] over the start of the flat buffer."""
         heads, dim = self._shape
-        return flat[: rows * heads * length * dim].view(rows, heads, length, dim)
+        layers = self._flat.shape[0]
+        return self._flat[:, :, : rows * heads * length * dim].view(layers, 2, rows, heads, length, dim)
 
     def capture_all(self) -> int:
         before = len(self._graphs)
@@ -131,7 +132,7 @@ class GraphPrefill:
         kb, length = bucket
         ids = [[self.pad_id] * (length - len(p)) + p for p in prompts]
         valid = [[0] * (length - len(p)) + [1] * len(p) for p in prompts]
-        if not self._keys:
+        if not self._flat.numel():
             self._allocate()
         self._ids[rows:kb, :length].fill_(self.pad_id)
         self._valid[rows:kb, :length].fill_(1)
@@ -147,16 +148,15 @@ class GraphPrefill:
             logits = run()
         assert logits is not None
         self.replays += 1
-        start = length - width
-        layers = [StaticLayer(self._view(k, kb, length)[:rows, :, start:], self._view(v, kb, length)[:rows, :, start:])
-                  for k, v in zip(self._keys, self._values, strict=True)]
-        return StaticKV(layers), self._valid[:rows, start:length].clone(), logits[:rows]
+        stacked = self._view(kb, length)[:, :, :rows, :, :, :][:, :, :, :, length - width:]
+        layers = [StaticLayer(stacked[i, 0], stacked[i, 1]) for i in range(stacked.shape[0])]
+        return StaticKV(layers, stacked), self._valid[:rows, length - width:length].clone(), logits[:rows]
 
     def _build(self, rows: int, length: int) -> tuple[Any, torch.Tensor | None]:
-        if not self._keys:
+        if not self._flat.numel():
             self._allocate()
-        cache = Cache(layers=[_PrefillLayer(self._view(k, rows, length), self._view(v, rows, length))
-                              for k, v in zip(self._keys, self._values, strict=True)])
+        view = self._view(rows, length)
+        cache = Cache(layers=[_PrefillLayer(view[i, 0], view[i, 1]) for i in range(view.shape[0])])
         ids, valid = self._ids[:rows, :length], self._valid[:rows, :length]
         causal = torch.ones((length, length), dtype=torch.bool, device=ids.device).tril()
         itself = torch.eye(length, dtype=torch.bool, device=ids.device)

@@ -106,7 +106,8 @@ class GraphDecoder:
         self.max_rows, self.max_len = max_rows, max_len
         self.row_buckets = buckets(max_rows, BATCH_BUCKETS)
         self.len_buckets = buckets(max_len, tuple(MIN_LEN_BUCKET << i for i in range(16)))
-        self._keys: list[torch.Tensor] = []
+        self._kv = torch.empty(0)  # [layers, 2 (keys, values), slots, kv heads, positions, head dim]
+        self._keys: list[torch.Tensor] = []  # views of _kv, one per layer
         self._values: list[torch.Tensor] = []
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor | None, Any]] = {}
         self._pool: Any = None
@@ -135,8 +136,11 @@ class GraphDecoder:
     def _allocate(self, like: torch.Tensor, layers: int) -> None:
         device, dtype = like.device, like.dtype
         shape = (self.max_rows, like.shape[1], self.max_len, like.shape[3])
-        self._keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self._values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        # One tensor for every layer's keys and values: a join, a load or a compaction is one kernel for all
+        # layers instead of one per layer per tensor (32 for a 16-layer model), each a launch on a GPU.
+        self._kv = torch.zeros((layers, 2, *shape), device=device, dtype=dtype)
+        self._keys = [self._kv[i, 0] for i in range(layers)]
+        self._values = [self._kv[i, 1] for i in range(layers)]
         self._ids = torch.zeros((self.max_rows, 1), dtype=torch.long, device=device)
         self._positions = torch.zeros((self.max_rows, 1), dtype=torch.long, device=device)
         self._mask = torch.zeros((self.max_rows, 1, 1, self.max_len), dtype=torch.bool, device=device)
@@ -168,8 +172,7 @@ class GraphDecoder:
             for length in self.len_buckets:
                 if (rows, length) not in self._graphs:
                     self._graphs[(rows, length)] = self._build(rows, length)
-        for buffer in self._keys + self._values:
-            buffer.zero_()
+        self._kv.zero_()
         return len(self._graphs) - before
 
     def load(self, cache: Any, mask: torch.Tensor) -> None:
@@ -179,9 +182,13 @@ class GraphDecoder:
         layers = cache.layers
         if not self._keys:
             self._allocate(layers[0].keys, len(layers))
-        for layer, keys, values in zip(layers, self._keys, self._values, strict=True):
-            keys[:rows, :, :length].copy_(layer.keys)
-            values[:rows, :, :length].copy_(layer.values)
+        stacked = getattr(cache, "stacked", None)
+        if stacked is not None:
+            self._kv[:, :, :rows, :, :length].copy_(stacked)
+        else:
+            for layer, keys, values in zip(layers, self._keys, self._values, strict=True):
+                keys[:rows, :, :length].copy_(layer.keys)
+                values[:rows, :, :length].copy_(layer.values)
         self._mask.zero_()
         self._mask[:rows, 0, 0, :length] = mask.bool()
         self._mask[rows:, 0, 0, 0] = True  # free slots attend to one (zero) position: no all-masked softmax
@@ -199,9 +206,13 @@ class GraphDecoder:
         new = [heapq.heappop(self._free) for _ in range(k)]
         index = torch.tensor(new, device=self._mask.device)
         start = length - width
-        for layer, keys, values in zip(cache.layers, self._keys, self._values, strict=True):
-            keys[:, :, start:length].index_copy_(0, index, layer.keys)
-            values[:, :, start:length].index_copy_(0, index, layer.values)
+        stacked = getattr(cache, "stacked", None)
+        if stacked is not None:
+            self._kv[:, :, :, :, start:length].index_copy_(2, index, stacked)
+        else:
+            for layer, keys, values in zip(cache.layers, self._keys, self._values, strict=True):
+                keys[:, :, start:length].index_copy_(0, index, layer.keys)
+                values[:, :, start:length].index_copy_(0, index, layer.values)
         self._mask.index_fill_(0, index, False)
         self._mask[:, :, :, start:length].index_copy_(0, index, mask.bool()[:, None, None, :])
         self._positions.index_copy_(0, index, mask.sum(dim=1, keepdim=True).to(torch.long))
@@ -229,11 +240,12 @@ class GraphDecoder:
         width = int(mask.sum(dim=1).max())
         order = torch.sort(mask.to(torch.int32), dim=1, stable=True).indices[:, length - width:]
         compact = torch.gather(mask, 1, order).to(torch.long)
+        kv = self._kv[:, :, :, :, :length].index_select(2, index)
+        layers, _, rows, heads, _, dim = kv.shape
+        kv = torch.gather(kv, 4, order[None, None, :, None, :, None].expand(layers, 2, rows, heads, width, dim))
         cache = new_cache(self.model.config)
-        for layer, keys, values in zip(cache.layers, self._keys, self._values, strict=True):
-            gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-            layer.keys = torch.gather(keys[:, :, :length].index_select(0, index), 2, gather)
-            layer.values = torch.gather(values[:, :, :length].index_select(0, index), 2, gather)
+        for i, layer in enumerate(cache.layers):
+            layer.keys, layer.values = kv[i, 0], kv[i, 1]
             layer.is_initialized = True
         self.discard()
         return cache, compact

@@ -79,9 +79,10 @@ class PrefixCache:
     def store(self, prompt_ids: list[int], cache: DynamicCache | Any, row: int = 0, offset: int = 0) -> None:
         """Copy every full block of a freshly prefilled prompt that is not cached yet; the prompt sits in batch
         row `row` of `cache`, from position `offset` on (left padding before it). The new blocks are copied out
-        together, one copy per layer, and share it: a copy per block per layer was ~130 small copies per prompt
-        of 64 tokens on a 16-layer model, each a kernel launch on a GPU. A block evicted before its siblings
-        keeps their copy alive until they go too; never more than its own prompt's span."""
+        together and share the copy: one per layer, or one in all after a graph prefill. A copy per block per
+        layer was ~130 small copies per prompt of 64 tokens on a 16-layer model, each a kernel launch on a GPU.
+        A block evicted before its siblings keeps their copy alive until they go too; never more than its own
+        prompt's span."""
         if not self.enabled:
             return
         parent: int | None = None
@@ -97,8 +98,13 @@ class PrefixCache:
         if new:
             first, end = new[0][0], new[-1][0] + 1
             span = slice(offset + first * BLOCK, offset + end * BLOCK)
-            keys = [layer.keys[row:row + 1, :, span].clone() for layer in cache.layers]
-            values = [layer.values[row:row + 1, :, span].clone() for layer in cache.layers]
+            stacked = getattr(cache, "stacked", None)  # a graph prefill's: every layer in one tensor, one copy
+            if stacked is not None:
+                copy = stacked[:, :, row:row + 1, :, span].clone()
+                keys, values = list(copy[:, 0]), list(copy[:, 1])
+            else:
+                keys = [layer.keys[row:row + 1, :, span].clone() for layer in cache.layers]
+                values = [layer.values[row:row + 1, :, span].clone() for layer in cache.layers]
             for i, key, tokens, block_parent in new:
                 part = slice((i - first) * BLOCK, (i - first + 1) * BLOCK)
                 self._blocks[key] = Block(block_parent, tokens, [k[:, :, part] for k in keys],

@@ -145,17 +145,55 @@ def test_a_static_step_reads_nothing_back_to_the_host(loaded: tuple) -> None:
     assert probe.seen
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral"])
-def test_models_the_static_path_would_get_wrong_decode_eagerly(tmp_path: Path, family: str) -> None:
-    """A sliding window shorter than GRAPH_MAX_LEN (and Gemma 2's eager attention): with the static path these
-    gave other tokens than `generate`; now the engine leaves graphs off for them and decodes eagerly."""
+def _narrow_family(tmp_path: Path, family: str):  # type: ignore[no-untyped-def]
     base = FAMILIES[family]
     folder = build_family_model(dataclasses.replace(base, config={**base.config, "sliding_window": WINDOW}),
                                 tmp_path / family)
-    loaded = load_causal_lm(str(folder), "cpu", dtype_name="float32")
+    return folder, load_causal_lm(str(folder), "cpu", dtype_name="float32")
+
+
+def test_eager_attention_models_decode_eagerly(tmp_path: Path) -> None:
+    """Gemma 2's eager attention adds the mask to its scores: with the static path's boolean masks it gave other
+    tokens than `generate`, so the engine leaves graphs off for it."""
+    folder, loaded = _narrow_family(tmp_path, "gemma2")
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 1024, decode_graphs="on", max_batch_size=4)
     assert engine.graphs is None
     assert _engine_outputs(engine, LONG_PROMPTS) == [_generate(folder, p) for p in LONG_PROMPTS]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_sliding_window_models_take_the_static_path(tmp_path: Path, family: str) -> None:
+    """A window of 8, far shorter than the prompts: Gemma 3 (sliding and full layers, masks by layer type) and
+    Mistral (sliding everywhere, one mask) decode and prefill through the static path, windowed by each row's
+    positions: equal to `generate` together, and when a longer prompt joins a held batch (gap columns in the
+    older row, which a window over columns would get wrong)."""
+    folder, loaded = _narrow_family(tmp_path, family)
+    engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 1024, decode_graphs="on", max_batch_size=4)
+    assert engine.graphs is not None and engine.graphs.attention.window == WINDOW
+    expected = [_generate(folder, p) for p in LONG_PROMPTS]
+    assert _engine_outputs(engine, LONG_PROMPTS) == expected
+    assert engine.graphs.replays == engine.decode_steps > 0
+    assert engine.prefill_graphs is not None and engine.prefill_graphs.replays > 0
+    short, longer = (ChatJob(request_id=f"g{i}", model="m", messages=[ChatMessage("user", p)],
+                             params=SamplingParams(temperature=0.0, max_tokens=20), created=0.0)
+                     for i, p in enumerate(reversed(LONG_PROMPTS)))
+    first = admit(engine, short)
+    engine.step()
+    engine.step()
+    held = engine.graphs.length
+    second = admit(engine, longer)
+    engine.prefill_step()
+    assert engine.graphs.length == len(second.prefill_ids) > held + 1
+    while engine.active:
+        engine.step()
+    assert [first.output_ids, second.output_ids] == expected[::-1]
+    admit(engine, short)  # and the windowed masks read nothing back to the host (a capture would fail)
+    engine.step()
+    probe = HostReads()
+    with torch.inference_mode(), probe:
+        engine.graphs.step([0])
+        engine.prefill_graphs.run([first.prefill_ids, second.prefill_ids])
+    assert probe.seen == []
 
 
 def test_full_attention_families_keep_the_static_path(tmp_path: Path) -> None:

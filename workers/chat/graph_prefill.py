@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from workers.chat.graphs import capture
+from workers.chat.graphs import Attention, capture
 from workers.chat.kv import new_cache
 
 log = logging.getLogger("axion.worker.graphs")
@@ -89,6 +89,7 @@ class GraphPrefill:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor | None]] = {}
         self._pool: Any = None
         self._flat = torch.empty(0)  # [layers, 2, positions x kv heads x head dim]: buckets view its start
+        self.attention = Attention.of(model.config, max_len)
         self.captures = 0
         self.replays = 0
 
@@ -164,6 +165,7 @@ class GraphPrefill:
         def forward() -> torch.Tensor:
             positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
             mask = causal & (valid.bool()[:, None, None, :] | itself)  # [rows, 1, length, length]
+            mask = self.attention.masks(mask, positions[:, None, :, None], positions[:, None, None, :])
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)
             return out.logits[:, -1, :]

@@ -16,8 +16,9 @@ While the buffers hold the batch they are its only copy, and sequences join and 
 Only when the shared column reaches GRAPH_MAX_LEN is the batch compacted (`unload`: each row's real columns
 gathered to the left), and decoding goes on eagerly past the buffers (a longer context, a batch larger than
 MAX_BATCH_SIZE) or for models the static path would compute wrongly (`unsupported`: attention other than SDPA,
-a sliding window shorter than GRAPH_MAX_LEN). Masked positions still enter SDPA's weighted sum with weight 0,
-so every buffer position holds finite values: zeros, or keys and values some earlier step computed.
+Gemma 2's). Sliding-window layers get a mask of their own, windowed by the positions each column records
+(`Attention`). Masked positions still enter SDPA's weighted sum with weight 0, so every buffer position holds
+finite values: zeros, or keys and values some earlier step computed.
 
 On a CPU the same static path runs without capture (DECODE_GRAPHS=on): the tests check it against `generate` and
 that a step makes no host synchronisation, which would break capture on a GPU.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,20 +77,42 @@ class _ColumnLayer(CacheLayerMixin):
 def unsupported(config: Any, max_len: int) -> str | None:
     """Why the static path would not compute what the model computes, or None when it does.
 
-    It hands every layer one boolean [rows, 1, 1, length] mask, as SDPA takes it: an eager attention adds the
-    mask to its scores, and a sliding layer whose window is shorter than the buffers would look past it (Gemma 2
-    and 3 and Mistral gave other tokens than `generate` with a window of 8; tests/test_decode_graphs.py)."""
+    It hands the layers boolean masks, as SDPA takes them: an eager attention (Gemma 2's) adds the mask to its
+    scores instead, and gave other tokens than `generate` (tests/test_decode_graphs.py)."""
     attention = getattr(config, "_attn_implementation", None)
     if attention != "sdpa":
         return f"attention {attention!r}, not sdpa"
     types = set(getattr(config, "layer_types", None) or [])
     if not types <= {"full_attention", "sliding_attention"}:
         return f"layer types {sorted(types)}"
-    window = getattr(config, "sliding_window", None)
-    sliding = "sliding_attention" in types or (not types and window)
-    if sliding and window and window < max_len:
-        return f"sliding window {window} < GRAPH_MAX_LEN {max_len}"
     return None
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Which masks the model's layers take. Sliding layers (Gemma 3's local layers, Mistral's every layer) see only
+    the last `window` positions: in the static buffers a row's columns are not its positions (left padding, and
+    the gap columns a joining prompt leaves), so the window is applied to positions each column records, not to
+    columns as transformers' own sliding mask does. With `by_type` the masks go keyed by layer type
+    (`config.layer_types`: Gemma 3, Qwen 2/3), else one mask serves every layer (Mistral)."""
+
+    window: int | None  # None: no sliding layer, or a window no shorter than the buffers
+    by_type: bool
+
+    @classmethod
+    def of(cls, config: Any, max_len: int) -> Attention:
+        types = set(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None)
+        sliding = "sliding_attention" in types or (not types and bool(window))
+        return cls(int(window) if sliding and window and window < max_len else None, bool(types))
+
+    def masks(self, full: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor) -> Any:
+        """The attention_mask argument: `full` (boolean, [rows, 1, queries, keys]) and, with a window, the same
+        limited to keys fewer than `window` positions back ([rows, 1, queries, 1] and [rows, 1, 1, keys])."""
+        if self.window is None:
+            return full
+        sliding = full & (query_positions - key_positions < self.window)
+        return {"full_attention": full, "sliding_attention": sliding} if self.by_type else sliding
 
 
 def buckets(limit: int, sizes: tuple[int, ...]) -> list[int]:
@@ -106,6 +130,7 @@ class GraphDecoder:
         self.max_rows, self.max_len = max_rows, max_len
         self.row_buckets = buckets(max_rows, BATCH_BUCKETS)
         self.len_buckets = buckets(max_len, tuple(MIN_LEN_BUCKET << i for i in range(16)))
+        self.attention = Attention.of(model.config, max_len)
         self._kv = torch.empty(0)  # [layers, 2 (keys, values), slots, kv heads, positions, head dim]
         self._keys: list[torch.Tensor] = []  # views of _kv, one per layer
         self._values: list[torch.Tensor] = []
@@ -145,6 +170,7 @@ class GraphDecoder:
         self._positions = torch.zeros((self.max_rows, 1), dtype=torch.long, device=device)
         self._mask = torch.zeros((self.max_rows, 1, 1, self.max_len), dtype=torch.bool, device=device)
         self._column = torch.zeros(1, dtype=torch.long, device=device)
+        self._column_positions = torch.zeros((self.max_rows, self.max_len), dtype=torch.long, device=device)
         gib = 2 * layers * self._keys[0].numel() * self._keys[0].element_size() / 2**30
         log.info("decode graphs: KV buffers for %d rows x %d positions (%.2f GiB), %s", self.max_rows, self.max_len,
                  gib, "CUDA graphs" if self.capture else "eager (no capture)")
@@ -193,6 +219,7 @@ class GraphDecoder:
         self._mask[:rows, 0, 0, :length] = mask.bool()
         self._mask[rows:, 0, 0, 0] = True  # free slots attend to one (zero) position: no all-masked softmax
         self._positions[:rows, 0] = mask.sum(dim=1)
+        self._column_positions[:rows, :length] = mask.cumsum(dim=1) - 1
         self.slots, self._free, self._slot_index = list(range(rows)), list(range(rows, self.max_rows)), None
         self.length = length
 
@@ -216,6 +243,7 @@ class GraphDecoder:
         self._mask.index_fill_(0, index, False)
         self._mask[:, :, :, start:length].index_copy_(0, index, mask.bool()[:, None, None, :])
         self._positions.index_copy_(0, index, mask.sum(dim=1, keepdim=True).to(torch.long))
+        self._column_positions[:, start:length].index_copy_(0, index, (mask.cumsum(dim=1) - 1).to(torch.long))
         self.slots += new
         self._slot_index, self.length = None, length
         return True
@@ -290,9 +318,15 @@ class GraphDecoder:
         cache = Cache(layers=[_ColumnLayer(k[:rows, :, :length], v[:rows, :, :length], self._column)
                               for k, v in zip(self._keys, self._values, strict=True)])
         ids, positions, mask = self._ids[:rows], self._positions[:rows], self._mask[:rows, :, :, :length]
+        column_positions = self._column_positions[:rows, :length]
 
         def forward() -> torch.Tensor:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            attention: Any = mask
+            if self.attention.window is not None:  # the column this step writes holds the query's own position
+                column_positions.index_copy_(1, self._column, positions)
+                attention = self.attention.masks(mask, positions[:, :, None, None], column_positions[:, None, None, :])
+            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
+                             use_cache=True)
             return out.logits[:, -1, :]
 
         if not self.capture:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one device call (about 8 minutes on an H100): write the 1B-shaped model, check the engine
-# against `generate` with graph prefill off and on (step times of each), then the serving sweep.
+# The GPU benchmark in one device call (about 9 minutes on an H100): write the 1B-shaped model, check the engine
+# against `generate` (graph prefill off, on, and on with DECODE_AHEAD; step times of each), the serving sweep,
+# then C=32 and 64 again with DECODE_AHEAD.
 #   bash bench/gpu_run.sh OUT_DIR [CONCURRENCY]      (CONCURRENCY default 1,16,32,64,128)
 # On the lent device machines the project's packages travel as wheels (bench/RESULTS.md, "Serving on a GPU").
 set -uo pipefail
@@ -11,11 +12,22 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 [ -d /tmp/l1b ] || python3 bench/serve_bench.py --write-model llama-1b /tmp/l1b | tail -1
-for prefill in 0 2048; do
-  GRAPH_PREFILL_TOKENS=$prefill timeout 150 python3 bench/engine_check.py /tmp/l1b --device cuda --requests 16 \
-    --tokens 32 2>&1 | grep -v "Warning\|warn(" | tee "$out/check-prefill-$prefill.txt"
-done
-timeout 360 python3 bench/serve_bench.py /tmp/l1b --device cuda --concurrency "$levels" --max-batch-size 128 \
-  --baseline-requests 4 --json "$out/sweep.json" > "$out/sweep.txt" 2>&1
-echo "sweep exit $?"
-grep -v "Warning\|warn(" "$out/sweep.txt" | tail -45
+check() {  # NAME, then settings
+  local name=$1
+  shift
+  env "$@" timeout 150 python3 bench/engine_check.py /tmp/l1b --device cuda --requests 16 --tokens 32 2>&1 \
+    | grep -v "Warning\|warn(" | tee "$out/check-$name.txt"
+}
+check prefill-eager GRAPH_PREFILL_TOKENS=0
+check prefill-graphs GRAPH_PREFILL_TOKENS=2048
+check ahead DECODE_AHEAD=true
+sweep() {  # NAME LEVELS, then settings
+  local name=$1 at=$2
+  shift 2
+  env "$@" timeout 330 python3 bench/serve_bench.py /tmp/l1b --device cuda --concurrency "$at" --max-batch-size 128 \
+    --baseline-requests 4 --json "$out/sweep-$name.json" > "$out/sweep-$name.txt" 2>&1
+  echo "sweep $name exit $?"
+  grep -v "Warning\|warn(" "$out/sweep-$name.txt" | tail -30
+}
+sweep default "$levels" DECODE_AHEAD=false
+sweep ahead 32,64 DECODE_AHEAD=true

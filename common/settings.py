@@ -73,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     graph_max_len: PositiveInt = 1024
     # Fresh prompts prefill through CUDA graphs too, in buckets of up to this many prompt positions; 0 = eagerly.
     graph_prefill_tokens: NonNegativeInt = 2048
+    # With decode graphs, launch each step before reading the last one back, while every row is plain greedy.
+    decode_ahead: bool = False
     # Security (README "Security"): keys, rate limits, CORS, request limits, which models may be loaded.
     api_keys: str = ""
     require_api_key: bool = False

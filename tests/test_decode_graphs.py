@@ -9,6 +9,7 @@ grows, the fall-back to eager decoding past GRAPH_MAX_LEN, and that a step never
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.protocol import ChatJob, ChatMessage, Finished, SamplingParams
+from common.protocol import ChatJob, ChatMessage, Event, Finished, SamplingParams
 from tests.test_sliding_window import PROMPTS as LONG_PROMPTS
 from tests.test_sliding_window import WINDOW, _engine_outputs, _generate
 from workers.chat.engine import ChatEngine, Sequence
@@ -49,9 +50,10 @@ def greedy_ids(loaded: tuple, prompt: str, n: int) -> list[int]:
     return out[0, enc["input_ids"].shape[1]:].tolist()
 
 
-def run(engine: ChatEngine, jobs: list[ChatJob], join_every: int) -> dict[str, list[int]]:
-    """Admit one job every `join_every` steps (0: all at once); each request's tokens."""
-    queue, outputs, steps = list(jobs), {}, 0
+def drive(engine: ChatEngine, jobs: list[ChatJob], join_every: int,
+          before_step: Callable[[int], None] | None = None) -> Iterator[tuple[Sequence, Event]]:
+    """Admit one job every `join_every` steps (0: all at once) until all are done; every event, in order."""
+    queue, steps = list(jobs), 0
     while queue or engine.active:
         if queue and (join_every == 0 or steps % join_every == 0):
             for j in queue if join_every == 0 else queue[:1]:
@@ -59,11 +61,16 @@ def run(engine: ChatEngine, jobs: list[ChatJob], join_every: int) -> dict[str, l
                 assert isinstance(seq, Sequence)
                 engine.add(seq)
             queue = [] if join_every == 0 else queue[1:]
-        for seq, event in engine.step():
-            if isinstance(event, Finished):
-                outputs[seq.request_id] = list(seq.output_ids)
+        if before_step is not None:
+            before_step(steps)
+        yield from engine.step()
         steps += 1
-    return outputs
+
+
+def run(engine: ChatEngine, jobs: list[ChatJob], join_every: int) -> dict[str, list[int]]:
+    """Each request's tokens."""
+    return {seq.request_id: list(seq.output_ids) for seq, event in drive(engine, jobs, join_every)
+            if isinstance(event, Finished)}
 
 
 @pytest.mark.parametrize("join_every", [0, 1, 3])
@@ -305,9 +312,9 @@ def test_a_failed_prefill_capture_leaves_prefill_eager(loaded: tuple, monkeypatc
 
 def test_the_server_with_graphs_on_streams_what_generate_gives(tiny_model_dir: Path, tmp_path: Path,
                                                                loaded: tuple) -> None:
-    """The whole path with DECODE_GRAPHS=on: the worker builds every bucket at warm-up, and concurrent streams
-    (joining and leaving the static batch in place, prefilled through the graph prefill) arrive over SSE through
-    the official SDK, each equal to `generate`."""
+    """The whole path with DECODE_GRAPHS=on and DECODE_AHEAD: the worker builds every bucket at warm-up, and
+    concurrent streams (joining and leaving the static batch in place, prefilled through the graph prefill,
+    decoded one step ahead) arrive over SSE through the official SDK, each equal to `generate`."""
     import asyncio
 
     from common.redis_server import free_port
@@ -315,7 +322,7 @@ def test_the_server_with_graphs_on_streams_what_generate_gives(tiny_model_dir: P
 
     port = free_port()
     env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="1024", MAX_BATCH_SIZE="4", SERVE_EMBEDDINGS="false",
-                    DECODE_GRAPHS="on", GRAPH_MAX_LEN="256")
+                    DECODE_GRAPHS="on", GRAPH_MAX_LEN="256", DECODE_AHEAD="true")
     proc = Proc(["serve"], env, tmp_path / "serve.log").start()
     server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
     lengths = [12 + 9 * i for i in range(len(PROMPTS))]
@@ -340,6 +347,7 @@ def test_the_server_with_graphs_on_streams_what_generate_gives(tiny_model_dir: P
     assert texts == [tok.decode(greedy_ids(loaded, p, n), skip_special_tokens=True)
                      for p, n in zip(PROMPTS, lengths, strict=True)]
     assert "decode graphs: KV buffers for 4 rows x 256 positions" in proc.log()
+    assert "decode ahead: on while every row is plain greedy" in proc.log()
     assert health["workers"][0]["memory"]["kv_cache_bytes"] == 0  # every stream done: no batch held
 
 

@@ -110,7 +110,7 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
                         prefill_idle_tokens=settings.prefill_idle_tokens,
                         prefix_cache_tokens=settings.prefix_cache_tokens, decode_graphs=settings.decode_graphs,
                         graph_max_len=settings.graph_max_len, graph_prefill_tokens=settings.graph_prefill_tokens,
-                        max_batch_size=settings.max_batch_size)
+                        max_batch_size=settings.max_batch_size, decode_ahead=settings.decode_ahead)
     steps.next("warm-up forward pass")
     first = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else 0
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import Accepted, ChatJob, Event, Failed, Tokenized
+from workers.chat.ahead import DecodeAhead
 from workers.chat.grammar import GrammarCompiler
 from workers.chat.graph_prefill import GraphPrefill, StaticKV, owned
 from workers.chat.graphs import GraphDecoder
@@ -31,11 +32,11 @@ from workers.chat.sequence import Sequence, advance, prepare, tokenize
 log = logging.getLogger("axion.worker.engine")
 
 
-class ChatEngine:
+class ChatEngine(DecodeAhead):
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_seq_len: int, *,
                  prefill_chunk_tokens: int = 512, prefill_idle_tokens: int = 2048,
                  prefix_cache_tokens: int = 0, decode_graphs: str = "off", graph_max_len: int = 1024,
-                 graph_prefill_tokens: int = 2048, max_batch_size: int = 64) -> None:
+                 graph_prefill_tokens: int = 2048, max_batch_size: int = 64, decode_ahead: bool = False) -> None:
         self.model = model
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_idle_tokens = max(prefill_idle_tokens, prefill_chunk_tokens)
@@ -69,6 +70,8 @@ class ChatEngine:
                                                        self.graphs.capture, tokenizer.pad_token_id or 0)
             else:
                 log.info("decode graphs off for this model (%s): decoding eagerly", reason)
+        self.decode_ahead = decode_ahead and self.graphs is not None
+        log.info("decode ahead: %s", "on while every row is plain greedy" if self.decode_ahead else "off")
 
     @property
     def active(self) -> int:
@@ -118,7 +121,13 @@ class ChatEngine:
         events: list[tuple[Sequence, Event]] = []
         self._drop_finished()  # cancelled since the last step: out before this pass, not after it
         if self.rows:
-            self._decode(events)
+            if self.decode_ahead and self._can_decode_ahead():
+                self._decode_ahead(events)
+            else:
+                self._settle(events)  # a step launched ahead is collected first
+                self._drop_finished()
+                if self.rows:
+                    self._decode(events)
             self._drop_finished()
         return events
 
@@ -155,6 +164,7 @@ class ChatEngine:
         if self.graphs is not None:
             self.graphs.discard()
         self.rows, self.pending, self._feed, self._cache, self._mask = [], [], [], None, None
+        self._inflight = None
         return dropped
 
     def _prefill(self, events: list[tuple[Sequence, Event]]) -> None:
@@ -358,6 +368,7 @@ class ChatEngine:
             if self.graphs is not None:
                 self.graphs.discard()  # the whole batch left: nothing to copy back
             self.rows, self._feed, self._cache, self._mask = [], [], None, None
+            self._inflight = None  # a step launched ahead for them only
             return
         if self.graphs is not None and self.graphs.holding:
             self.graphs.release([i for i in range(len(self.rows)) if i not in kept])

@@ -289,14 +289,26 @@ class GraphDecoder:
             self._slot_index = torch.tensor(self.slots, device=self._mask.device)
         return self._slot_index
 
-    def step(self, feed: list[int]) -> torch.Tensor:
-        """One decoding step of the held rows, fed `feed` (one token per batch row); logits [rows, vocab]."""
+    def feed_on_device(self, tokens: torch.Tensor) -> None:
+        """The next step's inputs from this step's tokens ([rows], on the device, batch row order): no host trip."""
+        self._ids.index_copy_(0, self._index(), tokens[:, None])
+
+    def feed_rows(self, rows: list[int], tokens: list[int]) -> None:
+        """Host tokens as the next inputs of some batch rows (sequences that joined since the last step)."""
+        device = self._ids.device
+        index = torch.tensor([self.slots[r] for r in rows], device=device)
+        self._ids.index_copy_(0, index, torch.tensor(tokens, device=device)[:, None])
+
+    def step(self, feed: list[int] | None) -> torch.Tensor:
+        """One decoding step of the held rows, fed `feed` (one token per batch row), or with None the inputs
+        `feed_on_device` and `feed_rows` wrote; logits [rows, vocab], on the device."""
         column, top = self.length, max(self.slots) + 1
         key = (next(b for b in self.row_buckets if b >= top), next(b for b in self.len_buckets if b > column))
-        ids = [0] * key[0]
-        for slot, token in zip(self.slots, feed, strict=True):
-            ids[slot] = token
-        self._ids[: key[0], 0].copy_(torch.tensor(ids))
+        if feed is not None:
+            ids = [0] * key[0]
+            for slot, token in zip(self.slots, feed, strict=True):
+                ids[slot] = token
+            self._ids[: key[0], 0].copy_(torch.tensor(ids))
         self._mask[:, 0, 0, column] = True  # free slots too: they attend to a column this step writes
         self._column.fill_(column)
         graph = self._graphs.get(key)

@@ -111,6 +111,6 @@ def test_min_tokens_bans_count_the_token_in_flight(loaded: tuple) -> None:
     logits = torch.zeros((2, engine.vocab_size))
     logits[:, eos] = 10.0
     logits[:, 7] = 5.0
-    picked = engine._pick(logits, rows, {id(rows[1])})
+    picked = engine._pick(logits, engine._bans(rows, {id(rows[1])}, logits.device))
     assert picked.tolist() == [7, eos]
     assert logits[0, eos] == 10.0  # the caller's logits are left as they were

@@ -67,9 +67,13 @@ class DecodeAhead:
             self._collect(previous, events)
 
     def _launch(self) -> InFlight:
+        """Every host-to-device copy comes before the replay: a blocking one synchronises the stream, so after
+        the replay it would wait for this very step and the host would overlap nothing."""
         graphs = self.graphs
         rows = list(self.rows)
         ahead = {id(s) for s in self._inflight.seqs} if self._inflight is not None else set()
+        bans = self._bans(rows, ahead, graphs.device)
+        graphs.prime()
         if self._inflight is None:
             logits = graphs.step(self._feed)
         else:
@@ -77,7 +81,7 @@ class DecodeAhead:
             if fresh:
                 graphs.feed_rows(fresh, [self._feed[i] for i in fresh])
             logits = graphs.step(None)
-        tokens = self._pick(logits, rows, ahead)
+        tokens = self._pick(logits, bans)
         graphs.feed_on_device(tokens)
         if tokens.device.type == "cuda":
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -87,22 +91,24 @@ class DecodeAhead:
             return InFlight(rows, host, ready)
         return InFlight(rows, tokens, None)
 
-    def _pick(self, logits: torch.Tensor, rows: list[Sequence], ahead: set[int]) -> torch.Tensor:
-        """Greedy tokens on the device, with end-of-turn ids banned as `_sample` bans them: a row whose token is
-        still in flight is one token further on than its `output_ids` say."""
-        index_rows: list[int] = []
-        index_cols: list[int] = []
+    def _bans(self, rows: list[Sequence], ahead: set[int], device: torch.device) -> torch.Tensor | None:
+        """The (row, token) pairs to ban, as `_sample` bans end-of-turn ids, on the device ([2, n]), or None: a row
+        whose token is still in flight is one token further on than its `output_ids` say."""
+        pairs: list[tuple[int, int]] = []
         for row, seq in enumerate(rows):
             produced = len(seq.output_ids) + (1 if id(seq) in ahead else 0)
             too_short = produced < seq.params.min_tokens
             banned = (self.eos_ids if seq.params.ignore_eos or too_short else []) + (
                 seq.params.stop_token_ids if too_short else [])
-            index_rows += [row] * len(banned)
-            index_cols += banned
-        if index_rows:
+            pairs += [(row, token) for token in banned]
+        return torch.tensor(pairs, device=device).T if pairs else None
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, bans: torch.Tensor | None) -> torch.Tensor:
+        """Greedy tokens on the device, the `bans` pairs excluded (the caller's logits are left as they were)."""
+        if bans is not None:
             logits = logits.clone()
-            logits[torch.tensor(index_rows, device=logits.device), torch.tensor(index_cols, device=logits.device)] = (
-                float("-inf"))
+            logits[bans[0], bans[1]] = float("-inf")
         return torch.argmax(logits, dim=-1)
 
     def _collect(self, step: InFlight, events: list[tuple[Sequence, Event]]) -> None:

@@ -289,6 +289,14 @@ class GraphDecoder:
             self._slot_index = torch.tensor(self.slots, device=self._mask.device)
         return self._slot_index
 
+    @property
+    def device(self) -> torch.device:
+        return self._ids.device
+
+    def prime(self) -> None:
+        """Put the slot index on the device now (a blocking copy), not inside a step."""
+        self._index()
+
     def feed_on_device(self, tokens: torch.Tensor) -> None:
         """The next step's inputs from this step's tokens ([rows], on the device, batch row order): no host trip."""
         self._ids.index_copy_(0, self._index(), tokens[:, None])

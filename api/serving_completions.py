@@ -135,8 +135,8 @@ class CompletionRun:
                     finished[index] = event
         except TimeoutError:
             raise APIError(504, "The request did not finish in time.", type="timeout", code="timeout") from None
-            for k, run in enumerate(self.runs):
-                run.outcome = finished_outcome({i: finished[k * self.n + i] for i in range(self.n)})
+        else:
+            self._record_outcomes(finished)
         finally:
             await self.close()
         choices = [lg.CompletionChoice(i, "".join(texts.get(i, [])), builders[i].out if i in builders else None,
@@ -145,6 +145,12 @@ class CompletionRun:
         usage = p.Usage(sum(u.prompt_tokens for u in per_prompt), sum(u.completion_tokens for u in per_prompt),
                         sum(u.total_tokens for u in per_prompt))
         return lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model), choices, usage)
+
+    def _record_outcomes(self, finished: dict[int, Finished]) -> None:
+        """Each prompt's line in the request log says how it ended (it said "client went away" for every legacy
+        completion: the assignment sat after a `raise`, out of reach)."""
+        for k, run in enumerate(self.runs):
+            run.outcome = finished_outcome({i: finished[k * self.n + i] for i in range(self.n)})
 
     async def stream(self) -> AsyncIterator[bytes]:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
@@ -173,6 +179,7 @@ class CompletionRun:
                     finished[index] = event
                 if event.text or finish or logprobs:
                     yield self._chunk(index, event.text, logprobs, finish)
+            self._record_outcomes(finished)
             if include_usage:
                 usage = p.Usage(sum(f.prompt_tokens for i, f in finished.items() if i % self.n == 0),
                                 sum(f.completion_tokens for f in finished.values()), 0)

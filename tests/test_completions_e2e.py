@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -132,3 +134,19 @@ def test_bad_tokenize_requests(served: Server, path: str, body: dict, status: in
     resp = httpx.post(f"{served.base_url}{path}", json={"model": served.model, **body}, timeout=30)
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_finished_completion_is_logged_as_done(served: Server, stream: bool) -> None:
+    """The request log says how a legacy completion ended, as for chat (it said "client went away")."""
+    rid = f"legacy-log-{stream}"
+    client = served.client(default_headers={"X-Request-Id": rid, "Cache-Control": "no-store"})
+    response = client.completions.create(model=served.model, prompt=PROMPTS[0], temperature=0, max_tokens=3,
+                                         stream=stream)
+    if stream:
+        list(response)
+    deadline = time.monotonic() + 5
+    while f"request {rid}." not in served.procs[0].log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(x for x in served.procs[0].log().splitlines() if f"request {rid}." in x)
+    assert "done finish=length" in line and "completion=3" in line

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if engine.graphs is not None:
         print(f"  decode graphs: {engine.graphs.replays} steps through the static path, "
               f"{engine.graphs.captures} graphs captured, of {engine.decode_steps} decoding steps")
+    if engine.decode_ahead:
+        print(f"  decode ahead: {engine.steps_ahead} steps launched before the one before them was read back")
     if engine.prefill_graphs is not None:
         print(f"  prefill graphs: {engine.prefill_graphs.replays} prefill passes replayed, "
               f"{engine.prefill_graphs.captures} graphs captured")

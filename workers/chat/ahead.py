@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.protocol import Event
-from workers.chat.sampling import needs_processing
+from workers.chat.sampling import banned_ids, needs_processing
 
 if TYPE_CHECKING:
     from workers.chat.sequence import Sequence
@@ -97,10 +97,7 @@ class DecodeAhead:
         pairs: list[tuple[int, int]] = []
         for row, seq in enumerate(rows):
             produced = len(seq.output_ids) + (1 if id(seq) in ahead else 0)
-            too_short = produced < seq.params.min_tokens
-            banned = (self.eos_ids if seq.params.ignore_eos or too_short else []) + (
-                seq.params.stop_token_ids if too_short else [])
-            pairs += [(row, token) for token in banned]
+            pairs += [(row, token) for token in banned_ids(seq.params, produced, self.eos_ids)]
         return torch.tensor(pairs, device=device).T if pairs else None
 
     @staticmethod

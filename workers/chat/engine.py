@@ -26,7 +26,7 @@ from workers.chat.graphs import unsupported as graphs_unsupported
 from workers.chat.kv import new_cache, pad_left
 from workers.chat.logprobs import TokenBytes
 from workers.chat.prefix_cache import PrefixCache
-from workers.chat.sampling import needs_processing, process_row, sample_row, token_seed
+from workers.chat.sampling import banned_ids, needs_processing, process_row, sample_row, token_seed
 from workers.chat.sequence import Sequence, advance, prepare, tokenize
 
 log = logging.getLogger("axion.worker.engine")
@@ -303,9 +303,7 @@ class ChatEngine(DecodeAhead):
         for row, seq in enumerate(seqs):
             if seq.params.logprobs:
                 seq.pending_logprobs = torch.log_softmax(logits[row], dim=-1)
-            too_short = len(seq.output_ids) < seq.params.min_tokens
-            banned = (self.eos_ids if seq.params.ignore_eos or too_short else []) + (
-                seq.params.stop_token_ids if too_short else [])
+            banned = banned_ids(seq.params, len(seq.output_ids), self.eos_ids)
             rows += [row] * len(banned)
             cols += banned
         if rows:

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from workers.chat.graphs import Attention, capture
+from workers.chat.graphs import Attention, BufferLayer, capture
 from workers.chat.kv import new_cache
 
 log = logging.getLogger("axion.worker.graphs")
@@ -31,18 +31,8 @@ PREFILL_ROWS = (1, 2, 4, 8, 16, 32, 64)
 PREFILL_LENS = (16, 32, 64, 128, 256, 512, 1024)
 
 
-class _PrefillLayer(CacheLayerMixin):
+class _PrefillLayer(BufferLayer):
     """A fresh prompt's layer: it attends to its own keys and values, and copies them into the static buffers."""
-
-    is_compileable = True
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,17 +40,6 @@ class _PrefillLayer(CacheLayerMixin):
         self.keys.copy_(key_states)
         self.values.copy_(value_states)
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        assert self.keys is not None
-        return self.keys.shape[2], 0
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        assert self.keys is not None
-        return self.keys.shape[2]
 
 
 @dataclass

@@ -42,25 +42,19 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MIN_LEN_BUCKET = 128
 
 
-class _ColumnLayer(CacheLayerMixin):
-    """One layer's static keys and values; `update` writes the step's column at the shared `column` index."""
+class BufferLayer(CacheLayerMixin):
+    """A cache layer over views of static buffers (fixed addresses, as a graph needs): the masks come with the
+    call, so it reports its buffers' length; subclasses say how `update` writes into them."""
 
     is_compileable = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.keys, self.values, self.column = keys, values, column
+        self.keys, self.values = keys, values
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        self.keys.index_copy_(2, self.column, key_states)
-        self.values.index_copy_(2, self.column, value_states)
-        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         assert self.keys is not None
@@ -72,6 +66,21 @@ class _ColumnLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         assert self.keys is not None
         return self.keys.shape[2]
+
+
+class _ColumnLayer(BufferLayer):
+    """One layer's static keys and values; `update` writes the step's column at the shared `column` index."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor) -> None:
+        super().__init__(keys, values)
+        self.column = column
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        self.keys.index_copy_(2, self.column, key_states)
+        self.values.index_copy_(2, self.column, value_states)
+        return self.keys, self.values
 
 
 def unsupported(config: Any, max_len: int) -> str | None:

@@ -32,6 +32,13 @@ def token_seed(seed: int | None, position: int) -> int | None:
     return x ^ (x >> 31)
 
 
+def banned_ids(params: SamplingParams, produced: int, eos_ids: list[int]) -> list[int]:
+    """The ids a row may not pick as its token number `produced`: end of turn under ignore_eos, and end of turn
+    and its stop_token_ids while it is shorter than min_tokens."""
+    too_short = produced < params.min_tokens
+    return (eos_ids if params.ignore_eos or too_short else []) + (params.stop_token_ids if too_short else [])
+
+
 def needs_processing(params: SamplingParams) -> bool:
     return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty
                 or params.repetition_penalty != 1.0)

@@ -11,6 +11,7 @@ only its own half.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -36,6 +37,12 @@ def setup_logging(level: str, fmt: str = "text") -> None:
             handler.setFormatter(JsonFormatter())
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` writes every thread's Python stack to the process's stderr (its log) and the process
+    goes on: how an operator sees where a worker or an API that stopped answering waits, without stopping it."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def run_api(settings: Settings) -> int:
@@ -203,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     settings = load_or_exit()
     setup_logging(settings.log_level, settings.log_format)
+    dump_stacks_on_sigusr1()
     runners = {"serve": run_serve, "api": run_api, "worker": run_worker, "batch-worker": run_batch_worker}
     return runners[args.command](settings)
 

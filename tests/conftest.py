@@ -65,7 +65,9 @@ class Proc:
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # stuck: its threads' stacks go to its log first (SIGUSR1)
+                self.process.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
                 self.process.kill()
                 self.process.wait()
         self._log.close()

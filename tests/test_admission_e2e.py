@@ -3,6 +3,7 @@ that runs one sequence at a time behind a model queue bound of 2 (MAX_QUEUED_JOB
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -149,3 +150,17 @@ def test_a_full_model_queue_is_429_at_once(stack: Stack, worker: Proc) -> None:
         t.join(timeout=120)
     assert results == [200, 200]
     assert stack.chat("after the rush").status_code == 200
+
+
+def test_sigusr1_writes_the_threads_stacks_and_the_worker_goes_on(stack: Stack, worker: Proc) -> None:
+    """`kill -USR1` on a worker (README "Operating the fleet"): every thread's Python stack in its log, and the
+    worker keeps serving."""
+    before = len(worker.log())
+    worker.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while (dump := worker.log()[before:]).count("(most recent call first)") < 2:  # the main and the model thread
+        assert time.monotonic() < deadline, dump[-2000:]
+        time.sleep(0.1)
+    assert "Current thread" in dump and "concurrent/futures/thread.py" in dump  # the model thread waits there
+    assert worker.process.poll() is None
+    assert stack.chat("still there?").status_code == 200

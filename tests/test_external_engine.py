@@ -134,14 +134,17 @@ def test_a_client_that_leaves_or_times_out_stops_the_engine(attached: Server, se
     """Cancel flag and deadline: our worker closes its upstream request, so the engine stops generating.
     The tiny engine writes 900 tokens in about 2 s, so on a loaded machine the abort can come after the engine
     has finished; up to three tries, each with the engine's own log as the judge."""
-    outcomes = []
+    outcomes, ids = [], []
     for attempt in range(3):
-        request_id = f"engine-{leave.__name__.strip('_')}-{attempt}"
+        ids.append(request_id := f"engine-{leave.__name__.strip('_')}-{attempt}")
         leave(attached, request_id)
         outcomes.append(_engine_outcome(served, request_id))
         if outcomes[-1].startswith("client went away"):
             return
-    pytest.fail(f"the engine generated to the end every time: {outcomes}")
+    ours = [line for line in attached.procs[0].log().splitlines() if any(i in line for i in ids)]
+    theirs = [line for line in served.procs[0].log().splitlines() if any(i in line for i in ids)]
+    pytest.fail(f"the engine generated to the end every time: {outcomes}\nour log:\n" + "\n".join(ours)
+                + "\nthe engine's log:\n" + "\n".join(theirs))
 
 
 def test_what_the_engine_lacks_is_served_natively_when_asked(attached: Server, served: Server) -> None:

@@ -152,6 +152,7 @@ class RunTimer:
         self.enqueued: float | None = None
         self.first_token: float | None = None
         self._last_token: dict[int, float] = {}
+        self._itl: Any = None  # the model's inter-token histogram, looked up once (labels() costs ~1 us a token)
         self.state: str | None = None  # "waiting" / "running" while counted in those gauges
 
     def set_state(self, state: str | None) -> None:
@@ -181,7 +182,9 @@ class RunTimer:
             m.ttft.labels(self.model).observe(now - self.started)
         last = self._last_token.get(index)
         if last is not None:
-            m.itl.labels(self.model).observe(now - last)
+            if self._itl is None:
+                self._itl = m.itl.labels(self.model)
+            self._itl.observe(now - last)
         self._last_token[index] = now
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:

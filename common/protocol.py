@@ -106,12 +106,13 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
 
 
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):
-    """New text of choice `index`. `seq` is the index of the token this event adds within its choice (from 0),
-    so a reader drops repeats per choice: a worker that resumes a crashed worker's job replays the tokens
-    already generated under the same numbers. (A worker on an external engine, which streams text and not
-    tokens, numbers by character instead: `seq` is the index of the event's last character, and its final
-    event's `seq` is one past it; only increasing numbers within one choice matter to a reader.)
-    `logprobs` covers the token this event adds, even while its text is held back."""
+    """New text of choice `index`. `seq` is the index of the (last) token this event adds within its choice
+    (from 0; with STREAM_INTERVAL > 1 one event adds several), so a reader drops repeats per choice: a worker that
+    resumes a crashed worker's job replays the tokens already generated under the same numbers. (A worker on an
+    external engine, which streams text and not tokens, numbers by character instead: `seq` is the index of the
+    event's last character, and its final event's `seq` is one past it; only increasing numbers within one
+    choice matter to a reader.)
+    `logprobs` covers the tokens this event adds, even while their text is held back."""
 
     seq: int
     text: str

@@ -75,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     graph_prefill_tokens: NonNegativeInt = 2048
     # With decode graphs, launch each step before reading the last one back, while every row is plain greedy.
     decode_ahead: bool = False
+    stream_interval: PositiveInt = 1  # publish a sequence's tokens every N steps (workers/chat/step_publish.py)
     # Security (README "Security"): keys, rate limits, CORS, request limits, which models may be loaded.
     api_keys: str = ""
     require_api_key: bool = False

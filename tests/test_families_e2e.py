@@ -26,6 +26,7 @@ OTHER = [{"role": "system", "content": "You are a terse assistant."},
 NO_SYSTEM = {"gemma2"}  # its template refuses system messages, as the released one does
 MAX_TOKENS = 12
 INT8_MODEL = "llama-int8"
+EVERY_4 = "llama-every-4"  # the llama folder again, with STREAM_INTERVAL=4
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def family_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         specs = [str(build_family_model(name, root / name, stop_in_answer_to=PLANTED)) for name in FAMILIES]
         specs += [json.dumps({"MODEL_NAME": str(root / "llama"), "SERVED_MODEL_NAME": INT8_MODEL,
                               "QUANTIZATION": "int8"}),
+                  json.dumps({"MODEL_NAME": str(root / "llama"), "SERVED_MODEL_NAME": EVERY_4, "STREAM_INTERVAL": "4"}),
                   str(_qwen3_gguf(root))]
         host = WorkerHost(specs, env, root / "workers.log").start()
         procs = [api, host]
@@ -179,3 +181,23 @@ def test_int8_weights_serve(family_server: Server) -> None:
     ratio = memory[INT8_MODEL] / memory[str(folder)]
     print(f"weights in /health: float32 {memory[str(folder)]} B, int8 {memory[INT8_MODEL]} B, ratio {ratio:.3f}")
     assert ratio <= 0.55
+
+
+def test_stream_interval_sends_tokens_in_pieces(family_server: Server) -> None:
+    """STREAM_INTERVAL=4: the same greedy text and one logprob per token, in fewer chunks than tokens (the first
+    token alone, then pieces of up to four); the same model at the default interval sends a chunk per token."""
+    folder = str(Path(family_server.model) / "llama")
+    text, tokens, _finish = reference(folder, OTHER, MAX_TOKENS)
+    client = family_server.client(timeout=60)
+    chunks = {}
+    for model in (folder, EVERY_4):
+        pieces = [(c.choices[0].delta.content or "", [t.token for t in c.choices[0].logprobs.content or []])
+                  for c in client.chat.completions.create(model=model, messages=OTHER, temperature=0, stream=True,
+                                                          max_tokens=MAX_TOKENS, logprobs=True)
+                  if c.choices and c.choices[0].logprobs is not None]
+        assert "".join(t for t, _ in pieces) == text, model
+        assert sum(len(lp) for _, lp in pieces) == tokens, model
+        chunks[model] = [len(lp) for _, lp in pieces]
+    assert chunks[folder] == [1] * tokens
+    # The first token alone; then pieces of four; what is held at the end goes with (just before) the finish.
+    assert chunks[EVERY_4][0] == 1 and max(chunks[EVERY_4]) == 4 and len(chunks[EVERY_4]) <= 2 + (tokens - 1) // 4 + 1

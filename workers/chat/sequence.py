@@ -70,6 +70,8 @@ class Sequence:
     tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
     resume: list[int] = field(default_factory=list)  # tokens a crashed worker generated: replayed, not sampled
     recorded: int = 0  # output tokens already written to the request's progress list in Redis
+    held: Delta | None = None  # STREAM_INTERVAL: tokens not yet published, merged (workers/chat/step_publish.py)
+    sent: int = 0  # output tokens already published
 
     @property
     def prefill_ids(self) -> list[int]:

@@ -22,7 +22,7 @@ from common.settings import Settings
 from workers import model_thread
 from workers.chat.engine import ChatEngine, Sequence
 from workers.chat.quantize import weight_bytes
-from workers.chat.step_publish import queue_step
+from workers.chat.step_publish import hold_back, queue_step
 from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -201,6 +201,7 @@ class ChatWorker(StreamWorker):
         progress lists dropped). With `read`, the same round trip also reads new jobs for the free slots and
         checks the cancel flags of the running requests."""
         pipe = self.redis.pipeline(transaction=False)
+        events = hold_back(events, self.settings.stream_interval)
         queue_step(pipe, events, int(self.settings.request_timeout_s) + 60)
         for seq in released:
             seq.group.left -= 1

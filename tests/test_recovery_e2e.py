@@ -35,9 +35,9 @@ class Fleet:
         self.api = Proc(["api"], axion_env(model_dir, redis_url, self.port, **ENV), logs / "api.log").start()
         self.workers = [self.start_worker() for _ in range(2)]
 
-    def start_worker(self) -> Proc:
+    def start_worker(self, **extra: str) -> Proc:
         n = len(list(self.logs.glob("worker*.log")))
-        return Proc(["worker"], axion_env(self.model_dir, self.redis_url, self.port, **ENV),
+        return Proc(["worker"], axion_env(self.model_dir, self.redis_url, self.port, **ENV | extra),
                     self.logs / f"worker{n}.log").start()
 
     def ensure_two_workers(self) -> None:
@@ -108,6 +108,10 @@ def _reference(fleet: Fleet, n: int) -> list[str]:
 
 def test_kill_9_mid_stream_loses_and_repeats_nothing(fleet: Fleet) -> None:
     fleet.ensure_two_workers()
+    _kill_one_mid_stream(fleet)
+
+
+def _kill_one_mid_stream(fleet: Fleet) -> None:
     expected = _reference(fleet, 20)
     victim = fleet.workers[0]
 
@@ -216,3 +220,14 @@ def test_sigterm_to_the_api_drains_open_streams(fleet: Fleet) -> None:
             fleet.api.stop()
         fleet.api = Proc(["api"], axion_env(fleet.model_dir, fleet.redis_url, fleet.port, **ENV),
                          fleet.logs / "api-2.log").start()
+
+
+def test_kill_9_mid_stream_with_a_stream_interval_loses_and_repeats_nothing(fleet: Fleet) -> None:
+    """STREAM_INTERVAL=3 (last here: it replaces the module's workers): tokens held back are not on the progress
+    list yet, so the worker that takes a job over generates them again, and the client still gets every token
+    once."""
+    for worker in fleet.workers:
+        worker.stop()
+    fleet.workers = [fleet.start_worker(STREAM_INTERVAL="3") for _ in range(2)]
+    wait_ready(fleet.url, [fleet.api, *fleet.workers], workers=2)
+    _kill_one_mid_stream(fleet)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one device call (about 9 minutes on an H100): write the 1B-shaped model, check the engine
 # against `generate` (graph prefill off, on, and on with DECODE_AHEAD; step times of each), the serving sweep,
-# then C=32 and 64 again with DECODE_AHEAD.
-#   bash bench/gpu_run.sh OUT_DIR [CONCURRENCY]      (CONCURRENCY default 1,16,32,64,128)
+# then C=32 and 64 again with DECODE_AHEAD. With `interval` as third argument, only a second sweep at C=64 and 128
+# with STREAM_INTERVAL=4 (fewer Redis messages and SSE chunks per token; ~3 minutes): is the API or Redis what
+# holds the GPU back?
+#   bash bench/gpu_run.sh OUT_DIR [CONCURRENCY] [all|interval]      (CONCURRENCY default 1,16,32,64,128)
 # On the lent device machines the project's packages travel as wheels (bench/RESULTS.md, "Serving on a GPU").
 set -uo pipefail
 out=${1:?output folder}
 levels=${2:-1,16,32,64,128}
+phases=${3:-all}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -18,9 +21,6 @@ check() {  # NAME, then settings
   env "$@" timeout 150 python3 bench/engine_check.py /tmp/l1b --device cuda --requests 16 --tokens 32 2>&1 \
     | grep -v "Warning\|warn(" | tee "$out/check-$name.txt"
 }
-check prefill-eager GRAPH_PREFILL_TOKENS=0
-check prefill-graphs GRAPH_PREFILL_TOKENS=2048
-check ahead DECODE_AHEAD=true
 sweep() {  # NAME LEVELS, then settings
   local name=$1 at=$2
   shift 2
@@ -29,5 +29,12 @@ sweep() {  # NAME LEVELS, then settings
   echo "sweep $name exit $?"
   grep -v "Warning\|warn(" "$out/sweep-$name.txt" | tail -30
 }
+if [ "$phases" = interval ]; then
+  sweep interval4 64,128 STREAM_INTERVAL=4 DECODE_AHEAD=false
+  exit 0
+fi
+check prefill-eager GRAPH_PREFILL_TOKENS=0
+check prefill-graphs GRAPH_PREFILL_TOKENS=2048
+check ahead DECODE_AHEAD=true
 sweep default "$levels" DECODE_AHEAD=false
 sweep ahead 32,64 DECODE_AHEAD=true

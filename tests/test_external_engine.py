@@ -4,11 +4,13 @@ restart, shutdown and fallback paths run on a real process tree: guard → engin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,84 @@ def test_a_client_that_leaves_or_times_out_stops_the_engine(attached: Server, se
                 + "\nthe engine's log:\n" + "\n".join(theirs))
 
 
+class Proxy:
+    """A TCP forwarder in front of the `served` engine, on a thread of its own: `close` drops the listener and
+    every open connection, which is the engine becoming unreachable; `open` brings it back on the same port."""
+
+    def __init__(self, target: str) -> None:
+        self.target_host, self.target_port = target.rsplit("/", 1)[-1].split(":")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def open(self) -> None:
+        async def start() -> None:
+            self.server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port, reuse_address=True)
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            for writer in list(self.writers):
+                writer.close()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.target_host, int(self.target_port))
+        self.writers |= {writer, up_writer}
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+
+def test_an_attached_engine_that_stops_answering_stops_the_worker_reading(
+        served: Server, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The engine at EXTERNAL_ENGINE_URL goes away: the worker says so in /health and reads no job, so a request
+    waits in the stream (for another worker, or this one) instead of failing; it is answered once the engine is
+    back."""
+    proxy = Proxy(served.base_url)
+    proxy.open()
+    front = start_front(tiny_model_dir, tmp_path_factory.mktemp("proxied"), "front", EXTERNAL_ENGINE_URL=proxy.url,
+                        HEARTBEAT_TTL_S="1.5", CACHE_CAPACITY="0")
+    try:
+        expected = greedy(served, 8).choices[0].message.content
+        assert greedy(front, 8).choices[0].message.content == expected
+        proxy.close()
+        wait_backend(front, "engine unreachable", timeout=30)
+        answers: list[str | Exception | None] = []
+
+        def ask() -> None:
+            try:
+                answers.append(greedy(front, 8).choices[0].message.content)
+            except Exception as exc:  # shown by the assertions below
+                answers.append(exc)
+
+        waiting = threading.Thread(target=ask)
+        waiting.start()
+        time.sleep(2.0)
+        assert waiting.is_alive() and not answers, f"the request did not wait for the engine: {answers}"
+        proxy.open()
+        waiting.join(60)
+        assert answers == [expected]
+        wait_backend(front, "engine ready", timeout=10)
+        assert "fails its health check" in front.procs[0].log() and "answers again" in front.procs[0].log()
+    finally:
+        assert front.procs[0].stop() == 0, front.procs[0].log()[-3000:]
+        with contextlib.suppress(Exception):
+            proxy.close()
+
+
 def test_what_the_engine_lacks_is_served_natively_when_asked(attached: Server, served: Server) -> None:
     """EXTERNAL_ENGINE_LACKS=n with EXTERNAL_ENGINE_UNSUPPORTED=native: n=2 runs on the worker's own model."""
     ours, theirs = greedy(attached, 8, n=2), greedy(served, 8, n=2)
@@ -255,7 +335,7 @@ def test_a_job_taken_over_from_a_dead_worker_skips_what_was_published(served: Se
     enqueue_orphan(r, stream, job)
     worker = Proc(["worker"], axion_env(tiny_model_dir, redis_server.url, free_port(), BACKEND="auto",
                                         EXTERNAL_ENGINE_URL=served.base_url, VISIBILITY_TIMEOUT_S="1",
-                                        HEARTBEAT_TTL_S="1.5"), tmp_path / "worker.log").start()
+                                        HEARTBEAT_TTL_S="1.5", CACHE_CAPACITY="0"), tmp_path / "worker.log").start()
     try:
         events = [next_event(pubsub, timeout=60)]
         while not isinstance(events[-1], Finished | Failed | type(None)):

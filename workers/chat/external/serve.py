@@ -23,7 +23,13 @@ from common.settings import Settings, split_list
 from workers.chat.external.choice import choose_backend, is_max_command
 from workers.chat.external.client import FEATURES, MAX_LACKS, EngineClient
 from workers.chat.external.guard import SCRATCH_ENV
-from workers.chat.external.supervisor import ENGINE_ENV, EngineStartError, EngineSupervisor, is_ready
+from workers.chat.external.supervisor import (
+    ENGINE_ENV,
+    AttachedEngine,
+    EngineStartError,
+    EngineSupervisor,
+    is_ready,
+)
 from workers.chat.external.worker import ExternalChatWorker
 
 log = logging.getLogger("axion.worker")
@@ -135,17 +141,18 @@ async def serve_external(settings: Settings) -> Outcome:
         return Outcome(False, f"fallback: {first_line}")
     tokenizer = await asyncio.to_thread(load_tokenizer, settings.model_name)
     redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
-    watch = asyncio.create_task(supervisor.watch()) if supervisor else None
-    worker = ExternalChatWorker(settings, redis, client, reason=choice.reason, supervisor=supervisor,
+    engine = supervisor or AttachedEngine(base_url)
+    watch = asyncio.create_task(engine.watch())
+    worker = ExternalChatWorker(settings, redis, client, reason=choice.reason, supervisor=engine,
                                 tokenizer=tokenizer,
                                 lacks=engine_lacks(settings, bool(choice.command) and is_max_command(choice.command)))
     try:
         await worker.run()
     finally:
-        if watch:
-            watch.cancel()
-        if supervisor:
-            await supervisor.stop()
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        await engine.stop()
         await client.aclose()
         await redis.aclose()
         shutil.rmtree(engine_tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The engine's process, as the chat worker manages it: spawn on a free port, wait until ready, restart after a
-crash (with backoff), stop the whole process group at the end.
+crash (with backoff), stop the whole process group at the end. An engine attached by URL (`AttachedEngine`) is
+someone else's process: only its health is watched, so the worker reads no job while it cannot answer.
 
 The engine runs under `guard` (see there), started from the event loop's thread: Linux sends the parent-death
 signal when the *thread* that forked the child exits, so a fork from a pool thread would kill the guard early.
@@ -157,3 +158,46 @@ class EngineSupervisor:
             return ""
         tail = self.log_path.read_text(errors="replace")[-1500:]
         return f"; its log ({self.log_path}) ends with:\n{tail}"
+
+
+class AttachedEngine:
+    """An engine at EXTERNAL_ENGINE_URL, asked for its health every CHECK_S: after FAILURES_DOWN failed checks in
+    a row it is down (the worker reads no new job, so jobs wait in the stream or go to other workers, as while a
+    spawned engine restarts), and one good check brings it back. The same `ready`, `state`, `restarts`, `watch`
+    and `stop` as `EngineSupervisor`, for the worker and its heartbeat."""
+
+    CHECK_S = 1.0
+    FAILURES_DOWN = 2
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.ready = asyncio.Event()
+        self.ready.set()  # `wait_attached` saw it ready before the worker started
+        self.restarts = 0
+        self.state = "ready"
+        self._http = httpx.AsyncClient()
+        self._down_since = 0.0
+
+    async def watch(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.CHECK_S)
+            if await is_ready(self._http, self.base_url):
+                failures = 0
+                if not self.ready.is_set():
+                    log.info("the engine at %s answers again after %.0fs", self.base_url,
+                             time.monotonic() - self._down_since)
+                    self.state = "ready"
+                    self.ready.set()
+                continue
+            failures += 1
+            if failures == self.FAILURES_DOWN:
+                self._down_since = time.monotonic()
+                self.ready.clear()
+                self.state = "unreachable"
+                log.error("the engine at %s fails its health check; reading no job until it answers", self.base_url)
+
+    async def stop(self) -> None:
+        self.ready.clear()
+        self.state = "stopped"
+        await self._http.aclose()

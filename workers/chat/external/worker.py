@@ -2,7 +2,8 @@
 native worker (workers/chat/worker.py), but each job is forwarded to the engine and relayed back as events.
 
 Jobs run as asyncio tasks, at most MAX_BATCH_SIZE at a time; the engine batches them itself. While the engine
-is down (crashed, restarting) the worker reads no new job, so jobs wait in the stream or go to other workers.
+is down (crashed, restarting; attached by URL and failing its health check) the worker reads no new job, so jobs
+wait in the stream or go to other workers.
 A job whose cancel flag appears (client gone) or whose deadline passes is stopped by closing its upstream
 request, which aborts the generation in the engine.
 """
@@ -27,7 +28,7 @@ from common.settings import Settings
 from workers.chat.external.client import EngineClient, EngineError, lacked_features
 from workers.chat.external.native import NativeFallback
 from workers.chat.external.relay import Relay
-from workers.chat.external.supervisor import EngineSupervisor
+from workers.chat.external.supervisor import AttachedEngine, EngineSupervisor
 from workers.revision import model_revision
 from workers.stream_worker import Entry, StreamWorker
 
@@ -47,8 +48,8 @@ def vocab_size(model: str) -> int:
 
 class ExternalChatWorker(StreamWorker):
     def __init__(self, settings: Settings, redis: aioredis.Redis, client: EngineClient, *, reason: str,
-                 lacks: frozenset[str], supervisor: EngineSupervisor | None = None, tokenizer: Any = None,
-                 max_seq_len: int | None = None) -> None:
+                 lacks: frozenset[str], supervisor: EngineSupervisor | AttachedEngine | None = None,
+                 tokenizer: Any = None, max_seq_len: int | None = None) -> None:
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
                          stream=keys.chat_stream(settings.model_id), device="external", dtype="",
                          revision=model_revision(settings.model_name))

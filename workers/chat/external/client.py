@@ -25,15 +25,17 @@ MAX_LACKS = frozenset({"n", "response_format", "echo", "penalties"})
 class EngineError(Exception):
     """The engine refused or failed the request; `failed` is the OpenAI-shaped answer for our client."""
 
-    def __init__(self, failed: Failed) -> None:
+    def __init__(self, failed: Failed, *, refused: bool = False) -> None:
         super().__init__(failed.message)
         self.failed = failed
+        self.refused = refused  # no connection could be made: the engine is down, not just this request
 
 
-def unavailable(detail: str) -> EngineError:
+def unavailable(detail: str, *, refused: bool = False) -> EngineError:
     """The engine cannot be reached or broke the stream: 502, which clients (and the OpenAI SDK) retry."""
     return EngineError(Failed(status=502, type="server_error", code="engine_unavailable",
-                              message=f"The model's engine failed while answering ({detail}); retry the request."))
+                              message=f"The model's engine failed while answering ({detail}); retry the request."),
+                       refused=refused)
 
 
 @dataclass
@@ -209,7 +211,7 @@ class EngineClient:
                         raise unavailable(f"unreadable stream chunk {data[:80]!r}") from None
                     yield parse_chunk(chunk)
         except httpx.HTTPError as exc:
-            raise unavailable(type(exc).__name__) from None
+            raise unavailable(type(exc).__name__, refused=isinstance(exc, httpx.ConnectError)) from None
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -163,8 +163,9 @@ class EngineSupervisor:
 class AttachedEngine:
     """An engine at EXTERNAL_ENGINE_URL, asked for its health every CHECK_S: after FAILURES_DOWN failed checks in
     a row it is down (the worker reads no new job, so jobs wait in the stream or go to other workers, as while a
-    spawned engine restarts), and one good check brings it back. The same `ready`, `state`, `restarts`, `watch`
-    and `stop` as `EngineSupervisor`, for the worker and its heartbeat."""
+    spawned engine restarts), and one good check brings it back; a request whose connection is refused marks it
+    down at once (`refused`). The same `ready`, `state`, `restarts`, `watch` and `stop` as `EngineSupervisor`,
+    for the worker and its heartbeat."""
 
     CHECK_S = 1.0
     FAILURES_DOWN = 2
@@ -191,11 +192,19 @@ class AttachedEngine:
                     self.ready.set()
                 continue
             failures += 1
-            if failures == self.FAILURES_DOWN:
+            if failures == self.FAILURES_DOWN and self.ready.is_set():
                 self._down_since = time.monotonic()
                 self.ready.clear()
                 self.state = "unreachable"
                 log.error("the engine at %s fails its health check; reading no job until it answers", self.base_url)
+
+    def refused(self) -> None:
+        """A request found no engine to connect to: down at once; the next good check brings it back."""
+        if self.ready.is_set():
+            self._down_since = time.monotonic()
+            self.ready.clear()
+            self.state = "unreachable"
+            log.error("the engine at %s refused a connection; reading no job until it answers", self.base_url)
 
     async def stop(self) -> None:
         self.ready.clear()

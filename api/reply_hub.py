@@ -77,7 +77,7 @@ class Subscription:
         self.failed = False
 
     async def get(self, timeout: float | None) -> bytes:
-        if not self.queue.empty():  # the common case while tokens flow: no timer to arm and disarm
+        if not self.queue.empty():  # events already waiting (a burst, a stream behind): no timer to arm
             return self.queue.get_nowait()
         # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that lands as the queue hands over an event
         # (it returns the event instead), and a request whose client left then runs to its end.

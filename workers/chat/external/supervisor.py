@@ -132,6 +132,9 @@ class EngineSupervisor:
                     delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
                     log.error("engine restart failed (%s); next try in %.0fs", exc, delay)
 
+    def refused(self) -> None:
+        """A request found no engine to connect to: nothing to do here, `watch` sees the process exit."""
+
     async def stop(self) -> None:
         self._stopping = True
         self.ready.clear()
@@ -192,19 +195,19 @@ class AttachedEngine:
                     self.ready.set()
                 continue
             failures += 1
-            if failures == self.FAILURES_DOWN and self.ready.is_set():
-                self._down_since = time.monotonic()
-                self.ready.clear()
-                self.state = "unreachable"
-                log.error("the engine at %s fails its health check; reading no job until it answers", self.base_url)
+            if failures == self.FAILURES_DOWN:
+                self._mark_down("fails its health check")
 
     def refused(self) -> None:
         """A request found no engine to connect to: down at once; the next good check brings it back."""
+        self._mark_down("refused a connection")
+
+    def _mark_down(self, why: str) -> None:
         if self.ready.is_set():
             self._down_since = time.monotonic()
             self.ready.clear()
             self.state = "unreachable"
-            log.error("the engine at %s refused a connection; reading no job until it answers", self.base_url)
+            log.error("the engine at %s %s; reading no job until it answers", self.base_url, why)
 
     async def stop(self) -> None:
         self.ready.clear()

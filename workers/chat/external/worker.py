@@ -167,8 +167,8 @@ class ExternalChatWorker(StreamWorker):
         except EngineError as exc:
             log.warning("engine refused or failed job %s: %s", job.request_id, exc.failed.message)
             events = [exc.failed]
-            if exc.refused and isinstance(self.supervisor, AttachedEngine):
-                self.supervisor.refused()  # down now: no more jobs read into failures before its next check
+            if exc.refused and self.supervisor is not None:
+                self.supervisor.refused()  # an attached engine is down now: no more jobs read into failures
         self.info.decoded_tokens += sum(getattr(e, "completion_tokens", 0) for e in events)
         await self._finish(entry_id, job, events)
 

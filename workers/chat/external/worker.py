@@ -155,9 +155,14 @@ class ExternalChatWorker(StreamWorker):
                 break
             past_deadline = job.deadline is not None and job.deadline < time.time()
             if await self._should_stop(job):
+                log.info("stopping job %s (%s): closing its engine request", job.request_id,
+                         "deadline passed" if past_deadline else "client gone")
                 running.cancel()  # closes the upstream response: the engine stops generating
                 with contextlib.suppress(asyncio.CancelledError, EngineError):
                     await running
+                if not running.cancelled() and running.exception() is None:
+                    log.warning("job %s: the relay ran on to the engine's end through its cancellation",
+                                job.request_id)
                 timeout = Failed(status=504, type="timeout", code="timeout",
                                  message="The request's deadline passed while the engine generated.")
                 await self._finish(entry_id, job, [timeout] if past_deadline else [])

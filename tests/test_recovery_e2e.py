@@ -90,19 +90,20 @@ async def _stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], first
     return "".join(pieces), pieces, finish
 
 
-async def _streams_then(fleet: Fleet, n: int, act: Callable[[], object]) -> list[tuple[str, list[str], str | None]]:
+async def _streams_then(fleet: Fleet, n: int, act: Callable[[], object],
+                        tokens: int = TOKENS) -> list[tuple[str, list[str], str | None]]:
     """Requests 0..n-1 as streams; once every one has its first token, `act` (kill, SIGTERM...); then their ends."""
     async with httpx.AsyncClient(timeout=120) as http:
         started = [asyncio.Event() for _ in range(n)]
-        tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i), started[i])) for i in range(n)]
+        tasks = [asyncio.create_task(_stream(http, fleet.url, _body(fleet, i, tokens), started[i])) for i in range(n)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
         act()
         return await asyncio.gather(*tasks)
 
 
-def _reference(fleet: Fleet, n: int) -> list[str]:
+def _reference(fleet: Fleet, n: int, tokens: int = TOKENS) -> list[str]:
     with httpx.Client(timeout=120) as http:
-        return [http.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, i, stream=False))
+        return [http.post(f"{fleet.url}/v1/chat/completions", json=_body(fleet, i, tokens, stream=False))
                 .json()["choices"][0]["message"]["content"] for i in range(n)]
 
 
@@ -111,12 +112,12 @@ def test_kill_9_mid_stream_loses_and_repeats_nothing(fleet: Fleet) -> None:
     _kill_one_mid_stream(fleet)
 
 
-def _kill_one_mid_stream(fleet: Fleet) -> None:
-    expected = _reference(fleet, 20)
+def _kill_one_mid_stream(fleet: Fleet, tokens: int = TOKENS) -> None:
+    expected = _reference(fleet, 20, tokens)
     victim = fleet.workers[0]
 
     # every stream has begun when the worker dies; many are mid-generation
-    results = asyncio.run(_streams_then(fleet, 20, lambda: victim.process.send_signal(signal.SIGKILL)))
+    results = asyncio.run(_streams_then(fleet, 20, lambda: victim.process.send_signal(signal.SIGKILL), tokens))
     assert victim.process.wait(10) == -signal.SIGKILL
     assert [text for text, _, _ in results] == expected
     assert all(finish == "length" for _, _, finish in results)
@@ -225,9 +226,10 @@ def test_sigterm_to_the_api_drains_open_streams(fleet: Fleet) -> None:
 def test_kill_9_mid_stream_with_a_stream_interval_loses_and_repeats_nothing(fleet: Fleet) -> None:
     """STREAM_INTERVAL=3 (last here: it replaces the module's workers): tokens held back are not on the progress
     list yet, so the worker that takes a job over generates them again, and the client still gets every token
-    once."""
+    once. Longer answers than the test above: with two freshly started workers, the victim once finished all of
+    its streams (96 tokens) before the slowest stream's first text arrived and the kill came."""
     for worker in fleet.workers:
         worker.stop()
     fleet.workers = [fleet.start_worker(STREAM_INTERVAL="3") for _ in range(2)]
     wait_ready(fleet.url, [fleet.api, *fleet.workers], workers=2)
-    _kill_one_mid_stream(fleet)
+    _kill_one_mid_stream(fleet, tokens=3 * TOKENS)

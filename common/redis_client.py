@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common import redis_cluster
+from common import aio, redis_cluster
 from common.settings import Settings
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -33,6 +33,7 @@ def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
     """A client for REDIS_URL (a cluster client when it names a cluster node). `block_ms` is the longest BLOCK
     this process's commands use (XREADGROUP of a worker): the read timeout must outlast it, or every idle
     blocking read would count as an outage."""
+    aio.backport_wait_for()  # else a task cancelled while it sends a command may run on (Python 3.11)
     url = settings.redis_url or DEFAULT_URL
     found = redis_cluster.topology(url, settings.redis_cluster, settings.redis_timeout_s)
     options = _options(settings, block_ms)
@@ -51,6 +52,7 @@ def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
 def connect_node(settings: Settings, host: str, port: int, template: dict[str, Any]) -> aioredis.Redis:
     """A plain client for one cluster node (the API's sharded pub/sub connection to that shard), with the
     credentials and TLS of the cluster client's own connections to it (`template`)."""
+    aio.backport_wait_for()
     kwargs = {**template, **_options(settings, 0), "host": host, "port": port}
     connection_class = kwargs.pop("connection_class", None)
     pool = aioredis.ConnectionPool(**({"connection_class": connection_class} if connection_class else {}), **kwargs)

@@ -15,6 +15,7 @@ import pytest
 
 from common import aio, redis_client
 from common.settings import load_settings
+from workers.stream_worker import StreamWorker
 
 WaitFor = Callable[[Awaitable[Any], float | None], Awaitable[Any]]
 
@@ -87,5 +88,38 @@ def test_tasks_cancelled_while_they_send_pipelines_stop(redis_server) -> None:  
         finally:
             await client.aclose()
         return ran_on
+
+    assert aio.run(main()) == []
+
+
+class _IdleWorker(StreamWorker):
+    async def iteration(self) -> None:
+        await asyncio.sleep(0.005)
+
+
+def test_a_worker_whose_heartbeat_is_sending_still_stops(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A heartbeat every ~3 ms, so the stop's cancellation usually finds it writing to Redis: every one of 30
+    workers stops within 5 s. Before the backport a cancelled beat could run on and keep `run` waiting for it for
+    good (the worker that did not exit within 30 s of SIGTERM, seen in test_admission_e2e's teardown)."""
+    settings = load_settings({"REDIS_URL": redis_server.url, "REDIS_TIMEOUT_S": "2", "HEARTBEAT_TTL_S": "0.01"})
+
+    async def main() -> list[int]:
+        client = redis_client.connect(settings)
+        hung = []
+        try:
+            for k in range(30):
+                worker = _IdleWorker(settings, client, kind="chat", model_id=f"axion-test-cancel-{k}",
+                                     stream=f"axion-test:cancel-stream:{k}", device="cpu", dtype="float32")
+                worker.handles_signals = False
+                running = asyncio.ensure_future(worker.run())
+                await asyncio.sleep(0.03 + (k % 7) * 0.0023)
+                worker.stop()
+                done, _ = await asyncio.wait({running}, timeout=5)
+                if not done:
+                    hung.append(k)
+                    running.cancel()
+        finally:
+            await client.aclose()
+        return hung
 
     assert aio.run(main()) == []

@@ -145,10 +145,18 @@ def test_clients_that_leave_free_their_slots_at_once(fleet: Fleet) -> None:
                                    for i in range(50)))
 
     asyncio.run(go())
-    deadline = time.monotonic() + 1.5  # one second, plus one heartbeat refresh (0.5 s) to see it
+    left = time.monotonic()
+    deadline = left + 1.5  # one second, plus one heartbeat refresh (0.5 s) to see it
     while time.monotonic() < deadline and any(w["active_sequences"] for w in fleet.chat_workers()):
         time.sleep(0.05)
-    assert [w["active_sequences"] for w in fleet.chat_workers()] == [0, 0]
+    active = [w["active_sequences"] for w in fleet.chat_workers()]
+    if active != [0, 0]:  # late or stuck? (failed once in a full-suite run, session 9: [0, 4])
+        while time.monotonic() < left + 10 and any(w["active_sequences"] for w in fleet.chat_workers()):
+            time.sleep(0.05)
+        workers = [{k: w[k] for k in ("id", "active_sequences", "decoded_tokens", "last_beat_s", "uptime_s")}
+                   for w in fleet.chat_workers()]
+        pytest.fail(f"{active} sequences still active 1.5 s after every client left; "
+                    f"{time.monotonic() - left:.1f} s after: {workers}")
     time.sleep(0.6)  # one more heartbeat: counters as of now
     before = {w["id"]: (w["decoded_tokens"], w["prefilled_tokens"]) for w in fleet.chat_workers()}
     time.sleep(1.2)

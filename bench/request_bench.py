@@ -13,38 +13,30 @@ concurrency); on the CPU it is the idle gap at every round boundary of serve_ben
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench`, `common` and `workers` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _client
-from bench._measure import PromptFactory, percentile
+from bench._measure import LevelStats, PromptFactory
 from common import aio
 
 
-async def one_run(server: _client.Server, prompts: PromptFactory, requests: int, concurrency: int,
-                  run: int) -> dict[str, float]:
-    client = server.client("raw")
-    chats = [prompts.messages(f"run{run}-request{i}") for i in range(requests + 1)]
-    await _client.stream_request(client, server.model_id, chats[-1], 1)  # warm-up
-    queue, ttfts = list(range(requests)), []
+def one_run(server: _client.Server, prompts: PromptFactory, requests: int, concurrency: int,
+            run: int) -> dict[str, float]:
+    """`requests` (rounded down to a multiple of `concurrency`) through serve_bench's client loop."""
+    async def drive() -> LevelStats:
+        async with server.client("raw") as client:
+            return await _client.run_level(server, client, prompts, concurrency, max(1, requests // concurrency),
+                                           out=1, prefix=f"run{run}-")
 
-    async def one_client() -> None:
-        while queue:
-            timing = await _client.stream_request(client, server.model_id, chats[queue.pop()], 1)
-            if timing.first is not None:
-                ttfts.append(1000 * (timing.first - timing.sent))
-
-    cpu_before, start = server.cpu_seconds(), time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    wall, cpu_after = time.perf_counter() - start, server.cpu_seconds()
-    row = {"requests_per_s": requests / wall, "ttft_p50_ms": percentile(ttfts, 50) or 0.0,
-           "ttft_p99_ms": percentile(ttfts, 99) or 0.0}
-    row |= {f"{role}_cpu_ms": 1000 * (cpu_after[role] - cpu_before[role]) / requests for role in cpu_before}
+    stats = aio.run(drive())
+    row = {"requests_per_s": stats.requests / stats.wall_s, "ttft_p50_ms": stats.ttft_p50_ms or 0.0,
+           "ttft_p99_ms": stats.ttft_p99_ms or 0.0}
+    cpu_pct = stats.extra["cpu_pct"]  # of the wall time: x wall / requests = per request
+    row |= {f"{role}_cpu_ms": 10 * pct * stats.wall_s / stats.requests for role, pct in cpu_pct.items()}
     return row
 
 
@@ -73,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|--:|--:|--:|--:|--:|--:|--:|--:|")
     with _client.Server(args.model, max_batch_size=64, max_seq_len=4096) as server:
         for run in range(args.repeats):
-            r = aio.run(one_run(server, prompts, args.requests, args.concurrency, run))
+            r = one_run(server, prompts, args.requests, args.concurrency, run)
             print(f"| {run + 1} | {r['requests_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
                   f"{r['api_cpu_ms']:.2f} | {r['worker_cpu_ms']:.2f} | {r['redis_cpu_ms']:.2f} | "
                   f"{r['driver_cpu_ms']:.2f} |", flush=True)

@@ -31,6 +31,7 @@ def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None =
     (DTYPE from this process's environment, which the server inherits; `auto` is bf16 on CUDA and on a CPU with
     AMX, else fp32)."""
     from common.settings import load_settings
+    from workers.chat.cpu_linear import use_weight_first
     from workers.chat.loader import pick_device
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -40,6 +41,7 @@ def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None =
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(where).eval()
+    use_weight_first(model, load_settings().cpu_linear)  # the server's kernels; `generate` shares the model
     return model, tokenizer
 
 

@@ -95,6 +95,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     # be a .gguf path), and weight-only quantization after loading (int4 needs CUDA).
     model_gguf_file: str | None = None
     quantization: Literal["none", "int8", "int4"] = "none"
+    # fp32 linear layers on the CPU multiply weight-first for small batches (workers/chat/cpu_linear.py).
+    cpu_linear: Literal["auto", "torch"] = "auto"
     # External engine (README "MAX, vLLM or another engine"; workers/chat/external): which backend a chat worker
     # uses, the command that starts it ({model} {host} {port} {devices} filled in) or the URL of a running one.
     backend: Literal["auto", "max", "external", "native"] = "auto"

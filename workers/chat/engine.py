@@ -285,7 +285,8 @@ class ChatEngine(DecodeAhead):
                              cache=self._cache, use_cache=True)
             logits = out.logits[:, -1, :].float()
             self._mask = mask
-        tokens = self._sample(logits[live], [self.rows[i] for i in live])
+        # Every row live (the usual case): no gather; _sample's in-place bans land in logits nobody reads again.
+        tokens = self._sample(logits if len(live) == len(self.rows) else logits[live], [self.rows[i] for i in live])
         self.decode_steps += 1
         self.decoded_tokens += len(live)
         for i, token in zip(live, tokens, strict=True):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.chat.cpu_linear import use_weight_first
 from workers.chat.quantize import quantize_weights
 
 log = logging.getLogger("axion.worker.loader")
@@ -68,7 +69,7 @@ def gguf_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 
 def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None = None,
-                   quantization: str = "none", dtype_name: str = "auto") -> LoadedModel:
+                   quantization: str = "none", dtype_name: str = "auto", cpu_linear: str = "auto") -> LoadedModel:
     device, dtype = pick_device(preference, dtype_name)
     source, gguf_file = gguf_source(name, gguf_file)
     log.info("loading model %s%s on %s (%s%s)", name, f" ({gguf_file})" if gguf_file else "", device,
@@ -79,4 +80,5 @@ def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None
         raise RuntimeError(f"the tokenizer of {name} has no chat template; chat completions need one")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file).to(device).eval()
     quantize_weights(model, quantization, device)
+    use_weight_first(model, cpu_linear)
     return LoadedModel(model, tokenizer, device, dtype)

@@ -1,0 +1,67 @@
+"""Linear layers that multiply weight-first on the CPU, where MKL's small-batch products are slow the usual way.
+
+`F.linear(x, W)` asks MKL for X·Wᵀ. For a decoding batch of a few rows MKL's fp32 kernel for that shape is far
+slower than the same product written (W·Xᵀ)ᵀ, which gives the same values: timed on a 2-vCPU AMD EPYC (AVX-512,
+torch 2.13 CPU) over the medium benchmark model's five weight shapes (output head included), one product each:
+
+| rows | X·Wᵀ | (W·Xᵀ)ᵀ |
+|--:|--:|--:|
+| 2 | 8.5 ms | 1.6 ms |
+| 4 | 6.8 ms | 1.7 ms |
+| 8 | 7.0 ms | 3.3 ms |
+| 16 | 7.6 ms | 5.8 ms |
+| 64 | 15.1 ms | 14.2 ms |
+
+The engine's decoding step took 19-20 -> 9.2 ms at 4 rows and 23-25 -> 20 ms at 16 (bench/RESULTS.md, session 10),
+with every greedy token unchanged. One row goes to MKL's matrix-vector kernel either way, and above ROWS the
+prefill's large products gain little while their transposed outputs would slow what reads them, so both keep
+`F.linear`. The output stays a transposed view: making it contiguous cost more than it saved from 24 rows on.
+
+Only plain fp32 weights on the CPU are switched: bf16 on the CPU goes through oneDNN, not this MKL kernel, and
+quantized weights (torchao tensor subclasses) bring their own kernels. `CPU_LINEAR=torch` keeps `F.linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROWS = 256
+MODES = ("auto", "torch")
+
+
+class WeightFirstLinear(torch.nn.Linear):
+    """An `nn.Linear` whose products of 2..ROWS rows run as (W·Xᵀ)ᵀ; modules become it by a class swap, so
+    their parameters, state dict and `isinstance` checks stay those of the original layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x.shape[-1]
+        rows = x.numel() // features if features else 0
+        if rows < 2 or rows > ROWS:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.mm(self.weight, x.reshape(rows, features).t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def switchable(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter
+            and weight.device.type == "cpu" and weight.dtype == torch.float32)
+
+
+def use_weight_first(model: Any, mode: str = "auto") -> int:
+    """Switch `model`'s plain fp32 CPU linear layers to WeightFirstLinear (`auto`); how many were switched."""
+    if mode not in MODES:
+        raise RuntimeError(f"unknown CPU_LINEAR={mode!r}; one of {', '.join(MODES)}")
+    if mode == "torch":
+        return 0
+    switched = 0
+    for module in model.modules():
+        if switchable(module):
+            module.__class__ = WeightFirstLinear
+            switched += 1
+    return switched

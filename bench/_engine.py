@@ -41,7 +41,7 @@ def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None =
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(where).eval()
-    use_weight_first(model, load_settings().cpu_linear)  # the server's kernels; `generate` shares the model
+    use_weight_first(model, load_settings().cpu_linear)  # the server's kernels (`generate` runs in plain_linear)
     return model, tokenizer
 
 
@@ -68,7 +68,8 @@ def _greedy(tokenizer: Any, out: int) -> GenerationConfig:
 
 
 @torch.inference_mode()
-def sequential_generate(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, n: int) -> LevelStats:
+def sequential_generate(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, n: int,
+                        name: str = "generate, sequential") -> LevelStats:
     """N requests one after another, batch size 1."""
     config = _greedy(tokenizer, out)
     model.generate(torch.tensor([prompts.ids("warmup-generate")], device=model.device), generation_config=config)
@@ -82,7 +83,7 @@ def sequential_generate(model: Any, tokenizer: Any, prompts: PromptFactory, out:
         produced = int(result.shape[1] - ids.shape[1])
         timings.append(RequestTiming(sent=sent, first=clock.times[0], last=clock.times[-1], chunks=clock.times,
                                      completion_tokens=produced, prompt_tokens=int(ids.shape[1])))
-    return summarize("generate, sequential", 1, timings, time.perf_counter() - start, out)
+    return summarize(name, 1, timings, time.perf_counter() - start, out)
 
 
 @torch.inference_mode()

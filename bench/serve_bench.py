@@ -9,6 +9,8 @@ Concurrency mode measures the engine-alone baselines first (sequential `generate
 the `ChatEngine` stepped in this process at each concurrency, optionally transformers' continuous batching), and
 only then starts the server, so the two never compete for the cores. Every request asks for exactly
 --output-tokens tokens (`ignore_eos` / `min_new_tokens`), greedy, on prompts of --prompt-tokens tokens.
+The `generate` baselines run on the model's linear layers as transformers runs them; where the server switches
+them (CPU_LINEAR, workers/chat/cpu_linear.py), sequential `generate` also runs on the switched layers.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ if __package__ in (None, ""):  # run as a script: make `bench`, `common` and `wo
 from bench import _bound, _client, _engine
 from bench._measure import LevelStats, PromptFactory, percentile
 from common import aio
+from workers.chat.cpu_linear import plain_linear
+
+SEQUENTIAL_AXION = "generate, sequential, Axion's CPU_LINEAR layers"
 
 MEDIUM = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
           "vocab_size": 32000}
@@ -93,14 +98,15 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
     after it the server, so a ratio compares two runs a few seconds apart. The server stays up (idle, blocked on
     its stream read) while the engine runs in this process; the two never run at the same time."""
     out = args.output_tokens
-    rows: dict[str, Any] = {"engine": [], "server": [], "sequential": []}
+    rows: dict[str, Any] = {"engine": [], "server": [], "sequential": [], "sequential_axion": []}
     model = tokenizer = None
     if not args.no_engine:
         if args.hf_cb:
             rows["hf_cb"] = _engine.hf_continuous_batching(args.model, prompts, out, 16, args.device)
             gc.collect()
         model, tokenizer = _engine.load(args.model, args.device)
-        rows["static"] = _engine.static_batch_generate(model, tokenizer, prompts, out, args.baseline_requests)
+        with plain_linear(model):
+            rows["static"] = _engine.static_batch_generate(model, tokenizer, prompts, out, args.baseline_requests)
         if model.device.type == "cuda":
             rows["bandwidth_bytes_per_s"] = _bound.measure_bandwidth(model.device)
 
@@ -108,8 +114,12 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
         async with server.client(args.client) as client:
             for repeat in range(args.repeats):
                 if model is not None:
-                    rows["sequential"].append(_tagged(_engine.sequential_generate(
-                        model, tokenizer, prompts, out, args.baseline_requests), repeat))
+                    with plain_linear(model) as switched:  # the reference: generate as transformers runs it
+                        rows["sequential"].append(_tagged(_engine.sequential_generate(
+                            model, tokenizer, prompts, out, args.baseline_requests), repeat))
+                    if switched:  # and on the server's CPU_LINEAR layers: what batching alone gives
+                        rows["sequential_axion"].append(_tagged(_engine.sequential_generate(
+                            model, tokenizer, prompts, out, args.baseline_requests, SEQUENTIAL_AXION), repeat))
                 for c in args.levels:
                     if model is not None:
                         rows["engine"].append(_tagged(_engine.chat_engine(
@@ -300,27 +310,35 @@ def render_concurrency(rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]
         return {(r.extra.get("repeat", 0), r.concurrency): r for r in rows[name]}
 
     engine, seq = by_repeat("engine"), {r.extra.get("repeat", 0): r for r in rows["sequential"]}
+    seq_axion = {r.extra.get("repeat", 0): r for r in rows.get("sequential_axion", [])}
     lines = ["", "| C | server tok/s | engine-alone tok/s | server ÷ engine (target ≥ 0.95) | "
-             "server ÷ sequential generate | CPU % worker / api / redis / driver |", "|--:|--:|--:|--:|--:|--:|"]
+             "server ÷ sequential generate | server ÷ sequential generate on Axion's CPU_LINEAR layers | "
+             "CPU % worker / api / redis / driver |", "|--:|--:|--:|--:|--:|--:|--:|"]
     derived: dict[str, Any] = {"per_level": []}
     for c in dict.fromkeys(r.concurrency for r in rows["server"]):
         runs = [r for r in rows["server"] if r.concurrency == c]
         pairs = [(r, engine.get((r.extra.get("repeat", 0), c)), seq.get(r.extra.get("repeat", 0))) for r in runs]
         vs_engine = [v for r, e, _ in pairs if (v := _ratio(r.tokens_per_s, e.tokens_per_s if e else None))]
         vs_seq = [v for r, _, q in pairs if (v := _ratio(r.tokens_per_s, q.tokens_per_s if q else None))]
+        vs_axion = [v for r in runs if (q := seq_axion.get(r.extra.get("repeat", 0)))
+                    and (v := _ratio(r.tokens_per_s, q.tokens_per_s))]
         engines = [e.tokens_per_s for _, e, _ in pairs if e]
         derived["per_level"].append({"concurrency": c, "server_over_engine": percentile(vs_engine, 50),
                                      "server_over_engine_runs": vs_engine,
                                      "server_over_sequential": percentile(vs_seq, 50),
-                                     "server_over_sequential_runs": vs_seq})
+                                     "server_over_sequential_runs": vs_seq,
+                                     "server_over_sequential_axion": percentile(vs_axion, 50)})
         cpu = " / ".join(f"{v:.0f}" for v in runs[-1].extra.get("cpu_pct", {}).values())
         lines.append(f"| {c} | {percentile([r.tokens_per_s for r in runs], 50):.1f} | "
                      f"{_f(percentile(engines, 50))} | {_median_spread(vs_engine, 3)} | "
-                     f"{_median_spread(vs_seq, 2, '×')} | {cpu} |")
+                     f"{_median_spread(vs_seq, 2, '×')} | {_median_spread(vs_axion, 2, '×')} | {cpu} |")
     at16 = next((d["server_over_sequential"] for d in derived["per_level"] if d["concurrency"] == 16), None)
     derived["server16_over_sequential"] = at16
     repeats = len(seq) or 1
     lines += ["", f"Target: server tok/s at C=16 ÷ sequential generate tok/s = {_f(at16, 2)} (target ≥ 7×).",
+              "Sequential and static `generate` run on the model's layers as transformers runs them; where the "
+              "server switched them (CPU_LINEAR, workers/chat/cpu_linear.py), sequential `generate` runs again on "
+              "the switched layers, so the last ratio column is what batching alone gives.",
               f"Each cell is the median of {repeats} paired run(s); brackets give the lowest and highest paired "
               "ratio. Throughputs are medians over the runs.",
               f"CPU % = CPU time of each process over the level's wall time (100 = one core of {os.cpu_count()}); "
@@ -369,7 +387,8 @@ def _median_spread(values: list[float], digits: int, unit: str = "") -> str:
 
 def render(mode: str, rows: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if mode == "concurrency":
-        ordered = rows["sequential"] + ([rows["static"]] if "static" in rows else []) + rows["engine"]
+        ordered = rows["sequential"] + rows.get("sequential_axion", []) + ([rows["static"]] if "static" in rows
+                                                                            else []) + rows["engine"]
         ordered += ([rows["hf_cb"]] if "hf_cb" in rows else []) + rows["server"]
         lines, derived = render_concurrency(rows)
         return {"markdown": "\n".join(["### Concurrency", "", table(ordered), *lines]), "derived": derived}

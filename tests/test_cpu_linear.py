@@ -15,51 +15,75 @@ from workers.chat import cpu_linear
 from workers.chat.engine import ChatEngine
 from workers.chat.loader import load_causal_lm
 
+# The medium benchmark model's width (every layer >= MIN_ELEMENTS weights) with 2 layers and a small vocabulary.
+WIDE = {"hidden_size": 512, "num_layers": 2, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
+        "vocab_size": 512}
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.devmodels import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("cpu-linear") / "wide", **WIDE)
+
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 1, 64), (4, 5, 64), (16, 1, 64), (cpu_linear.ROWS + 1, 64)])
+@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512), (2, 512), (3, 1, 512), (4, 5, 512), (16, 1, 512),
+                                   (cpu_linear.ROWS + 1, 512)])
 def test_weight_first_product_equals_linear(shape: tuple[int, ...], bias: bool) -> None:
     torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 200, bias=bias)
+    layer = torch.nn.Linear(512, 300, bias=bias)
     x = torch.randn(*shape)
     expected = F.linear(x, layer.weight, layer.bias)
     assert cpu_linear.use_weight_first(layer) == 1 and isinstance(layer, torch.nn.Linear)
     with torch.inference_mode():
         got = layer(x)
-    assert got.shape == expected.shape == (*shape[:-1], 200)
+    assert got.shape == expected.shape == (*shape[:-1], 300)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_loader_switches_plain_fp32_layers_only(tiny_model_dir: Path) -> None:
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+def test_loader_switches_large_plain_fp32_layers_only(wide_model_dir: Path, tiny_model_dir: Path) -> None:
+    plain = AutoModelForCausalLM.from_pretrained(wide_model_dir)
     linears = sum(type(m) is torch.nn.Linear for m in plain.modules())
-    fp32 = load_causal_lm(str(tiny_model_dir), "cpu", dtype_name="float32").model
+    fp32 = load_causal_lm(str(wide_model_dir), "cpu", dtype_name="float32").model
     assert sum(type(m) is cpu_linear.WeightFirstLinear for m in fp32.modules()) == linears > 0
     assert fp32.state_dict().keys() == plain.state_dict().keys()
-    kept = load_causal_lm(str(tiny_model_dir), "cpu", dtype_name="float32", cpu_linear="torch").model
-    bf16 = load_causal_lm(str(tiny_model_dir), "cpu", dtype_name="bfloat16").model
-    for model in (kept, bf16):
+    kept = load_causal_lm(str(wide_model_dir), "cpu", dtype_name="float32", cpu_linear="torch").model
+    bf16 = load_causal_lm(str(wide_model_dir), "cpu", dtype_name="bfloat16").model
+    tiny = load_causal_lm(str(tiny_model_dir), "cpu", dtype_name="float32").model  # 64-wide: below MIN_ELEMENTS
+    for model in (kept, bf16, tiny):
         assert not any(isinstance(m, cpu_linear.WeightFirstLinear) for m in model.modules())
     with pytest.raises(RuntimeError, match="CPU_LINEAR"):
         cpu_linear.use_weight_first(plain, "mkl")
 
 
-def test_engine_on_weight_first_layers_equals_generate(tiny_model_dir: Path) -> None:
-    """Four requests arriving together and one per step, on a model loaded as the worker loads it, against
-    greedy `generate` on the model as transformers loads it."""
-    reference = (AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
-                 AutoTokenizer.from_pretrained(tiny_model_dir))
-    loaded = load_causal_lm(str(tiny_model_dir), "cpu", dtype_name="float32")
+def test_plain_linear_undoes_the_switch_inside_its_block(wide_model_dir: Path) -> None:
+    model = load_causal_lm(str(wide_model_dir), "cpu", dtype_name="float32").model
+    switched = [m for m in model.modules() if type(m) is cpu_linear.WeightFirstLinear]
+    with cpu_linear.plain_linear(model) as count:
+        assert count == len(switched) > 0
+        assert all(type(m) is torch.nn.Linear for m in switched)
+    assert all(type(m) is cpu_linear.WeightFirstLinear for m in switched)
+
+
+def test_engine_on_weight_first_layers_equals_generate(wide_model_dir: Path) -> None:
+    """Four requests alone (one row: the padded product), arriving together, and one per step, on a model loaded
+    as the worker loads it, against greedy `generate` on the model as transformers loads it."""
+    reference = (AutoModelForCausalLM.from_pretrained(wide_model_dir).eval(),
+                 AutoTokenizer.from_pretrained(wide_model_dir))
+    loaded = load_causal_lm(str(wide_model_dir), "cpu", dtype_name="float32")
     assert isinstance(loaded.model.lm_head, cpu_linear.WeightFirstLinear)
-    for join_every in (0, 1):
+    expected = [greedy_ids(reference, prompt, 16) for prompt in PROMPTS]
+    for join_every in (None, 0, 1):
         engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, 4096, max_batch_size=8)
         results: dict[str, list] = {}
         seqs = []
         for i, prompt in enumerate(PROMPTS):
             seqs.append(admit(engine, job(prompt, str(i), max_tokens=16)))
-            for _ in range(join_every):
+            for _ in range(join_every or 0):
+                drain(engine, results)
+            while join_every is None and engine.active:
                 drain(engine, results)
         while engine.active:
             drain(engine, results)
-        for prompt, seq in zip(PROMPTS, seqs, strict=True):
-            assert seq.output_ids == greedy_ids(reference, prompt, 16)
+        assert [seq.output_ids for seq in seqs] == expected, join_every

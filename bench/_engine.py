@@ -41,7 +41,8 @@ def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None =
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(where).eval()
-    use_weight_first(model, load_settings().cpu_linear)  # the server's kernels (`generate` runs in plain_linear)
+    settings = load_settings()  # the server's kernels (`generate` runs in plain_linear)
+    use_weight_first(model, settings.cpu_linear, settings.max_batch_size)
     return model, tokenizer
 
 

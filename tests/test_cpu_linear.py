@@ -42,6 +42,35 @@ def test_weight_first_product_equals_linear(shape: tuple[int, ...], bias: bool) 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 13])
+def test_products_padded_to_a_planned_row_count_equal_linear(rows: int) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 300)
+    x = torch.randn(rows, 1, 512)
+    expected = F.linear(x, layer.weight, layer.bias)
+    cpu_linear.use_weight_first(layer, batch_rows=2)
+    layer.pad_to = (0, 2, 2, 8, 4, *range(5, 13), 16, 14, 15)  # 3 -> 8 and 13 -> 16, zero rows added
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_pads_only_to_measurably_faster_row_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Costs shaped like MKL's on the medium model's shapes (ms): one row slow, 12-15 slower than 16."""
+    cost = {1: 4.1, 2: 1.6, 3: 2.0, 4: 1.7, 5: 2.3, 6: 2.9, 7: 3.7, 8: 3.4, 9: 3.8, 10: 4.6, 11: 5.3, 12: 8.0,
+            13: 10.2, 14: 10.0, 15: 12.4, 16: 6.2, 17: 8.6, 18: 8.5}
+    monkeypatch.setattr(cpu_linear, "_seconds", lambda weight, rows: cost[rows] * weight.shape[0])
+    weights = [torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(3, 4)]
+    pad_to = cpu_linear.plan_rows(weights, limit=18)
+    assert pad_to[1] == 2 and pad_to[2] == 2  # the slow vector product
+    assert [pad_to[r] for r in (12, 13, 14, 15)] == [16, 16, 16, 16]
+    assert pad_to[3] == 4  # 1.7 < 0.9 x 2.0
+    assert pad_to[7] == 7 and pad_to[9] == 9  # 8 rows at 3.4 is not under 0.9 x 3.7; nothing beats 9 up to 18
+    assert pad_to[17] == 17 and pad_to[18] == 18  # nothing faster within 2r and the limit
+    assert all(r <= pad_to[r] <= 2 * r for r in range(1, 19))
+
+
 def test_loader_switches_large_plain_fp32_layers_only(wide_model_dir: Path, tiny_model_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_pretrained(wide_model_dir)
     linears = sum(type(m) is torch.nn.Linear for m in plain.modules())

@@ -103,7 +103,8 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
     # MODEL_GGUF_FILE names a file inside MODEL_NAME, so it applies to that model only; QUANTIZATION to any.
     gguf_file = settings.model_gguf_file if model == settings.model_name else None
     loaded = load_causal_lm(model, settings.device, gguf_file=gguf_file, quantization=settings.quantization,
-                            dtype_name=settings.dtype, cpu_linear=settings.cpu_linear)
+                            dtype_name=settings.dtype, cpu_linear=settings.cpu_linear,
+                            batch_rows=settings.max_batch_size)
     steps.next("engine")
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,

@@ -33,6 +33,7 @@ quantized weights (torchao tensor subclasses) bring their own kernels. `CPU_LINE
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,12 +43,17 @@ import torch.nn.functional as F
 ROWS = 256
 CONTIGUOUS_ROWS = 8
 MIN_ELEMENTS = 1 << 17
+PLAN_ROWS = 64  # row counts measured at load at most (decoding batches); above, multiplied as they come
+PLAN_BUDGET_S = 4.0
 MODES = ("auto", "torch")
 
 
 class WeightFirstLinear(torch.nn.Linear):
     """An `nn.Linear` whose products of 1..ROWS rows run as (W·Xᵀ)ᵀ; modules become it by a class swap, so
-    their parameters, state dict and `isinstance` checks stay those of the original layer."""
+    their parameters, state dict and `isinstance` checks stay those of the original layer. `pad_to[rows]` (shared
+    by a model's layers, from `plan_rows`) is the row count to multiply at: zero rows are added, and dropped after."""
+
+    pad_to: tuple[int, ...] = (0, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = x.shape[-1]
@@ -55,8 +61,9 @@ class WeightFirstLinear(torch.nn.Linear):
         if rows < 1 or rows > ROWS:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, features)
-        if rows == 1:
-            flat = torch.cat([flat, flat.new_zeros(1, features)])
+        padded = self.pad_to[rows] if rows < len(self.pad_to) else rows
+        if padded > rows:
+            flat = torch.cat([flat, flat.new_zeros(padded - rows, features)])
         out = torch.mm(self.weight, flat.t()).t()[:rows]
         if rows <= CONTIGUOUS_ROWS:
             out = out.contiguous()
@@ -71,18 +78,59 @@ def switchable(module: torch.nn.Module) -> bool:
             and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= MIN_ELEMENTS)
 
 
-def use_weight_first(model: Any, mode: str = "auto") -> int:
-    """Switch `model`'s plain fp32 CPU linear layers to WeightFirstLinear (`auto`); how many were switched."""
+def use_weight_first(model: Any, mode: str = "auto", batch_rows: int = PLAN_ROWS) -> int:
+    """Switch `model`'s plain fp32 CPU linear layers to WeightFirstLinear (`auto`), with the row counts up to
+    `batch_rows` (the decoding batch, MAX_BATCH_SIZE) planned; how many layers were switched."""
     if mode not in MODES:
         raise RuntimeError(f"unknown CPU_LINEAR={mode!r}; one of {', '.join(MODES)}")
     if mode == "torch":
         return 0
-    switched = 0
-    for module in model.modules():
-        if switchable(module):
-            module.__class__ = WeightFirstLinear
-            switched += 1
-    return switched
+    layers = [module for module in model.modules() if switchable(module)]
+    if layers:
+        pad_to = plan_rows([layer.weight for layer in layers], min(batch_rows, PLAN_ROWS))
+        for layer in layers:
+            layer.__class__ = WeightFirstLinear
+            layer.pad_to = pad_to
+    return len(layers)
+
+
+def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float = 0.9,
+              budget_s: float = PLAN_BUDGET_S) -> tuple[int, ...]:
+    """`pad_to[r]` for r = 0..limit: the row count at most 2r whose products over these weights (one of each
+    shape, weighted by how many share it) take least time, when that is under `gain` x the time at r itself.
+    Row counts are measured from 1 up while `budget_s` lasts (a large model gets its small batches planned);
+    the others are multiplied as they come.
+
+    MKL's time is far from monotonic in the rows: in the medium model's decoding step 13-15 rows took 28-33 ms
+    and 16 rows 20 ms (bench/RESULTS.md, session 10); one row runs as a slow vector product. Where the fast row
+    counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 2.5 s for the
+    medium model up to 64 rows on 2 vCPUs, 0.1 s up to 8 (the default MAX_BATCH_SIZE)."""
+    shapes: dict[tuple[int, ...], list[Any]] = {}
+    for weight in weights:
+        shapes.setdefault(tuple(weight.shape), [weight, 0])[1] += 1
+    cost, deadline = [0.0], time.monotonic() + budget_s
+    while len(cost) <= limit and time.monotonic() < deadline:
+        cost.append(sum(count * _seconds(weight, len(cost)) for weight, count in shapes.values()))
+    limit = len(cost) - 1
+    pad_to = list(range(limit + 1))
+    for rows in range(1, limit + 1):
+        best = min(range(rows, min(2 * rows, limit) + 1), key=cost.__getitem__)
+        if cost[best] < gain * cost[rows]:
+            pad_to[rows] = best
+    return tuple(pad_to)
+
+
+@torch.inference_mode()
+def _seconds(weight: torch.Tensor, rows: int, repeats: int = 2) -> float:
+    """The fastest of `repeats` weight-first products at `rows` rows (one row is measured as MKL runs it)."""
+    x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
+    torch.mm(weight, x.t())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(weight, x.t())
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @contextlib.contextmanager

@@ -69,7 +69,8 @@ def gguf_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 
 def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None = None,
-                   quantization: str = "none", dtype_name: str = "auto", cpu_linear: str = "auto") -> LoadedModel:
+                   quantization: str = "none", dtype_name: str = "auto", cpu_linear: str = "auto",
+                   batch_rows: int = 64) -> LoadedModel:
     device, dtype = pick_device(preference, dtype_name)
     source, gguf_file = gguf_source(name, gguf_file)
     log.info("loading model %s%s on %s (%s%s)", name, f" ({gguf_file})" if gguf_file else "", device,
@@ -80,5 +81,5 @@ def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None
         raise RuntimeError(f"the tokenizer of {name} has no chat template; chat completions need one")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file).to(device).eval()
     quantize_weights(model, quantization, device)
-    use_weight_first(model, cpu_linear)
+    use_weight_first(model, cpu_linear, batch_rows)
     return LoadedModel(model, tokenizer, device, dtype)

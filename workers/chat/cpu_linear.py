@@ -7,15 +7,16 @@ included), one product each:
 
 | rows | X·Wᵀ | (W·Xᵀ)ᵀ |
 |--:|--:|--:|
-| 1 | 4.1 ms | 1.5 ms (a zero row added: MKL runs one row as a vector product whichever way round) |
+| 1 | 4.1 ms | 1.5 ms (a zero row added by the plan: MKL runs one row as a vector product either way round) |
 | 2 | 8.5 ms | 1.6 ms |
 | 4 | 6.8 ms | 1.7 ms |
 | 8 | 7.0 ms | 3.3 ms |
 | 16 | 7.6 ms | 5.8 ms |
 | 64 | 15.1 ms | 14.2 ms |
 
-The engine's decoding step took 11.4-12.4 -> 6.5-7.2 ms at 1 row, 19-20 -> 7.6 ms at 4 and 23-25 -> 20 ms at 16
-(bench/RESULTS.md, session 10), with every greedy token unchanged. Above ROWS (prefills of long prompts) the
+The engine's decoding step took 11.4-12.4 -> 6.5-7.2 ms at 1 row, 19-20 -> 7.6 ms at 4, 23-25 -> 20 ms at 16 and,
+with the row plan (`plan_rows`), 28-33 -> 19.6-20.4 ms at 13-15 (bench/RESULTS.md, session 10), with every
+greedy token unchanged. Above ROWS (prefills of long prompts) the
 large products gain little while their transposed outputs would slow what reads them: they keep `F.linear`. Up
 to CONTIGUOUS_ROWS the output is made contiguous (the step at 4 rows: 7.4-7.8 ms against 9.0-9.4 as a view, the
 ops after it read it faster); above, it stays a transposed view, as the copy costs more (16 rows: 20.4-20.9 ms

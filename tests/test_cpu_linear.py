@@ -60,9 +60,8 @@ def test_plan_pads_only_to_measurably_faster_row_counts(monkeypatch: pytest.Monk
     """Costs shaped like MKL's on the medium model's shapes (ms): one row slow, 12-15 slower than 16."""
     cost = {1: 4.1, 2: 1.6, 3: 2.0, 4: 1.7, 5: 2.3, 6: 2.9, 7: 3.7, 8: 3.4, 9: 3.8, 10: 4.6, 11: 5.3, 12: 8.0,
             13: 10.2, 14: 10.0, 15: 12.4, 16: 6.2, 17: 8.6, 18: 8.5}
-    monkeypatch.setattr(cpu_linear, "_seconds", lambda weight, rows: cost[rows] * weight.shape[0])
-    weights = [torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(3, 4)]
-    pad_to = cpu_linear.plan_rows(weights, limit=18)
+    monkeypatch.setattr(cpu_linear, "_seconds", lambda weights, rows: cost[rows])
+    pad_to = cpu_linear.plan_rows([torch.zeros(2, 4)], limit=18)
     assert pad_to[1] == 2 and pad_to[2] == 2  # the slow vector product
     assert [pad_to[r] for r in (12, 13, 14, 15)] == [16, 16, 16, 16]
     assert pad_to[3] == 4  # 1.7 < 0.9 x 2.0

@@ -34,12 +34,15 @@ quantized weights (torchao tensor subclasses) bring their own kernels. `CPU_LINE
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("axion.worker.loader")
 
 ROWS = 256
 CONTIGUOUS_ROWS = 8
@@ -88,30 +91,33 @@ def use_weight_first(model: Any, mode: str = "auto", batch_rows: int = PLAN_ROWS
         return 0
     layers = [module for module in model.modules() if switchable(module)]
     if layers:
+        start = time.perf_counter()
         pad_to = plan_rows([layer.weight for layer in layers], min(batch_rows, PLAN_ROWS))
         for layer in layers:
             layer.__class__ = WeightFirstLinear
             layer.pad_to = pad_to
+        padded = ", ".join(f"{rows}->{to}" for rows, to in enumerate(pad_to) if to != rows)
+        log.info("CPU_LINEAR: %d linear layers multiply weight-first; rows planned up to %d in %.1f s, padded: %s",
+                 len(layers), len(pad_to) - 1, time.perf_counter() - start, padded or "none")
     return len(layers)
 
 
 def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float = 0.9,
               budget_s: float = PLAN_BUDGET_S) -> tuple[int, ...]:
-    """`pad_to[r]` for r = 0..limit: the row count at most 2r whose products over these weights (one of each
-    shape, weighted by how many share it) take least time, when that is under `gain` x the time at r itself.
-    Row counts are measured from 1 up while `budget_s` lasts (a large model gets its small batches planned);
-    the others are multiplied as they come.
+    """`pad_to[r]` for r = 0..limit: the row count at most 2r whose products over all these weights take least
+    time, when that is under `gain` x the time at r itself. Row counts are measured from 1 up while `budget_s`
+    lasts (a large model gets its small batches planned); the others are multiplied as they come.
 
     MKL's time is far from monotonic in the rows: in the medium model's decoding step 13-15 rows took 28-33 ms
     and 16 rows 20 ms (bench/RESULTS.md, session 10); one row runs as a slow vector product. Where the fast row
-    counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 2.5 s for the
-    medium model up to 64 rows on 2 vCPUs, 0.1 s up to 8 (the default MAX_BATCH_SIZE)."""
-    shapes: dict[tuple[int, ...], list[Any]] = {}
-    for weight in weights:
-        shapes.setdefault(tuple(weight.shape), [weight, 0])[1] += 1
+    counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 3.3 s for the
+    medium model up to 64 rows on 2 vCPUs, ~0.3 s up to 16. Every weight is multiplied in turn, as in a forward
+    pass, so each comes from memory as it does in a step: timing one weight per shape over and over (from cache)
+    found one row faster as a vector product, which in a step it is not."""
+    _seconds(weights, 2)  # first-call costs
     cost, deadline = [0.0], time.monotonic() + budget_s
     while len(cost) <= limit and time.monotonic() < deadline:
-        cost.append(sum(count * _seconds(weight, len(cost)) for weight, count in shapes.values()))
+        cost.append(_seconds(weights, len(cost)))
     limit = len(cost) - 1
     pad_to = list(range(limit + 1))
     for rows in range(1, limit + 1):
@@ -122,14 +128,16 @@ def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float =
 
 
 @torch.inference_mode()
-def _seconds(weight: torch.Tensor, rows: int, repeats: int = 2) -> float:
-    """The fastest of `repeats` weight-first products at `rows` rows (one row is measured as MKL runs it)."""
-    x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
-    torch.mm(weight, x.t())
+def _seconds(weights: list[torch.Tensor], rows: int, repeats: int = 2) -> float:
+    """The fastest of `repeats` passes of weight-first products over `weights` at `rows` rows (one row is
+    measured as MKL runs it)."""
+    inputs = {features: torch.zeros(rows, features, dtype=weights[0].dtype)
+              for features in {weight.shape[1] for weight in weights}}
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(weight, x.t())
+        for weight in weights:
+            torch.mm(weight, inputs[weight.shape[1]].t())
         best = min(best, time.perf_counter() - start)
     return best
 

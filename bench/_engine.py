@@ -34,15 +34,15 @@ def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None =
     from workers.chat.cpu_linear import use_weight_first
     from workers.chat.loader import pick_device
 
+    settings = load_settings()
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    where, dtype = pick_device(device, load_settings().dtype)
+    where, dtype = pick_device(device, settings.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(where).eval()
-    settings = load_settings()  # the server's kernels (`generate` runs in plain_linear)
-    use_weight_first(model, settings.cpu_linear, settings.max_batch_size)
+    use_weight_first(model, settings.cpu_linear, settings.max_batch_size)  # the server's kernels
     return model, tokenizer
 
 

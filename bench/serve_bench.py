@@ -387,8 +387,8 @@ def _median_spread(values: list[float], digits: int, unit: str = "") -> str:
 
 def render(mode: str, rows: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if mode == "concurrency":
-        ordered = rows["sequential"] + rows.get("sequential_axion", []) + ([rows["static"]] if "static" in rows
-                                                                            else []) + rows["engine"]
+        static = [rows["static"]] if "static" in rows else []
+        ordered = rows["sequential"] + rows.get("sequential_axion", []) + static + rows["engine"]
         ordered += ([rows["hf_cb"]] if "hf_cb" in rows else []) + rows["server"]
         lines, derived = render_concurrency(rows)
         return {"markdown": "\n".join(["### Concurrency", "", table(ordered), *lines]), "derived": derived}

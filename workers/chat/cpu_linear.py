@@ -57,7 +57,7 @@ class WeightFirstLinear(torch.nn.Linear):
     their parameters, state dict and `isinstance` checks stay those of the original layer. `pad_to[rows]` (shared
     by a model's layers, from `plan_rows`) is the row count to multiply at: zero rows are added, and dropped after."""
 
-    pad_to: tuple[int, ...] = (0, 2)
+    pad_to: tuple[int, ...] = ()  # no plan: every row count as it comes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = x.shape[-1]

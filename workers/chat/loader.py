@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.chat.cpu_linear import use_weight_first
+from workers.chat.cpu_linear import PLAN_ROWS, use_weight_first
 from workers.chat.quantize import quantize_weights
 
 log = logging.getLogger("axion.worker.loader")
@@ -70,7 +70,7 @@ def gguf_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None = None,
                    quantization: str = "none", dtype_name: str = "auto", cpu_linear: str = "auto",
-                   batch_rows: int = 64) -> LoadedModel:
+                   batch_rows: int = PLAN_ROWS) -> LoadedModel:
     device, dtype = pick_device(preference, dtype_name)
     source, gguf_file = gguf_source(name, gguf_file)
     log.info("loading model %s%s on %s (%s%s)", name, f" ({gguf_file})" if gguf_file else "", device,

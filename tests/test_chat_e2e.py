@@ -304,13 +304,14 @@ def test_request_id_is_echoed_and_logged(served: Server) -> None:
 
 
 def test_queued_stream_gets_keepalive_comments(served: Server) -> None:
-    """MAX_BATCH_SIZE is 2 and SSE_KEEPALIVE_S 0.2 here: behind six long requests, ours waits in the stream.
+    """MAX_BATCH_SIZE is 2 and SSE_KEEPALIVE_S 0.2 here: behind six long requests, ours waits in the stream
+    (600 tokens each: with 230 it waited under 0.2 s in 1 of 6 runs once the engine's step got faster).
     `Cache-Control: no-store` keeps the response cache out: the six would otherwise share one generation."""
     import threading
 
     no_store = {"Cache-Control": "no-store"}
 
-    long = {"model": served.model, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 230,
+    long = {"model": served.model, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 600,
             "temperature": 0, "ignore_eos": True}
     blockers = [threading.Thread(target=httpx.post, args=(f"{served.base_url}/v1/chat/completions",),
                                  kwargs={"json": long, "timeout": 60, "headers": no_store}) for _ in range(6)]

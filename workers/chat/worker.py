@@ -7,11 +7,9 @@ consumer group, where it can be reclaimed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -32,14 +30,6 @@ log = logging.getLogger("axion.worker")
 ONLINE_QUIET_S = 1.0  # batch lines take more than BATCH_SLOTS_BESIDE_ONLINE slots only after this long without online
 
 
-class _Reply(NamedTuple):
-    """What a step's pipeline asks Redis for, besides publishing: how to read its reply."""
-
-    running: list[str]  # the requests whose cancel flags it reads
-    per_key: bool  # one GET per flag (a Redis Cluster) rather than one MGET
-    free: int  # how many new jobs it reads (0: none)
-
-
 class ChatWorker(StreamWorker):
     def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
         revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None)) + \
@@ -51,7 +41,6 @@ class ChatWorker(StreamWorker):
         self.info.vocab_size = engine.vocab_size
         self.steps = 0
         self._online_at = float("-inf")  # when an online request last ran here (batch lines yield to them)
-        self._sending: tuple[asyncio.Future[list[Any]], _Reply] | None = None  # a step published behind the next
 
     def keep_running(self) -> bool:
         """Once stopping, the sequences in flight still finish."""
@@ -93,14 +82,13 @@ class ChatWorker(StreamWorker):
     def _free_slots(self) -> int:
         return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.engine.active
 
-    async def _admit_batch(self, unacked: int = 0) -> None:
+    async def _admit_batch(self) -> None:
         """Batch lines, after the online read, only into slots online left free, less BATCH_RESERVED_SLOTS kept
         open so an online request arriving meanwhile starts at the next step; and while online traffic runs (or
         ran less than ONLINE_QUIET_S ago), at most BATCH_SLOTS_BESIDE_ONLINE batch lines at once, so online
         steps stay about as short as without the batch. None while an online prompt waits for its prefill (it
         would share that forward pass), and online prompts go first in the prefill queue: a batch line holds
-        an online request back by at most the step under way. `unacked`: slots freed by sequences whose XACK has
-        not been sent yet, left out, so the stream never counts more of this worker's jobs pending than it runs."""
+        an online request back by at most the step under way."""
         pending, now = self.engine.pending, time.monotonic()
         running = self.engine.rows + pending
         batch_running = sum(1 for seq in running if self.is_batch(seq.tag))
@@ -111,7 +99,7 @@ class ChatWorker(StreamWorker):
             return
         cap = (self.settings.batch_slots_beside_online if now - self._online_at < ONLINE_QUIET_S
                else self.settings.max_batch_size)
-        room = min(self._free_slots() - unacked - self.settings.batch_reserved_slots, cap - batch_running)
+        room = min(self._free_slots() - self.settings.batch_reserved_slots, cap - batch_running)
         if room > 0 and (entries := await self.read_batch(room)):
             await self._admit_all(entries)
 
@@ -173,18 +161,19 @@ class ChatWorker(StreamWorker):
 
 
     async def _step(self) -> None:
-        """Prefill and publish (first tokens go out at once, in line), then decode, and publish that step while
-        the next one runs (`_send_behind`). A step's reply (cancel flags, new jobs) is applied between steps, when
-        the model is idle, so the engine is only ever touched by one thread at a time."""
+        """Prefill, publish (first tokens go out at once), decode, publish. The phases run strictly one after
+        another: overlapping the stream read and publishing with the decode pass was measured slower (server
+        at 64 streams: 457 against 511 tokens/s), as this loop's Python then competes with torch for the GIL
+        and the cores; measured again at 16 streams in bf16 (session 5): the model's step grew from 15.2 to
+        16.5 ms when the publish ran beside it, about what the ~1.5 ms publish had cost in line. Session 11 sent
+        the step's pipeline behind the next step (its reply applied between steps): the time between two 16-row
+        steps fell from 1.6-2.2 to 1.0-1.2 ms, but the new jobs it read joined a step later (C=64 TTFT p50 +120
+        ms), a blocking read kept out during the step for them still left +40-70 ms, and throughput stayed
+        within noise at C=16 and C=64; not adopted (bench/RESULTS.md, session 11)."""
         if self.engine.pending:
-            await self._settle()  # one publish in flight at a time: a request's events stay in order
             await self._publish(*await self._in_model_thread(self.engine.prefill_step))
         if self.engine.rows:
-            events, released = await self._in_model_thread(self.engine.decode_step)
-            await self._settle(unacked=len(released))
-            self._send_behind(events, released)
-            if not self.engine.rows and not self.engine.pending:
-                await self._settle()  # no next step to hide it behind: the batch is done, or the worker stops
+            await self._publish(*await self._in_model_thread(self.engine.decode_step), read=True)
         elif (free := self._free_slots()) > 0:
             await self._admit_all(await self.read(free, block=False))
             await self._admit_batch()
@@ -211,43 +200,10 @@ class ChatWorker(StreamWorker):
 
     async def _publish(self, events: list[tuple[Sequence, Event]], released: list[Sequence],
                        read: bool = False) -> None:
-        """Publish a step and wait for Redis's reply (see `_queue_publish`)."""
-        pipe, reply = self._queue_publish(events, released, read)
-        if len(pipe):
-            await self._apply_reply(await pipe.execute(), reply)
-
-    def _send_behind(self, events: list[tuple[Sequence, Event]], released: list[Sequence]) -> None:
-        """Send a decoding step's pipeline and leave its round trip to run beside the next step.
-
-        Waiting for Redis's reply before the next step left the model idle while Redis ran the script (~0.1 ms
-        of its CPU) and the worker waited to be woken (the rest of a 0.74 ms p50 round trip at 16 streams on
-        the 2-vCPU benchmark machine). Sent behind, the time between two 16-row steps fell from 1.6-2.2 ms to
-        1.0-1.2 ms (p50 of four traced runs each), the step itself within run-to-run noise (19.9-21.3 ms either
-        way); at 4 rows it stayed ~1 ms. What is left is mostly the next step starting late while this thread
-        holds the GIL to send the pipeline; sending it first, or later into the step, moved that time into the
-        step instead (traced). Session 5 had measured an earlier overlap (its reads and publishing beside the
-        step) as slower. The pipeline is built here, before the next step can move any sequence's state;
-        `_settle` reads the reply once that step is done."""
-        pipe, reply = self._queue_publish(events, released, read=True)
-        if len(pipe):
-            self._sending = (asyncio.ensure_future(pipe.execute()), reply)
-
-    async def _settle(self, unacked: int = 0) -> None:
-        """Wait for the step sent behind, if any, and apply its reply (cancel flags, new jobs). `unacked`: slots
-        that the step just run freed, whose XACKs go out with its own pipeline (not sent yet)."""
-        if self._sending is None:
-            return
-        sent, reply = self._sending
-        self._sending = None
-        await self._apply_reply(await sent, reply, unacked)
-
-    def _queue_publish(self, events: list[tuple[Sequence, Event]], released: list[Sequence],
-                       read: bool) -> tuple[aioredis.client.Pipeline, _Reply]:
         """One pipeline, in this order: each sequence's new tokens onto its progress list (so a worker that
         takes the job over resumes from them), the events, XACK + XDEL of the jobs that are done (and their
         progress lists dropped). With `read`, the same round trip also reads new jobs for the free slots and
-        checks the cancel flags of the running requests. Returns the pipeline (empty: nothing to send) and what
-        its reply holds."""
+        checks the cancel flags of the running requests."""
         pipe = self.redis.pipeline(transaction=False)
         events = hold_back(events, self.settings.stream_interval)
         queue_step(pipe, events, int(self.settings.request_timeout_s) + 60)
@@ -268,19 +224,17 @@ class ChatWorker(StreamWorker):
         free = self._free_slots() if read else 0
         if free > 0:
             self.read_in(pipe, free)
-        return pipe, _Reply(running, per_key, free)
-
-    async def _apply_reply(self, replies: list[Any], reply: _Reply, unacked: int = 0) -> None:
-        running, free = reply.running, reply.free
-        if running:
-            end = len(replies) - (1 if free > 0 else 0)
-            flags = replies[end - len(running):end] if reply.per_key else replies[end - 1]
-            for request_id, flag in zip(running, flags, strict=True):
-                if flag:
-                    self.engine.cancel(request_id)
-        if free > 0:
-            await self._admit_all(self.entries(replies[-1]))
-            await self._admit_batch(unacked)
+        if events or released or free > 0 or running:
+            replies = await pipe.execute()
+            if running:
+                end = len(replies) - (1 if free > 0 else 0)
+                flags = replies[end - len(running):end] if per_key else replies[end - 1]
+                for request_id, flag in zip(running, flags, strict=True):
+                    if flag:
+                        self.engine.cancel(request_id)
+            if free > 0:
+                await self._admit_all(self.entries(replies[-1]))
+                await self._admit_batch()
 
 
 async def serve_worker(settings: Settings) -> None:

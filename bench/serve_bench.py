@@ -122,8 +122,10 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
                             model, tokenizer, prompts, out, args.baseline_requests, SEQUENTIAL_AXION), repeat))
                 for c in args.levels:
                     if model is not None:
+                        gc.collect()  # this process's garbage is not collected inside either timed run
                         rows["engine"].append(_tagged(_engine.chat_engine(
                             model, tokenizer, prompts, out, c, c * args.rounds, args.max_seq_len), repeat))
+                    gc.collect()
                     rows["server"].append(_tagged(
                         await _client.run_level(server, client, prompts, c, args.rounds, out), repeat))
 

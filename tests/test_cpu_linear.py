@@ -70,6 +70,25 @@ def test_plan_pads_only_to_measurably_faster_row_counts(monkeypatch: pytest.Monk
     assert all(r <= pad_to[r] <= 2 * r for r in range(1, 19))
 
 
+def test_plan_times_a_padded_row_count_again_and_keeps_the_faster_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Costs rising with the rows, but a busy moment during the first pass made 16 rows look slow: the worker would
+    have padded 16 rows for its life. The second look at 16 finds it as fast as its neighbours, and 16 stays 16.
+    A row count that is slow on both looks (12) stays padded."""
+    looks: dict[int, list[float]] = {12: [30.0, 30.0], 16: [40.0, 16.0]}
+    asked: list[int] = []
+
+    def seconds(weights: list[torch.Tensor], rows: int) -> float:
+        asked.append(rows)
+        times = looks.get(rows)
+        return float(rows) if times is None else times.pop(0)
+
+    monkeypatch.setattr(cpu_linear, "_seconds", seconds)
+    pad_to = cpu_linear.plan_rows([torch.zeros(2, 4)], limit=32)
+    assert pad_to[16] == 16 and pad_to[12] == 13
+    assert [r for r in range(1, 33) if pad_to[r] != r] == [12]
+    assert asked.count(16) == 2 and asked.count(12) == 2 and asked.count(13) == 1  # only padded counts looked at again
+
+
 def test_loader_switches_large_plain_fp32_layers_only(wide_model_dir: Path, tiny_model_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_pretrained(wide_model_dir)
     linears = sum(type(m) is torch.nn.Linear for m in plain.modules())

@@ -110,14 +110,30 @@ def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float =
 
     MKL's time is far from monotonic in the rows: in the medium model's decoding step 13-15 rows took 28-33 ms
     and 16 rows 20 ms (bench/RESULTS.md, session 10); one row runs as a slow vector product. Where the fast row
-    counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 3.3 s for the
-    medium model up to 64 rows on 2 vCPUs, ~0.3 s up to 16. Every weight is multiplied in turn, as in a forward
+    counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 5.4-5.5 s for
+    the medium model up to 64 rows on 2 vCPUs (3.3 s of them the first pass), well under a second up to 16. Every
+    weight is multiplied in turn, as in a forward
     pass, so each comes from memory as it does in a step: timing one weight per shape over and over (from cache)
-    found one row faster as a vector product, which in a step it is not."""
+    found one row faster as a vector product, which in a step it is not.
+
+    Every row count the first pass pads is timed again once the pass is done, and the faster of its two times
+    counts: a busy moment (the API process starting beside the worker) only ever adds time, and a row count it
+    made look slow would otherwise be padded for the worker's life. One server of ~20 in session 11 ran its
+    16-row steps at 28 ms instead of 22 (505 against ~600 tokens/s at C=16); padding 16 rows to 32 in the engine
+    alone reproduced it (27.2 ms against 20.0)."""
     _seconds(weights, 2)  # first-call costs
     cost, deadline = [0.0], time.monotonic() + budget_s
     while len(cost) <= limit and time.monotonic() < deadline:
         cost.append(_seconds(weights, len(cost)))
+    limit = len(cost) - 1
+    for rows, padded in enumerate(_choose(cost, gain)):
+        if padded != rows:
+            cost[rows] = min(cost[rows], _seconds(weights, rows))
+    return _choose(cost, gain)
+
+
+def _choose(cost: list[float], gain: float) -> tuple[int, ...]:
+    """For each row count, the count up to twice it that costs least, if under `gain` x its own cost."""
     limit = len(cost) - 1
     pad_to = list(range(limit + 1))
     for rows in range(1, limit + 1):

@@ -75,6 +75,7 @@ class Server:
                 health = httpx.get(f"{self.base_url}/health", timeout=2).json()
                 if health.get("workers"):
                     self.dtype = health["workers"][0]["dtype"]
+                    self._print_plan()
                     return self
             except (httpx.HTTPError, ValueError):
                 pass
@@ -100,6 +101,14 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+    def _print_plan(self) -> None:
+        """The worker's CPU_LINEAR row plan, from its log (deleted after a clean run): a row count padded by a
+        busy moment at its start slows every step of that size (bench/RESULTS.md, session 11)."""
+        log = Path(self.log.name).read_text(errors="replace")
+        plans = [line.split("CPU_LINEAR: ", 1)[1] for line in log.splitlines() if "CPU_LINEAR: " in line]
+        if plans:
+            print(f"- server worker, CPU_LINEAR: {plans[-1]}", flush=True)
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])

@@ -112,9 +112,9 @@ def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float =
     and 16 rows 20 ms (bench/RESULTS.md, session 10); one row runs as a slow vector product. Where the fast row
     counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 5.4-5.5 s for
     the medium model up to 64 rows on 2 vCPUs (3.3 s of them the first pass), well under a second up to 16. Every
-    weight is multiplied in turn, as in a forward
-    pass, so each comes from memory as it does in a step: timing one weight per shape over and over (from cache)
-    found one row faster as a vector product, which in a step it is not.
+    weight is multiplied in turn, as in a forward pass, so each comes from memory as it does in a step: timing one
+    weight per shape over and over (from cache) found one row faster as a vector product, which in a step it is
+    not.
 
     Every row count the first pass pads is timed again once the pass is done, and the faster of its two times
     counts: a busy moment (the API process starting beside the worker) only ever adds time, and a row count it
@@ -125,7 +125,6 @@ def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float =
     cost, deadline = [0.0], time.monotonic() + budget_s
     while len(cost) <= limit and time.monotonic() < deadline:
         cost.append(_seconds(weights, len(cost)))
-    limit = len(cost) - 1
     for rows, padded in enumerate(_choose(cost, gain)):
         if padded != rows:
             cost[rows] = min(cost[rows], _seconds(weights, rows))

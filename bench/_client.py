@@ -234,8 +234,9 @@ async def run_level(server: Server, client: AnyClient, prompts: PromptFactory, c
 
     The warm-up is as wide as the level (the engine-alone runs warm up the same way): a server's first burst of
     C requests ran ~5% slower than the next ones at C=16 (first batch shapes, new connections), which made the
-    first of a few repeats an outlier. `prefix` keeps the prompts of a repeated level (the Poisson mode's lone and
-    capacity runs) apart.
+    first of a few repeats an outlier. `prefix` keeps the prompts of a repeated level apart (each repeat of the
+    concurrency mode, the Poisson mode's lone and capacity runs): the server's prefix cache keeps what an earlier
+    repeat computed, while each engine-alone run starts with an empty one.
     """
     await asyncio.gather(*(stream_request(client, server.model_id,
                                           prompts.messages(f"{prefix}warmup-c{concurrency}-{i}"), out)
@@ -282,8 +283,9 @@ async def run_poisson(server: Server, client: AnyClient, prompts: PromptFactory,
 
 
 async def run_shared_prefix(server: Server, client: AnyClient, prompts: PromptFactory, system_tokens: int,
-                            followers: int, out: int) -> dict[str, Any]:
-    """One shared system prompt: the first request alone, then `followers` more one after another.
+                            followers: int, out: int, burst: int = 0) -> dict[str, Any]:
+    """One shared system prompt: the first request alone, then `followers` more one after another; then `burst`
+    requests at once with a system prompt nobody sent before, and `burst` at once with the shared (cached) one.
 
     A warm-up with a *different* system prompt of the same length comes first, so the server's one-time costs
     do not land on the first measured request.
@@ -295,4 +297,10 @@ async def run_shared_prefix(server: Server, client: AnyClient, prompts: PromptFa
     await stream_request(client, server.model_id, chat("warmup", 0), out)
     first = await stream_request(client, server.model_id, chat("shared", 1), out)
     later = [await stream_request(client, server.model_id, chat("shared", 2 + i), out) for i in range(followers)]
-    return {"first": first, "later": later}
+
+    async def at_once(system: str) -> list[RequestTiming]:
+        return list(await asyncio.gather(*(stream_request(client, server.model_id, chat(system, 1000 + i), out)
+                                           for i in range(burst))))
+
+    return {"first": first, "later": later, "burst_new": await at_once("burst") if burst else [],
+            "burst_cached": await at_once("shared") if burst else []}

@@ -160,13 +160,15 @@ def _drive(engine: ChatEngine, jobs: list[ChatJob], concurrency: int) -> tuple[l
 
 
 def chat_engine(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, concurrency: int,
-                requests: int, max_seq_len: int) -> LevelStats:
-    """The Axion engine without API or Redis, at the server's concurrency and request count."""
+                requests: int, max_seq_len: int, prefix: str = "") -> LevelStats:
+    """The Axion engine without API or Redis, at the server's concurrency and request count; `prefix` as in
+    `bench._client.run_level`."""
     engine = ChatEngine(model, tokenizer, model.device, max_seq_len, **engine_options())
     engine.capture_graphs()  # as the worker does at its warm-up: no capture inside the timed run
-    _drive(engine, [_job(f"warmup{i}", prompts.user(f"warmup-c{concurrency}-{i}"), out) for i in range(concurrency)],
-           concurrency)  # one round as wide as the level, as the server's runs warm up (bench/_client.run_level)
-    jobs = [_job(f"r{i}", prompts.user(level_key(concurrency, i)), out) for i in range(requests)]
+    warmup = [_job(f"warmup{i}", prompts.user(f"{prefix}warmup-c{concurrency}-{i}"), out) for i in range(concurrency)]
+    _drive(engine, warmup, concurrency)  # one round as wide as the level, as the server's runs warm up
+    jobs = [_job(f"r{i}", prompts.user(prefix + level_key(concurrency, i)), out)
+            for i in range(requests)]
     timings, wall = _drive(engine, jobs, concurrency)
     return summarize("ChatEngine alone", concurrency, timings, wall, out)
 

@@ -109,7 +109,8 @@ def summarize(system: str, concurrency: int, timings: list[RequestTiming], wall_
 
 def level_key(concurrency: int, i: int) -> str:
     """The i-th prompt of a concurrency level: the same for the server and the engine-alone run at that level,
-    different from every other level's, so a server-side prefix cache gets no hits from an earlier level."""
+    different from every other level's, so a server-side prefix cache gets no hits from an earlier level (and a
+    repeat of the level puts its own prefix before it)."""
     return f"c{concurrency}-{i}"
 
 

@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="poisson: number of requests (overrides --duration)")
     p.add_argument("--system-tokens", type=int, default=512, help="shared-prefix: system prompt tokens")
     p.add_argument("--followers", type=int, default=8, help="shared-prefix: requests after the first")
+    p.add_argument("--burst", type=int, default=16,
+                   help="shared-prefix: then this many at once with a new system prompt, and with the shared one")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="DTYPE of the server and of every engine-alone run (auto: bf16 on a CPU with AMX, else fp32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -120,14 +122,15 @@ def run_concurrency(args: argparse.Namespace, prompts: PromptFactory) -> dict[st
                     if switched:  # and on the server's CPU_LINEAR layers: what batching alone gives
                         rows["sequential_axion"].append(_tagged(_engine.sequential_generate(
                             model, tokenizer, prompts, out, args.baseline_requests, SEQUENTIAL_AXION), repeat))
+                prefix = f"repeat{repeat}-" if repeat else ""  # new prompts: no prefix-cache hits from a repeat
                 for c in args.levels:
                     if model is not None:
                         gc.collect()  # this process's garbage is not collected inside either timed run
                         rows["engine"].append(_tagged(_engine.chat_engine(
-                            model, tokenizer, prompts, out, c, c * args.rounds, args.max_seq_len), repeat))
+                            model, tokenizer, prompts, out, c, c * args.rounds, args.max_seq_len, prefix), repeat))
                     gc.collect()
-                    rows["server"].append(_tagged(
-                        await _client.run_level(server, client, prompts, c, args.rounds, out), repeat))
+                    rows["server"].append(_tagged(await _client.run_level(
+                        server, client, prompts, c, args.rounds, out, prefix=prefix), repeat))
 
     with _server(args) as server:
         if model is not None and server.dtype != str(model.dtype).removeprefix("torch."):
@@ -175,7 +178,7 @@ def run_shared_prefix(args: argparse.Namespace, prompts: PromptFactory) -> dict[
     async def drive(server: _client.Server) -> dict[str, Any]:
         async with server.client(args.client) as client:
             return await _client.run_shared_prefix(server, client, prompts, args.system_tokens, args.followers,
-                                                   args.output_tokens)
+                                                   args.output_tokens, args.burst)
 
     with _server(args) as server:
         return aio.run(drive(server))
@@ -243,7 +246,8 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "concurrency": args.levels,
         "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": _device_name(args.device, args.dtype),
         "rate": args.rate, "duration_s": args.duration, "requests": args.requests,
-        "system_tokens": args.system_tokens, "followers": args.followers, "max_seq_len": args.max_seq_len,
+        "system_tokens": args.system_tokens, "followers": args.followers, "burst": args.burst,
+        "max_seq_len": args.max_seq_len,
         "engine_options": _engine.engine_options(), "client": args.client,
     }
 
@@ -254,7 +258,8 @@ def _settings_line(h: dict[str, Any]) -> str:
         span = f"{h['requests']} requests" if h["requests"] else f"{h['duration_s']:.0f} s of arrivals"
         return f"Poisson rate {rate}, {span}"
     if h["mode"] == "shared-prefix":
-        return f"system prompt {h['system_tokens']} tokens, first request then {h['followers']} more"
+        return (f"system prompt {h['system_tokens']} tokens, first request then {h['followers']} more one by one, "
+                f"then bursts of {h.get('burst', 0)} at once")
     return f"levels {h['concurrency']}, {h['rounds']} request(s) per client per level"
 
 
@@ -415,21 +420,35 @@ def render_poisson(rows: dict[str, Any]) -> dict[str, Any]:
 
 def render_shared_prefix(rows: dict[str, Any]) -> dict[str, Any]:
     first, later = rows["first"], rows["later"]
-    ttfts = [t.ttft * 1000 for t in later if t.ttft is not None]
-    p50 = percentile(ttfts, 50)
+    p50 = _ttft_ms(later)
     ratio = _ratio(p50, first.ttft * 1000 if first.ttft is not None else None)
     cached = [t.cached_tokens for t in [first, *later]]
     cached_text = "not returned by the server" if all(c is None for c in cached) else str(cached)
+    burst_new, burst_cached = rows.get("burst_new", []), rows.get("burst_cached", [])
     lines = ["### Shared prefix", "", "| request | n | prompt tok | TTFT p50 ms | TTFT p99 ms |",
              "|---|--:|--:|--:|--:|",
              f"| first (cold prefix) | 1 | {first.prompt_tokens} | {_f(first.ttft * 1000)} | – |",
-             f"| later (same system prompt) | {len(later)} | {later[0].prompt_tokens if later else 0} | {_f(p50)} | "
-             f"{_f(percentile(ttfts, 99))} |", "",
+             *(f"| {name} | {len(group)} | {group[0].prompt_tokens} | {_f(_ttft_ms(group))} | "
+               f"{_f(_ttft_ms(group, 99))} |"
+               for name, group in [("later, one by one (same system prompt)", later),
+                                   ("burst at once, a new system prompt", burst_new),
+                                   ("burst at once, the cached system prompt", burst_cached)] if group), "",
              f"later TTFT p50 ÷ first TTFT = {_f(ratio, 3)}; usage.prompt_tokens_details.cached_tokens "
              f"(first, then later): {cached_text}."]
     derived = {"first_ttft_ms": first.ttft * 1000, "later_ttft_p50_ms": p50, "later_over_first": ratio,
                "cached_tokens": cached}
+    if burst_new and burst_cached:
+        derived |= {"burst_new_ttft_p50_ms": _ttft_ms(burst_new), "burst_cached_ttft_p50_ms": _ttft_ms(burst_cached),
+                    "burst_cached_tokens": [t.cached_tokens for t in burst_cached]}
+        lines.append(f"Burst TTFT p50, cached ÷ new system prompt = "
+                     f"{_f(_ratio(derived['burst_cached_ttft_p50_ms'], derived['burst_new_ttft_p50_ms']), 3)}; "
+                     f"cached_tokens in the cached burst: {sorted(set(derived['burst_cached_tokens']))}.")
     return {"markdown": "\n".join(lines), "derived": derived}
+
+
+def _ttft_ms(timings: list[Any], q: float = 50) -> float | None:
+    """The TTFT percentile `q` (the median unless asked) in ms."""
+    return percentile([t.ttft * 1000 for t in timings if t.ttft is not None], q)
 
 
 def _jsonable(value: Any) -> Any:

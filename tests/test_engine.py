@@ -167,6 +167,38 @@ def test_prefix_reuse_and_chunked_prefill_keep_greedy_output(loaded: tuple, chun
         assert seq.output_ids == chat_ids(loaded, messages, 10)
 
 
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_prompts_continuing_cached_prefixes_prefill_in_one_pass(loaded: tuple, graphs: str) -> None:
+    """Requests that hit the prefix cache and arrive together share one forward pass with a fresh one, as fresh
+    prompts do; rests of different lengths are right-aligned, the shorter ones recomputing a few cached positions
+    instead of padding. Greedy output stays equal to `generate`'s."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=4096, decode_graphs=graphs,
+                        max_batch_size=8)
+    results: dict[str, list] = {}
+    admit(engine, system_job("first question", "warm"))
+    while engine.active:
+        drain(engine, results)
+    users = ["second question", "a third, much longer question about ships and the stars above them", "ok"]
+    seqs = [admit(engine, system_job(user, f"s{i}")) for i, user in enumerate(users)]
+    fresh = admit(engine, job(PROMPTS[1], "fresh", max_tokens=10))
+    passes: list[int] = []
+    hook = model.register_forward_hook(lambda module, args, out: passes.append(1))
+    try:
+        engine.prefill_step()
+    finally:
+        hook.remove()
+    assert len(passes) == 1
+    assert all(len(s.output_ids) == 1 for s in [*seqs, fresh])
+    assert all(s.cached_tokens >= 96 for s in seqs) and fresh.cached_tokens == 0
+    while engine.active:
+        drain(engine, results)
+    for seq, user in zip(seqs, users, strict=True):
+        messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": user}]
+        assert seq.output_ids == chat_ids(loaded, messages, 10)
+    assert fresh.output_ids == greedy_ids(loaded, PROMPTS[1], 10)
+
+
 def test_long_prompt_prefill_does_not_stall_running_decodes(loaded: tuple) -> None:
     model, tok = loaded
     engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=16)

@@ -1,9 +1,10 @@
 """The chat engine: a left-padded running batch that sequences join and leave between decoding steps.
 
 Each step first spends a budget of prompt tokens on prefill, oldest arrival first: a new sequence starts from
-the longest cached prefix of its prompt (see prefix_cache) and computes the rest in chunks, on its own cache,
-so a long prompt is spread over several steps instead of stalling the running decodes. A sequence whose
-prompt is done has its cache left-padded and concatenated onto the running batch's cache. Then one batched
+the longest cached prefix of its prompt (see prefix_cache); the rests of the prompts that fit the budget are
+computed together in one left-padded pass, and a prompt too long for it computes chunks on its own cache, so it
+is spread over several steps instead of stalling the running decodes. A sequence whose prompt is done has its
+cache left-padded and concatenated onto the running batch's cache. Then one batched
 forward pass decodes one token for every running sequence. Finished or cancelled sequences' rows are dropped
 at once and columns that became padding in every row are trimmed. Positions come from the attention mask, so
 padding never shifts a sequence's rotary positions.
@@ -23,7 +24,7 @@ from workers.chat.grammar import GrammarCompiler
 from workers.chat.graph_prefill import GraphPrefill, StaticKV, owned
 from workers.chat.graphs import GraphDecoder
 from workers.chat.graphs import unsupported as graphs_unsupported
-from workers.chat.kv import new_cache, pad_left
+from workers.chat.kv import new_cache, pad_left, stack_past
 from workers.chat.logprobs import TokenBytes
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import banned_ids, needs_processing, process_row, sample_row, token_seed
@@ -168,8 +169,9 @@ class ChatEngine(DecodeAhead):
         return dropped
 
     def _prefill(self, events: list[tuple[Sequence, Event]]) -> None:
-        """Spend the budget oldest first. Whole fresh prompts that fit go through one left-padded forward pass
-        together; a prompt with a cached prefix, or too long for what is left, continues on its own cache.
+        """Spend the budget oldest first. Every prompt whose rest fits what is left goes through one left-padded
+        forward pass with the others (fresh ones, and ones continuing a cached prefix or earlier chunks); a prompt
+        too long for what is left computes a chunk on its own cache and waits for the next step.
 
         The budget is there so a long prompt does not stall the streams that are decoding. With none decoding
         it protects nobody, so it is PREFILL_IDLE_TOKENS instead: a burst of requests that arrives at an idle
@@ -191,48 +193,52 @@ class ChatEngine(DecodeAhead):
                 seq.cache, seq.computed = self.prefix_cache.lookup(seq.prefill_ids, self.model.config)
                 seq.cached_tokens = seq.computed
             remaining = len(seq.prefill_ids) - seq.computed
-            if seq.computed == 0 and remaining <= budget:
+            if remaining <= budget:
                 together.append(seq)
                 budget -= remaining
                 continue
-            n = min(budget, remaining)
-            chunk = torch.tensor([seq.prefill_ids[seq.computed:seq.computed + n]], device=self.device)
-            out = self.model(input_ids=chunk, cache=seq.cache, use_cache=True, logits_to_keep=1)
-            seq.computed += n
-            budget -= n
-            self.prefilled_tokens += n
-            if seq.computed < len(seq.prefill_ids):
-                waiting.append(seq)
-                continue
-            cache, seq.cache = seq.cache, None
-            mask = torch.ones((1, len(seq.prefill_ids)), dtype=torch.long, device=self.device)
-            self._join([seq], cache, mask, out.logits[:, -1, :], events)
+            chunk = torch.tensor([seq.prefill_ids[seq.computed:seq.computed + budget]], device=self.device)
+            self.model(input_ids=chunk, cache=seq.cache, use_cache=True, logits_to_keep=1)
+            seq.computed += budget
+            self.prefilled_tokens += budget
+            budget = 0
+            waiting.append(seq)
         if together:
             self._prefill_together(together, events)
         self.pending = waiting
 
     def _prefill_together(self, seqs: list[Sequence], events: list[tuple[Sequence, Event]]) -> None:
-        length = max(len(s.prefill_ids) for s in seqs)
+        """One pass over the rest of every prompt, right-aligned to the longest rest (`width`). A row keeps the
+        part of its cache (cached prefix, earlier chunks) that ends where its input starts, and recomputes the
+        positions its input would otherwise pad: the pass computes every padded position anyway, and the rows
+        stay contiguous at the right end (padding only on the left, which the batch cache and the prefix cache's
+        `store` rely on). Continuations used to run one forward pass each: 16 requests whose prompts hit the
+        prefix cache took 16 passes, each as long as a decoding step (bench/RESULTS.md, session 12)."""
+        width = max(len(s.prefill_ids) - s.computed for s in seqs)
+        keeps = [max(0, len(s.prefill_ids) - width) for s in seqs]
+        past, length = max(keeps), max(len(s.prefill_ids) for s in seqs)
+        for seq, keep in zip(seqs, keeps, strict=True):
+            seq.cached_tokens = min(seq.cached_tokens, keep)
+            self.prefilled_tokens += len(seq.prefill_ids) - keep
         graphs = self.prefill_graphs
-        if graphs is not None and graphs.bucket(len(seqs), length) is not None:
+        if past == 0 and graphs is not None and graphs.bucket(len(seqs), length) is not None:
             static, mask, last = graphs.run([s.prefill_ids for s in seqs])
             for seq in seqs:
                 seq.cache, seq.computed = None, len(seq.prefill_ids)
-                self.prefilled_tokens += len(seq.prefill_ids)
             self._join(seqs, static, mask, last, events)
             return
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (length - len(s.prefill_ids)) + s.prefill_ids for s in seqs],
-                           device=self.device)
-        mask = torch.tensor([[0] * (length - len(s.prefill_ids)) + [1] * len(s.prefill_ids) for s in seqs],
-                            device=self.device)
-        cache = new_cache(self.model.config)
+        ids = torch.tensor([[pad] * (width - len(s.prefill_ids) + k) + s.prefill_ids[k:] for s, k in zip(seqs, keeps,
+                           strict=True)], device=self.device)
+        lengths = [len(s.prefill_ids) for s in seqs]
+        mask = torch.tensor([[0] * (past + width - n) + [1] * n for n in lengths], device=self.device)
+        cache = stack_past([(s.cache, k) for s, k in zip(seqs, keeps, strict=True)], self.model.config) if past \
+            else new_cache(self.model.config)
         kwargs = {} if len(seqs) == 1 else {"attention_mask": mask,
-                                            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+                                            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)[:, past:]}
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
         for seq in seqs:
             seq.cache, seq.computed = None, len(seq.prefill_ids)
-            self.prefilled_tokens += len(seq.prefill_ids)
         self._join(seqs, cache, mask, out.logits[:, -1, :], events)
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache | StaticKV, mask: torch.Tensor, last_logits: torch.Tensor,

@@ -92,3 +92,17 @@ def pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def stack_past(parts: list[tuple[DynamicCache | None, int]], config: object) -> DynamicCache:
+    """One batch cache from each row's own: row i keeps the first `keep` positions of its cache, left-padded with
+    zeros to the longest kept length (a row keeping nothing is all padding). At least one row keeps some."""
+    width = max(keep for _, keep in parts)
+    reference = next(cache for cache, keep in parts if cache is not None and keep > 0)
+    stacked = new_cache(config)
+    for index, layer in enumerate(reference.layers):
+        rows = [cache.layers[index] if cache is not None and keep > 0 else layer for cache, keep in parts]
+        keys = [pad_left(row.keys[:1, :, :keep], width) for row, (_, keep) in zip(rows, parts, strict=True)]
+        values = [pad_left(row.values[:1, :, :keep], width) for row, (_, keep) in zip(rows, parts, strict=True)]
+        stacked.update(torch.cat(keys, dim=0), torch.cat(values, dim=0), index)
+    return stacked

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from bench._measure import LevelStats, PromptFactory, RequestTiming, level_key, summarize
@@ -27,23 +27,17 @@ from workers.chat.engine import ChatEngine, Sequence
 
 
 def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """On `device` (auto, cpu or cuda, as DEVICE), with torch using every core, in the dtype the server picks
-    (DTYPE from this process's environment, which the server inherits; `auto` is bf16 on CUDA and on a CPU with
-    AMX, else fp32)."""
+    """As the worker loads it (`workers/chat/loader.load_causal_lm`, with the settings of this process's
+    environment, which the server inherits: DTYPE, CPU_LINEAR, MAX_BATCH_SIZE; never QUANTIZATION, which
+    bench/quant_bench.py measures), on `device` (auto, cpu or cuda), with torch using every core."""
     from common.settings import load_settings
-    from workers.chat.cpu_linear import use_weight_first
-    from workers.chat.loader import pick_device
+    from workers.chat.loader import load_causal_lm
 
     settings = load_settings()
     torch.set_num_threads(os.cpu_count() or 1)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    where, dtype = pick_device(device, settings.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(where).eval()
-    use_weight_first(model, settings.cpu_linear, settings.max_batch_size)  # the server's kernels
-    return model, tokenizer
+    loaded = load_causal_lm(str(model_dir), device, dtype_name=settings.dtype, cpu_linear=settings.cpu_linear,
+                            batch_rows=settings.max_batch_size, attn_implementation=attn_implementation)
+    return loaded.model, loaded.tokenizer
 
 
 class _TokenClock(BaseStreamer):

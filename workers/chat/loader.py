@@ -70,7 +70,9 @@ def gguf_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None = None,
                    quantization: str = "none", dtype_name: str = "auto", cpu_linear: str = "auto",
-                   batch_rows: int = PLAN_ROWS) -> LoadedModel:
+                   batch_rows: int = PLAN_ROWS, attn_implementation: str | None = None) -> LoadedModel:
+    """Tokenizer and model of `name` on the device and in the dtype `pick_device` chooses, weights quantized and
+    CPU linear layers switched as asked. `attn_implementation` is transformers' (the default when None)."""
     device, dtype = pick_device(preference, dtype_name)
     source, gguf_file = gguf_source(name, gguf_file)
     log.info("loading model %s%s on %s (%s%s)", name, f" ({gguf_file})" if gguf_file else "", device,
@@ -79,7 +81,9 @@ def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file if own_tokenizer else None)
     if tokenizer.chat_template is None:
         raise RuntimeError(f"the tokenizer of {name} has no chat template; chat completions need one")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file).to(device).eval()
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file, **attention)
+    model = model.to(device).eval()
     quantize_weights(model, quantization, device)
     use_weight_first(model, cpu_linear, batch_rows)
     return LoadedModel(model, tokenizer, device, dtype)

@@ -199,6 +199,34 @@ def test_prompts_continuing_cached_prefixes_prefill_in_one_pass(loaded: tuple, g
     assert fresh.output_ids == greedy_ids(loaded, PROMPTS[1], 10)
 
 
+def test_a_finished_sequences_output_is_cached_for_the_next_turn(loaded: tuple) -> None:
+    """A finished sequence's blocks, its output included, stay in the prefix cache: a next turn that sends the
+    answer back inside its prompt reuses it, not only the first turn's prompt. Token-id prompts (legacy
+    completions), so the answer comes back as the very tokens generated (a random model's text may not
+    re-tokenize to them). Greedy output stays equal to `generate`'s."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=4096)
+    results: dict[str, list] = {}
+
+    def raw(rid: str, ids: list[int], n: int) -> Sequence:
+        return admit(engine, ChatJob(request_id=rid, model="m", messages=[], prompt_ids=ids, created=0.0,
+                                     params=SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)))
+
+    first = raw("t1", tok(LONG_SYSTEM)["input_ids"][:40], 40)
+    while engine.active:
+        drain(engine, results)
+    follow_up = first.prompt_ids + first.output_ids + tok(" and then?")["input_ids"]
+    second = raw("t2", follow_up, 8)
+    while engine.active:
+        drain(engine, results)
+    computed = len(first.prompt_ids) + len(first.output_ids) - 1  # the last token was sampled, never fed
+    assert second.cached_tokens == computed // 16 * 16 > len(first.prompt_ids)
+    with torch.inference_mode():
+        reference = model.generate(torch.tensor([follow_up]), attention_mask=torch.ones(1, len(follow_up),
+                                   dtype=torch.long), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert second.output_ids == reference[0, len(follow_up):].tolist()
+
+
 def test_long_prompt_prefill_does_not_stall_running_decodes(loaded: tuple) -> None:
     model, tok = loaded
     engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_chunk_tokens=16)

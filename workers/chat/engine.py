@@ -368,6 +368,7 @@ class ChatEngine(DecodeAhead):
         if len(keep) == len(self.rows):
             return
         kept = set(keep)
+        self._store_finished([i for i in range(len(self.rows)) if i not in kept])
         self.released.extend(s for i, s in enumerate(self.rows) if i not in kept)
         if not keep:
             if self.graphs is not None:
@@ -390,6 +391,19 @@ class ChatEngine(DecodeAhead):
         self._mask = mask[:, start:]
         self.rows = [self.rows[i] for i in keep]
         self._feed = [self._feed[i] for i in keep]
+
+    def _store_finished(self, rows: list[int]) -> None:
+        """Keep the blocks of what the leaving rows computed, their output included: a chat's next turn sends
+        the answer back inside its prompt, and finds it cached (as far as its template re-tokenizes the answer to
+        the same tokens). Rows held in the static graph buffers are not stored."""
+        if not rows or not self.prefix_cache.enabled or self._cache is None or self._mask is None \
+                or (self.graphs is not None and self.graphs.holding):
+            return
+        lengths, width = self._mask.sum(dim=1).tolist(), self._mask.shape[1]
+        for i in rows:
+            seq, n = self.rows[i], int(lengths[i])
+            if seq.finish_reason != "error":
+                self.prefix_cache.store((seq.prompt_ids + seq.output_ids)[:n], self._cache, row=i, offset=width - n)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

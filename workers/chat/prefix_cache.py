@@ -2,9 +2,11 @@
 
 A prompt is cut into blocks of BLOCK tokens; block i is keyed by (key of block i-1, its tokens), so a key
 names a whole prefix, not just a block. A new prompt reuses the longest chain of blocks it shares with earlier
-prompts (a common system prompt, the earlier turns of a chat) and computes only the rest. Blocks are evicted
-least recently used once the cache holds more than its capacity in tokens; a chain is always touched deepest
-block first, so a prefix is evicted after its continuations, never before (an orphaned block is unreachable).
+prompts (a common system prompt, the earlier turns of a chat) and computes only the rest. The engine stores a
+prompt's blocks once it is prefilled, and a finished sequence's, its output included, when it leaves the batch.
+Blocks are evicted least recently used once the cache holds more than its capacity in tokens; a chain is always
+touched deepest block first, so a prefix is evicted after its continuations, never before (an orphaned block is
+unreachable).
 Blocks are copies (a prompt's new blocks share one), so a cached prefix never pins a whole batch's KV tensors
 in memory.
 """

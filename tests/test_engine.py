@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.protocol import ChatJob, ChatMessage, Delta, Failed, Finished, SamplingParams
 from workers.chat.engine import ChatEngine, Sequence
+from workers.chat.kv import padding_groups
 
 PROMPTS = ["Hello there", "Tell me a story about the sea and the stars", "x", "What is two plus two? Be brief."]
 
@@ -225,6 +226,36 @@ def test_a_finished_sequences_output_is_cached_for_the_next_turn(loaded: tuple) 
         reference = model.generate(torch.tensor([follow_up]), attention_mask=torch.ones(1, len(follow_up),
                                    dtype=torch.long), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert second.output_ids == reference[0, len(follow_up):].tolist()
+
+
+def test_a_long_prompt_does_not_pad_short_ones_to_its_length(loaded: tuple) -> None:
+    """Prompts arriving together prefill in passes of like length: one long prompt with several short ones takes
+    two passes (the long one with a short one, then the rest), not one pass padding every short prompt to the long
+    one's length. Greedy output stays equal to `generate`'s."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefill_idle_tokens=4096)
+    results: dict[str, list] = {}
+    long_prompt = "ships and stars " * 60
+    prompts = [long_prompt, *PROMPTS]
+    seqs = [admit(engine, job(p, f"p{i}", max_tokens=6)) for i, p in enumerate(prompts)]
+    passes: list[int] = []
+    hook = model.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0] if args else 0))
+    try:
+        engine.prefill_step()
+    finally:
+        hook.remove()
+    assert len(passes) == 2 and all(len(s.output_ids) == 1 for s in seqs)
+    while engine.active:
+        drain(engine, results)
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        assert seq.output_ids == greedy_ids(loaded, prompt, 6)
+
+
+def test_padding_groups_keep_like_lengths_together() -> None:
+    assert padding_groups([64] * 16) == [list(range(16))]
+    assert padding_groups([64] * 15 + [1000]) == [[0, 15], list(range(1, 15))]
+    assert padding_groups([20, 18, 25, 9]) == [[0, 1, 2, 3]]
+    assert padding_groups([]) == []
 
 
 def test_long_prompt_prefill_does_not_stall_running_decodes(loaded: tuple) -> None:

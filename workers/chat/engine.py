@@ -24,7 +24,7 @@ from workers.chat.grammar import GrammarCompiler
 from workers.chat.graph_prefill import GraphPrefill, StaticKV, owned
 from workers.chat.graphs import GraphDecoder
 from workers.chat.graphs import unsupported as graphs_unsupported
-from workers.chat.kv import new_cache, pad_left, stack_past
+from workers.chat.kv import new_cache, pad_left, padding_groups, stack_past
 from workers.chat.logprobs import TokenBytes
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import banned_ids, needs_processing, process_row, sample_row, token_seed
@@ -169,9 +169,10 @@ class ChatEngine(DecodeAhead):
         return dropped
 
     def _prefill(self, events: list[tuple[Sequence, Event]]) -> None:
-        """Spend the budget oldest first. Every prompt whose rest fits what is left goes through one left-padded
-        forward pass with the others (fresh ones, and ones continuing a cached prefix or earlier chunks); a prompt
-        too long for what is left computes a chunk on its own cache and waits for the next step.
+        """Spend the budget oldest first. Every prompt whose rest fits what is left goes through a left-padded
+        forward pass with the others of like length (fresh ones, and ones continuing a cached prefix or earlier
+        chunks; `kv.padding_groups`); a prompt too long for what is left computes a chunk on its own cache and
+        waits for the next step.
 
         The budget is there so a long prompt does not stall the streams that are decoding. With none decoding
         it protects nobody, so it is PREFILL_IDLE_TOKENS instead: a burst of requests that arrives at an idle
@@ -203,8 +204,9 @@ class ChatEngine(DecodeAhead):
             self.prefilled_tokens += budget
             budget = 0
             waiting.append(seq)
-        if together:
-            self._prefill_together(together, events)
+        rests = [len(seq.prefill_ids) - seq.computed for seq in together]
+        for group in padding_groups(rests):
+            self._prefill_together([together[i] for i in group], events)
         self.pending = waiting
 
     def _prefill_together(self, seqs: list[Sequence], events: list[tuple[Sequence, Event]]) -> None:

@@ -106,3 +106,21 @@ def stack_past(parts: list[tuple[DynamicCache | None, int]], config: object) -> 
         values = [pad_left(row.values[:1, :, :keep], width) for row, (_, keep) in zip(rows, parts, strict=True)]
         stacked.update(torch.cat(keys, dim=0), torch.cat(values, dim=0), index)
     return stacked
+
+
+def padding_groups(rests: list[int], slack: float = 2.0) -> list[list[int]]:
+    """Indices of rows to prefill, grouped into left-padded passes whose padded size (rows x the longest rest)
+    stays within `slack` x the tokens they hold: longest rests first, each group in the original order. Rests of
+    like length make one pass; one long prompt does not pad fifteen short ones to its length."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in sorted(range(len(rests)), key=lambda i: -rests[i]):
+        if current and (len(current) + 1) * rests[current[0]] > slack * (real + rests[i]):
+            groups.append(sorted(current))
+            current, real = [], 0
+        current.append(i)
+        real += rests[i]
+    if current:
+        groups.append(sorted(current))
+    return groups

@@ -2,12 +2,12 @@
 
 Each step first spends a budget of prompt tokens on prefill, oldest arrival first: a new sequence starts from
 the longest cached prefix of its prompt (see prefix_cache); the rests of the prompts that fit the budget are
-computed together in one left-padded pass, and a prompt too long for it computes chunks on its own cache, so it
-is spread over several steps instead of stalling the running decodes. A sequence whose prompt is done has its
-cache left-padded and concatenated onto the running batch's cache. Then one batched
-forward pass decodes one token for every running sequence. Finished or cancelled sequences' rows are dropped
-at once and columns that became padding in every row are trimmed. Positions come from the attention mask, so
-padding never shifts a sequence's rotary positions.
+computed together in left-padded passes of like length, and a prompt too long for it computes chunks on its own
+cache, so it is spread over several steps instead of stalling the running decodes. A sequence whose prompt is
+done has its cache left-padded and concatenated onto the running batch's cache. Then one batched forward pass
+decodes one token for every running sequence. Finished or cancelled sequences' rows are dropped at once (their
+blocks, output included, kept in the prefix cache) and columns that became padding in every row are trimmed.
+Positions come from the attention mask, so padding never shifts a sequence's rotary positions.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import msgspec
 import psutil
 from openai import AsyncOpenAI
 
-from bench._measure import LevelStats, PromptFactory, RequestTiming, level_key, summarize
+from bench._measure import LevelStats, PromptFactory, RequestTiming, level_key, summarize, warmup_key
 from bench._sse import SSEClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ async def run_level(server: Server, client: AnyClient, prompts: PromptFactory, c
     repeat computed, while each engine-alone run starts with an empty one.
     """
     await asyncio.gather(*(stream_request(client, server.model_id,
-                                          prompts.messages(f"{prefix}warmup-c{concurrency}-{i}"), out)
+                                          prompts.messages(prefix + warmup_key(concurrency, i)), out)
                            for i in range(concurrency)))
     chats = [prompts.messages(prefix + level_key(concurrency, i)) for i in range(concurrency * rounds)]
     timings: list[RequestTiming] = []
@@ -302,5 +302,5 @@ async def run_shared_prefix(server: Server, client: AnyClient, prompts: PromptFa
         return list(await asyncio.gather(*(stream_request(client, server.model_id, chat(system, 1000 + i), out)
                                            for i in range(burst))))
 
-    return {"first": first, "later": later, "burst_new": await at_once("burst") if burst else [],
-            "burst_cached": await at_once("shared") if burst else []}
+    return {"first": first, "later": later, "burst_new": await at_once("burst"),
+            "burst_cached": await at_once("shared")}

@@ -21,7 +21,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from bench._measure import LevelStats, PromptFactory, RequestTiming, level_key, summarize
+from bench._measure import LevelStats, PromptFactory, RequestTiming, level_key, summarize, warmup_key
 from common.protocol import ChatJob, ChatMessage, Delta, Finished, SamplingParams
 from workers.chat.engine import ChatEngine, Sequence
 
@@ -159,10 +159,9 @@ def chat_engine(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, co
     `bench._client.run_level`."""
     engine = ChatEngine(model, tokenizer, model.device, max_seq_len, **engine_options())
     engine.capture_graphs()  # as the worker does at its warm-up: no capture inside the timed run
-    warmup = [_job(f"warmup{i}", prompts.user(f"{prefix}warmup-c{concurrency}-{i}"), out) for i in range(concurrency)]
+    warmup = [_job(f"warmup{i}", prompts.user(prefix + warmup_key(concurrency, i)), out) for i in range(concurrency)]
     _drive(engine, warmup, concurrency)  # one round as wide as the level, as the server's runs warm up
-    jobs = [_job(f"r{i}", prompts.user(prefix + level_key(concurrency, i)), out)
-            for i in range(requests)]
+    jobs = [_job(f"r{i}", prompts.user(prefix + level_key(concurrency, i)), out) for i in range(requests)]
     timings, wall = _drive(engine, jobs, concurrency)
     return summarize("ChatEngine alone", concurrency, timings, wall, out)
 

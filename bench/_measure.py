@@ -114,6 +114,11 @@ def level_key(concurrency: int, i: int) -> str:
     return f"c{concurrency}-{i}"
 
 
+def warmup_key(concurrency: int, i: int) -> str:
+    """The i-th prompt of a level's warm-up round: the same for the server and the engine-alone run."""
+    return f"warmup-c{concurrency}-{i}"
+
+
 def _fit(words: list[str], length_of: Callable[[str], int], target: int) -> str:
     """The shortest prefix of `words` whose text is at least `target` tokens long (binary search)."""
     low, high = 1, len(words)

@@ -216,23 +216,23 @@ class ChatEngine(DecodeAhead):
         stay contiguous at the right end (padding only on the left, which the batch cache and the prefix cache's
         `store` rely on). Continuations used to run one forward pass each: 16 requests whose prompts hit the
         prefix cache took 16 passes, each as long as a decoding step (bench/RESULTS.md, session 12)."""
-        width = max(len(s.prefill_ids) - s.computed for s in seqs)
-        keeps = [max(0, len(s.prefill_ids) - width) for s in seqs]
-        past, length = max(keeps), max(len(s.prefill_ids) for s in seqs)
-        for seq, keep in zip(seqs, keeps, strict=True):
+        lengths = [len(s.prefill_ids) for s in seqs]
+        width = max(n - s.computed for n, s in zip(lengths, seqs, strict=True))
+        keeps = [max(0, n - width) for n in lengths]
+        past = max(keeps)
+        for seq, n, keep in zip(seqs, lengths, keeps, strict=True):
             seq.cached_tokens = min(seq.cached_tokens, keep)
-            self.prefilled_tokens += len(seq.prefill_ids) - keep
+            self.prefilled_tokens += n - keep
         graphs = self.prefill_graphs
-        if past == 0 and graphs is not None and graphs.bucket(len(seqs), length) is not None:
+        if past == 0 and graphs is not None and graphs.bucket(len(seqs), max(lengths)) is not None:
             static, mask, last = graphs.run([s.prefill_ids for s in seqs])
             for seq in seqs:
                 seq.cache, seq.computed = None, len(seq.prefill_ids)
             self._join(seqs, static, mask, last, events)
             return
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(s.prefill_ids) + k) + s.prefill_ids[k:] for s, k in zip(seqs, keeps,
+        ids = torch.tensor([[pad] * (width - n + k) + s.prefill_ids[k:] for s, n, k in zip(seqs, lengths, keeps,
                            strict=True)], device=self.device)
-        lengths = [len(s.prefill_ids) for s in seqs]
         mask = torch.tensor([[0] * (past + width - n) + [1] * n for n in lengths], device=self.device)
         cache = stack_past([(s.cache, k) for s, k in zip(seqs, keeps, strict=True)], self.model.config) if past \
             else new_cache(self.model.config)
@@ -370,8 +370,9 @@ class ChatEngine(DecodeAhead):
         if len(keep) == len(self.rows):
             return
         kept = set(keep)
-        self._store_finished([i for i in range(len(self.rows)) if i not in kept])
-        self.released.extend(s for i, s in enumerate(self.rows) if i not in kept)
+        leaving = [i for i in range(len(self.rows)) if i not in kept]
+        self._store_finished(leaving)
+        self.released.extend(self.rows[i] for i in leaving)
         if not keep:
             if self.graphs is not None:
                 self.graphs.discard()  # the whole batch left: nothing to copy back
@@ -379,7 +380,7 @@ class ChatEngine(DecodeAhead):
             self._inflight = None  # a step launched ahead for them only
             return
         if self.graphs is not None and self.graphs.holding:
-            self.graphs.release([i for i in range(len(self.rows)) if i not in kept])
+            self.graphs.release(leaving)
             self.rows = [self.rows[i] for i in keep]
             self._feed = [self._feed[i] for i in keep]
             return

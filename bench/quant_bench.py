@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import _cpu_model, _git_commit, _parameters  # noqa: E402
+from bench._report import cpu_model, git_commit, parameters  # noqa: E402
 from common.redis_server import EmbeddedRedis, free_port  # noqa: E402
 
 PROMPTS = [
@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"quant_bench-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "git_commit": _git_commit(),
-        "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "model": str(args.model),
-        "parameters": _parameters(args.model), "prompts": len(PROMPTS), "max_tokens": args.max_tokens,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "git_commit": git_commit(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "model": str(args.model),
+        "parameters": parameters(args.model), "prompts": len(PROMPTS), "max_tokens": args.max_tokens,
         **serve_and_compare(args.model, args.max_tokens, logs)}
     if args.controls:
         result.update(controls(args.model, args.max_tokens))

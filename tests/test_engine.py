@@ -200,13 +200,17 @@ def test_prompts_continuing_cached_prefixes_prefill_in_one_pass(loaded: tuple, g
     assert fresh.output_ids == greedy_ids(loaded, PROMPTS[1], 10)
 
 
-def test_a_finished_sequences_output_is_cached_for_the_next_turn(loaded: tuple) -> None:
+@pytest.mark.parametrize("mode", ["eager", "graphs", "ahead"])
+def test_a_finished_sequences_output_is_cached_for_the_next_turn(loaded: tuple, mode: str) -> None:
     """A finished sequence's blocks, its output included, stay in the prefix cache: a next turn that sends the
-    answer back inside its prompt reuses it, not only the first turn's prompt. Token-id prompts (legacy
-    completions), so the answer comes back as the very tokens generated (a random model's text may not
+    answer back inside its prompt reuses it, not only the first turn's prompt. Eagerly, from the static buffers
+    the decode graphs replay, and with a step launched ahead (which has fed the last token too). Token-id prompts
+    (legacy completions), so the answer comes back as the very tokens generated (a random model's text may not
     re-tokenize to them). Greedy output stays equal to `generate`'s."""
     model, tok = loaded
-    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=4096)
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=4096,
+                        decode_graphs="off" if mode == "eager" else "on", max_batch_size=4,
+                        decode_ahead=mode == "ahead")
     results: dict[str, list] = {}
 
     def raw(rid: str, ids: list[int], n: int) -> Sequence:
@@ -220,12 +224,51 @@ def test_a_finished_sequences_output_is_cached_for_the_next_turn(loaded: tuple) 
     second = raw("t2", follow_up, 8)
     while engine.active:
         drain(engine, results)
-    computed = len(first.prompt_ids) + len(first.output_ids) - 1  # the last token was sampled, never fed
+    assert engine.steps_ahead > 0 if mode == "ahead" else engine.steps_ahead == 0
+    # The last token was sampled, never fed; ahead, the step launched before its sequence was seen to end fed it.
+    computed = len(first.prompt_ids) + len(first.output_ids) - (0 if mode == "ahead" else 1)
     assert second.cached_tokens == computed // 16 * 16 > len(first.prompt_ids)
     with torch.inference_mode():
         reference = model.generate(torch.tensor([follow_up]), attention_mask=torch.ones(1, len(follow_up),
                                    dtype=torch.long), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert second.output_ids == reference[0, len(follow_up):].tolist()
+
+
+@pytest.mark.parametrize("mode", ["eager", "graphs", "ahead"])
+def test_answers_that_left_a_busy_batch_are_cached_at_their_own_positions(loaded: tuple, mode: str) -> None:
+    """Sequences of different lengths join a running batch at different steps and leave it at different steps
+    (reusing freed slots of the static buffers): each one's next turn finds its whole answer cached, and its
+    greedy output equals `generate`'s, so each stored block holds its own row's keys and values, not a
+    neighbour's columns."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=8192,
+                        decode_graphs="off" if mode == "eager" else "on", max_batch_size=4,
+                        decode_ahead=mode == "ahead")
+    results: dict[str, list] = {}
+    text = tok(LONG_SYSTEM)["input_ids"]
+    shapes = [(35, 30), (20, 12), (50, 24), (27, 18), (44, 9)]  # (prompt tokens, answer tokens)
+    firsts = []
+    for i, (n, answer) in enumerate(shapes):
+        firsts.append(admit(engine, ChatJob(request_id=f"a{i}", model="m", messages=[], prompt_ids=text[i:i + n],
+                                            created=0.0, params=SamplingParams(temperature=0.0, max_tokens=answer,
+                                                                               ignore_eos=True))))
+        for _ in range(3 + 2 * i):
+            drain(engine, results)
+    while engine.active:
+        drain(engine, results)
+    for i, first in enumerate(firsts):
+        follow_up = first.prompt_ids + first.output_ids + tok(" and then?")["input_ids"]
+        second = admit(engine, ChatJob(request_id=f"b{i}", model="m", messages=[], prompt_ids=follow_up,
+                                       created=0.0, params=SamplingParams(temperature=0.0, max_tokens=6,
+                                                                          ignore_eos=True)))
+        while engine.active:
+            drain(engine, results)
+        computed = len(first.prompt_ids) + len(first.output_ids) - (0 if mode == "ahead" else 1)
+        assert second.cached_tokens == computed // 16 * 16, (i, second.cached_tokens, computed)
+        with torch.inference_mode():
+            reference = model.generate(torch.tensor([follow_up]), attention_mask=torch.ones(
+                1, len(follow_up), dtype=torch.long), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert second.output_ids == reference[0, len(follow_up):].tolist(), i
 
 
 def test_a_long_prompt_does_not_pad_short_ones_to_its_length(loaded: tuple) -> None:

@@ -81,6 +81,8 @@ class DecodeAhead:
             if fresh:
                 graphs.feed_rows(fresh, [self._feed[i] for i in fresh])
             logits = graphs.step(None)
+        for seq in rows:
+            seq.computed += 1  # the token fed to this step is in the cache once it runs
         tokens = self._pick(logits, bans)
         graphs.feed_on_device(tokens)
         if tokens.device.type == "cuda":

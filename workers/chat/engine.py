@@ -193,6 +193,8 @@ class ChatEngine(Prefill, DecodeAhead):
         tokens = self._sample(logits if len(live) == len(self.rows) else logits[live], [self.rows[i] for i in live])
         self.decode_steps += 1
         self.decoded_tokens += len(live)
+        for seq in self.rows:
+            seq.computed += 1  # the token fed this step is in the cache now
         for i, token in zip(live, tokens, strict=True):
             seq = self.rows[i]
             self._feed[i] = token
@@ -294,15 +296,21 @@ class ChatEngine(Prefill, DecodeAhead):
     def _store_finished(self, rows: list[int]) -> None:
         """Keep the blocks of what the leaving rows computed, their output included: a chat's next turn sends
         the answer back inside its prompt, and finds it cached (as far as its template re-tokenizes the answer to
-        the same tokens). Rows held in the static graph buffers are not stored."""
-        if not rows or not self.prefix_cache.enabled or self._cache is None or self._mask is None \
-                or (self.graphs is not None and self.graphs.holding):
+        the same tokens). How many positions a row has is counted on the host (`computed`). In the eager batch
+        they are its last columns; in the static graph buffers they are gathered by its mask."""
+        graphs = self.graphs
+        held = graphs is not None and graphs.holding
+        if not rows or not self.prefix_cache.enabled or (not held and (self._cache is None or self._mask is None)):
             return
-        lengths, width = self._mask.sum(dim=1).tolist(), self._mask.shape[1]
         for i in rows:
-            seq, n = self.rows[i], int(lengths[i])
-            if seq.finish_reason != "error":
-                self.prefix_cache.store((seq.prompt_ids + seq.output_ids)[:n], self._cache, row=i, offset=width - n)
+            seq = self.rows[i]
+            if seq.finish_reason == "error":
+                continue
+            ids = (seq.prompt_ids + seq.output_ids)[:seq.computed]
+            if held:
+                self.prefix_cache.store(ids, graphs.row_kv(i, seq.computed))
+            else:
+                self.prefix_cache.store(ids, self._cache, row=i, offset=self._mask.shape[1] - seq.computed)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

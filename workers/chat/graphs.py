@@ -287,6 +287,16 @@ class GraphDecoder:
         self.discard()
         return cache, compact
 
+    def row_kv(self, row: int, positions: int) -> torch.Tensor:
+        """Batch row `row`'s keys and values, its `positions` real columns in order ([layers, 2, 1, kv heads,
+        positions, head dim]). A row held while a wider one joined has masked columns between its own (`insert`
+        moved the shared column past them), so they are picked by the mask, on the device: `positions` comes from
+        the host, and nothing waits for a step launched ahead."""
+        slot = self.slots[row]
+        mask = self._mask[slot, 0, 0, :self.length].to(torch.int32)
+        columns = torch.sort(mask, stable=True).indices[self.length - positions:]
+        return self._kv[:, :, slot:slot + 1].index_select(4, columns)
+
     def held_bytes(self) -> int:
         if not self.holding:
             return 0

@@ -78,13 +78,15 @@ class PrefixCache:
             self.reused_tokens += len(chain) * BLOCK
         return cache, len(chain) * BLOCK
 
-    def store(self, prompt_ids: list[int], cache: DynamicCache | Any, row: int = 0, offset: int = 0) -> None:
-        """Copy every full block of a freshly prefilled prompt that is not cached yet; the prompt sits in batch
-        row `row` of `cache`, from position `offset` on (left padding before it). The new blocks are copied out
-        together and share the copy: one per layer, or one in all after a graph prefill. A copy per block per
-        layer was ~130 small copies per prompt of 64 tokens on a 16-layer model, each a kernel launch on a GPU.
-        A block evicted before its siblings keeps their copy alive until they go too; never more than its own
-        prompt's span."""
+    def store(self, prompt_ids: list[int], cache: DynamicCache | torch.Tensor | Any, row: int = 0,
+              offset: int = 0) -> None:
+        """Copy every full block of a freshly prefilled prompt that is not cached yet; the prompt sits in batch row
+        `row` of `cache`, from position `offset` on (left padding before it). `cache` is a DynamicCache, a graph
+        prefill's StaticKV, or its `stacked` layout itself ([layers, 2, rows, heads, len, dim]; a row the decode
+        graphs held, `GraphDecoder.row_kv`). The new blocks are copied out together and share the copy: one per
+        layer, or one in all after a graph prefill. A copy per block per layer was ~130 small copies per prompt of
+        64 tokens on a 16-layer model, each a kernel launch on a GPU. A block evicted before its siblings keeps
+        their copy alive until they go too; never more than its own prompt's span."""
         if not self.enabled:
             return
         parent: int | None = None
@@ -100,7 +102,7 @@ class PrefixCache:
         if new:
             first, end = new[0][0], new[-1][0] + 1
             span = slice(offset + first * BLOCK, offset + end * BLOCK)
-            stacked = getattr(cache, "stacked", None)  # a graph prefill's: every layer in one tensor, one copy
+            stacked = cache if isinstance(cache, torch.Tensor) else getattr(cache, "stacked", None)  # one copy
             if stacked is not None:
                 copy = stacked[:, :, row:row + 1, :, span].clone()
                 keys, values = list(copy[:, 0]), list(copy[:, 1])

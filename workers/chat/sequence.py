@@ -61,7 +61,7 @@ class Sequence:
     cancelled: bool = False
     error: str | None = None
     cache: DynamicCache | None = None  # own KV cache while the prompt is prefilled
-    computed: int = 0  # prompt tokens in `cache`
+    computed: int = 0  # positions in the KV cache: prompt tokens while prefilling, then every token fed since
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     siblings: list[Sequence] = field(default_factory=list)  # the other choices, on choice 0 only
     pending_logprobs: torch.Tensor | None = None  # log-softmax of the raw logits of the token being sampled

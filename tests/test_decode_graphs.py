@@ -408,3 +408,34 @@ def test_a_join_copies_every_layer_at_once(tmp_path: Path) -> None:
         engine.prefill_step()
     assert engine.graphs.rows == 4 and engine.prefix_cache.nbytes > 0
     assert count.copies <= 8, count.copies  # 7; one per layer per tensor before: 29 here
+
+
+def test_a_short_cached_prefix_is_recomputed_in_a_graph_prefill(loaded: tuple) -> None:
+    """A prompt whose cached prefix is at most half of it (a chat template's fixed header, say) replays a prefill
+    graph with the prefix recomputed, instead of an eager pass that continues it; one that is mostly cached
+    continues it eagerly. Either way greedy output equals `generate`'s, and `cached_tokens` says what was kept."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, decode_graphs="on", max_batch_size=4,
+                        prefix_cache_tokens=4096)
+    prefill = engine.prefill_graphs
+    assert prefill is not None
+    words = tok(" ".join(PROMPTS * 3))["input_ids"]
+    header, tail = words[:16], words[16:]
+
+    def ask(rid: str, ids: list[int]) -> Sequence:
+        seq = admit(engine, ChatJob(request_id=rid, model="m", messages=[], prompt_ids=ids, created=0.0,
+                                    params=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)))
+        drain(engine, {})
+        with torch.inference_mode():
+            reference = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert seq.output_ids == reference[0, len(ids):].tolist(), rid
+        return seq
+
+    ask("first", header + tail[:20])
+    replays, reused = prefill.replays, engine.prefix_cache.reused_tokens
+    short = ask("short", header + tail[30:50])  # 16 of 36 tokens cached
+    assert (prefill.replays, short.cached_tokens, engine.prefix_cache.reused_tokens) == (replays + 1, 0, reused)
+    longer = ask("longer", header + tail[:40])  # 32 of 56 tokens cached (the first prompt's two full blocks)
+    mostly = ask("mostly", header + tail[:40] + tail[60:66])  # 48 of 62 cached
+    assert (prefill.replays, longer.cached_tokens, mostly.cached_tokens) == (replays + 1, 32, 48)

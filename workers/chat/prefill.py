@@ -95,16 +95,28 @@ class Prefill:
         positions its input would otherwise pad: the pass computes every padded position anyway, and the rows
         stay contiguous at the right end (padding only on the left, which the batch cache and the prefix cache's
         `store` rely on). Continuations used to run one forward pass each: 16 requests whose prompts hit the
-        prefix cache took 16 passes, each as long as a decoding step (bench/RESULTS.md, session 12)."""
+        prefix cache took 16 passes, each as long as a decoding step (bench/RESULTS.md, session 12).
+
+        With the prefill graphs (CUDA), prompts that fit a captured bucket replay it from an empty cache, their
+        cached prefixes recomputed, as long as that is no more positions than the pass computes anyway: an
+        eager pass costs a GPU's host tens of ms (bench/RESULTS.md, session 6), and chat templates that open with
+        a fixed header (Llama 3's dates, Qwen's default system prompt) give almost every prompt a cached first
+        block, which kept every such prompt off the graphs."""
         lengths = [len(s.prefill_ids) for s in seqs]
         width = max(n - s.computed for n, s in zip(lengths, seqs, strict=True))
         keeps = [max(0, n - width) for n in lengths]
+        graphs = self.prefill_graphs
+        replay = graphs is not None and graphs.bucket(len(seqs), max(lengths)) is not None \
+            and 2 * sum(keeps) <= sum(lengths)
+        if replay:
+            self.prefix_cache.recomputed(sum(s.cached_tokens for s in seqs))
+            keeps = [0] * len(seqs)
         past = max(keeps)
         for seq, n, keep in zip(seqs, lengths, keeps, strict=True):
             seq.cached_tokens = min(seq.cached_tokens, keep)
             self.prefilled_tokens += n - keep
-        graphs = self.prefill_graphs
-        if past == 0 and graphs is not None and graphs.bucket(len(seqs), max(lengths)) is not None:
+        if replay:
+            assert graphs is not None
             static, mask, last = graphs.run([s.prefill_ids for s in seqs])
             for seq in seqs:
                 seq.cache, seq.computed = None, len(seq.prefill_ids)

@@ -78,6 +78,10 @@ class PrefixCache:
             self.reused_tokens += len(chain) * BLOCK
         return cache, len(chain) * BLOCK
 
+    def recomputed(self, tokens: int) -> None:
+        """Found prefix tokens that the engine computed again after all (a graph prefill replay): not reused."""
+        self.reused_tokens -= tokens
+
     def store(self, prompt_ids: list[int], cache: DynamicCache | torch.Tensor | Any, row: int = 0,
               offset: int = 0) -> None:
         """Copy every full block of a freshly prefilled prompt that is not cached yet; the prompt sits in batch row

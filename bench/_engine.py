@@ -113,8 +113,8 @@ def engine_options() -> dict[str, Any]:
             if param.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(settings, name)}
 
 
-def _job(request_id: str, prompt: str, out: int) -> ChatJob:
-    return ChatJob(request_id=request_id, model="m", messages=[ChatMessage(role="user", content=prompt)],
+def _job(request_id: str, messages: list[dict[str, str]], out: int) -> ChatJob:
+    return ChatJob(request_id=request_id, model="m", messages=[ChatMessage(**m) for m in messages],
                    params=SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True), created=0.0)
 
 
@@ -159,9 +159,10 @@ def chat_engine(model: Any, tokenizer: Any, prompts: PromptFactory, out: int, co
     `bench._client.run_level`."""
     engine = ChatEngine(model, tokenizer, model.device, max_seq_len, **engine_options())
     engine.capture_graphs()  # as the worker does at its warm-up: no capture inside the timed run
-    warmup = [_job(f"warmup{i}", prompts.user(prefix + warmup_key(concurrency, i)), out) for i in range(concurrency)]
+    warmup = [_job(f"warmup{i}", prompts.messages(prefix + warmup_key(concurrency, i)), out)
+              for i in range(concurrency)]
     _drive(engine, warmup, concurrency)  # one round as wide as the level, as the server's runs warm up
-    jobs = [_job(f"r{i}", prompts.user(prefix + level_key(concurrency, i)), out) for i in range(requests)]
+    jobs = [_job(f"r{i}", prompts.messages(prefix + level_key(concurrency, i)), out) for i in range(requests)]
     timings, wall = _drive(engine, jobs, concurrency)
     return summarize("ChatEngine alone", concurrency, timings, wall, out)
 

@@ -138,10 +138,13 @@ class PromptFactory:
     comparison look better; the same index gives the same prompt to the server and to the engine-alone runs.
     """
 
-    def __init__(self, tokenizer: Any, prompt_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, prompt_tokens: int, header_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
         self._cache: dict[str, str] = {}
+        # One system message before every user message, as chat templates with a fixed header (Llama 3's dates,
+        # Qwen's default system prompt) give every prompt the same first tokens: the prefix cache then finds them.
+        self.header = self.system("header", header_tokens) if header_tokens else ""
 
     def _words(self, seed: str, count: int) -> list[str]:
         rng = random.Random(seed)
@@ -170,7 +173,10 @@ class PromptFactory:
         return self._cache[cache_key]
 
     def messages(self, key: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.user(key)}]
+        """The user message of `key`, after the shared header when there is one (the header's tokens come on top
+        of the ~`prompt_tokens` of the user message's templated prompt)."""
+        header = [{"role": "system", "content": self.header}] if self.header else []
+        return [*header, {"role": "user", "content": self.user(key)}]
 
     def ids(self, key: str) -> list[int]:
         ids = self.tokenizer.apply_chat_template(self.messages(key), add_generation_prompt=True, tokenize=True,

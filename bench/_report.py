@@ -73,7 +73,8 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
         "git_commit": git_commit(), "platform": platform.platform(), "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "model": str(args.model), "parameters": parameters(args.model), "mode": args.mode,
-        "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "concurrency": args.levels,
+        "prompt_tokens": args.prompt_tokens, "header_tokens": args.header_tokens, "output_tokens": args.output_tokens,
+        "concurrency": args.levels,
         "rounds": args.rounds, "max_batch_size": args.max_batch_size, "device": _device_name(args.device, args.dtype),
         "rate": args.rate, "duration_s": args.duration, "requests": args.requests,
         "system_tokens": args.system_tokens, "followers": args.followers, "burst": args.burst,
@@ -106,7 +107,9 @@ def header_markdown(h: dict[str, Any]) -> str:
         f"- machine: {h['cpu_model']}, {h['cpu_count']} CPUs, {h['platform']}; torch {h['torch']}, "
         f"transformers {h['transformers']}; {h['device']}",
         f"- model: {h['model']} ({h['parameters'] / 1e6:.2f} M parameters)",
-        f"- prompt ~{h['prompt_tokens']} tokens (chat-templated), output exactly {h['output_tokens']} tokens, "
+        f"- prompt ~{h['prompt_tokens']} tokens (chat-templated)"
+        + (f" after a shared {h['header_tokens']}-token system message" if h.get("header_tokens") else "")
+        + f", output exactly {h['output_tokens']} tokens, "
         f"greedy; {_settings_line(h)}",
         f"- server MAX_BATCH_SIZE={h['max_batch_size']}, MAX_SEQ_LEN={h['max_seq_len']}; engine options (from "
         f"Settings, as the worker passes them): {h['engine_options']}",

@@ -70,7 +70,7 @@ def profile(engine: ChatEngine, lengths: list[PromptFactory], n: int, tokens: in
     import cProfile
     import pstats
 
-    jobs = [_engine._job(f"p{i}", lengths[i % 3].user(f"profile-{i}"), tokens) for i in range(n)]
+    jobs = [_engine._job(f"p{i}", lengths[i % 3].messages(f"profile-{i}"), tokens) for i in range(n)]
     run_engine(engine, jobs[:2], 0)  # warm: graphs for these shapes, allocator
     profiler = cProfile.Profile()
     steps = engine.decode_steps
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model, tokenizer = _engine.load(args.model, args.device)
     lengths = [PromptFactory(tokenizer, n) for n in (24, 48, 80)]  # rows of unequal length: left padding
-    jobs = [_engine._job(f"r{i}", lengths[i % 3].user(f"check-{i}"), args.tokens) for i in range(args.requests)]
+    jobs = [_engine._job(f"r{i}", lengths[i % 3].messages(f"check-{i}"), args.tokens) for i in range(args.requests)]
     engine = ChatEngine(model, tokenizer, model.device, 4096, **_engine.engine_options())
     seqs = [engine.prepare(job) for job in jobs]
     with torch.inference_mode():

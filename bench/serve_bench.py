@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["concurrency", "poisson", "shared-prefix"], default="concurrency")
     p.add_argument("--prompt-tokens", type=int, default=64, help="chat-templated prompt length")
     p.add_argument("--output-tokens", type=int, default=64, help="tokens every request produces")
+    p.add_argument("--header-tokens", type=int, default=0,
+                   help="a system message of this many tokens before every prompt, the same for all, as a chat "
+                        "template's fixed header: the prefix cache finds it in every prompt but the first")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back per level")
     p.add_argument("--repeats", type=int, default=1,
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model = args.model.resolve()
     os.environ["DTYPE"] = args.dtype  # the server inherits it; bench/_engine.py reads it for the runs in process
     os.environ["MAX_BATCH_SIZE"] = str(args.max_batch_size)  # the engine-alone runs size their graph buffers by it
-    prompts = PromptFactory(AutoTokenizer.from_pretrained(args.model), args.prompt_tokens)
+    prompts = PromptFactory(AutoTokenizer.from_pretrained(args.model), args.prompt_tokens, args.header_tokens)
     info = header(args)
     print(header_markdown(info))
     runner = {"concurrency": run_concurrency, "poisson": run_poisson, "shared-prefix": run_shared_prefix}[args.mode]

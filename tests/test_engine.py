@@ -268,6 +268,32 @@ def test_answers_that_left_a_busy_batch_are_cached_at_their_own_positions(loaded
             torch.testing.assert_close(mine.values, theirs.values, rtol=1e-4, atol=1e-4)
 
 
+def test_prompts_arriving_with_one_new_prefix_compute_it_once(loaded: tuple) -> None:
+    """Four prompts that open with the same 64 uncached tokens arrive at an idle engine together: the first
+    prefills alone, the others wait one step and continue from its cached blocks (computing the 64 tokens once,
+    not four times). Greedy output stays equal to `generate`'s."""
+    model, tok = loaded
+    engine = ChatEngine(model, tok, torch.device("cpu"), 4096, prefix_cache_tokens=4096)
+    text = tok(LONG_SYSTEM)["input_ids"]
+    header = text[:64]
+    prompts = [header + text[64 + 9 * i:73 + 9 * i] for i in range(4)]
+    seqs = [admit(engine, ChatJob(request_id=f"s{i}", model="m", messages=[], prompt_ids=ids, created=0.0,
+                                  params=SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)))
+            for i, ids in enumerate(prompts)]
+    results: dict[str, list] = {}
+    drain(engine, results)
+    assert engine.prefilled_tokens == len(prompts[0]) and len(engine.pending) == 3
+    while engine.active:
+        drain(engine, results)
+    assert [s.cached_tokens for s in seqs] == [0, 64, 64, 64]
+    assert engine.prefilled_tokens == len(prompts[0]) + 3 * 9
+    for seq, ids in zip(seqs, prompts, strict=True):
+        with torch.inference_mode():
+            reference = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert seq.output_ids == reference[0, len(ids):].tolist()
+
+
 def test_a_long_prompt_does_not_pad_short_ones_to_its_length(loaded: tuple) -> None:
     """Prompts arriving together prefill in passes of like length: one long prompt with several short ones takes
     two passes (the long one with a short one, then the rest), not one pass padding every short prompt to the long

@@ -17,10 +17,34 @@ from transformers import DynamicCache
 from common.protocol import Event
 from workers.chat.graph_prefill import GraphPrefill, StaticKV
 from workers.chat.kv import new_cache, padding_groups, stack_past
-from workers.chat.prefix_cache import PrefixCache
+from workers.chat.prefix_cache import BLOCK, PrefixCache
 
 if TYPE_CHECKING:
     from workers.chat.sequence import Sequence
+
+
+SHARED_MIN = 2 * BLOCK  # uncached prompt tokens an arrival must share with one taken this step to wait for it
+
+
+class Leaders:
+    """The prompts a prefill step takes, keyed by their first SHARED_MIN tokens past what the prefix cache held
+    for them. A later arrival that starts with the same tokens waits one step and then finds them cached, instead
+    of computing them in the same pass: 16 requests at once with one new 512-token system prompt computed it 16
+    times (bench/RESULTS.md, session 13). SGLang's scheduler does the same ("in-batch prefix caching").
+
+    Two prompts that share those tokens past a cached prefix share that prefix too (the cache is keyed by
+    content), so an arrival is checked at each cached length the leaders had."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, set[int]] = {}  # cached length -> hashes of the prompts' first (length + SHARED_MIN)
+
+    def add(self, ids: list[int], cached: int) -> None:
+        if len(ids) >= cached + SHARED_MIN:
+            self._keys.setdefault(cached, set()).add(hash(tuple(ids[:cached + SHARED_MIN])))
+
+    def followed_by(self, ids: list[int]) -> bool:
+        return any(len(ids) > cached + SHARED_MIN and hash(tuple(ids[:cached + SHARED_MIN])) in keys
+                   for cached, keys in self._keys.items())
 
 
 class Prefill:
@@ -52,7 +76,8 @@ class Prefill:
         """Spend the budget oldest first. Every prompt whose rest fits what is left goes through a left-padded
         forward pass with the others of like length (fresh ones, and ones continuing a cached prefix or earlier
         chunks; `kv.padding_groups`); a prompt too long for what is left computes a chunk on its own cache and
-        waits for the next step.
+        waits for the next step. A new prompt that shares its first uncached tokens with one taken this step
+        waits for the next step too, to reuse them (`Leaders`).
 
         The budget is there so a long prompt does not stall the streams that are decoding. With none decoding
         it protects nobody, so it is PREFILL_IDLE_TOKENS instead: a burst of requests that arrives at an idle
@@ -62,6 +87,7 @@ class Prefill:
         budget = self.prefill_chunk_tokens if self.rows else self.prefill_idle_tokens
         waiting: list[Sequence] = []
         together: list[Sequence] = []
+        leaders = Leaders() if self.prefix_cache.enabled else None
         for seq in self.pending:
             if seq.cancelled:
                 seq.cache = None
@@ -71,8 +97,13 @@ class Prefill:
                 waiting.append(seq)
                 continue
             if seq.cache is None:
+                if leaders is not None and leaders.followed_by(seq.prefill_ids):
+                    waiting.append(seq)  # next step it finds the leader's blocks in the prefix cache
+                    continue
                 seq.cache, seq.computed = self.prefix_cache.lookup(seq.prefill_ids, self.model.config)
                 seq.cached_tokens = seq.computed
+            if leaders is not None:
+                leaders.add(seq.prefill_ids, seq.cached_tokens)
             remaining = len(seq.prefill_ids) - seq.computed
             if remaining <= budget:
                 together.append(seq)

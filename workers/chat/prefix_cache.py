@@ -79,7 +79,8 @@ class PrefixCache:
         return cache, len(chain) * BLOCK
 
     def recomputed(self, tokens: int) -> None:
-        """Found prefix tokens that the engine computed again after all (a graph prefill replay): not reused."""
+        """Found prefix tokens that the engine computed again after all (a prefill pass that recomputes positions
+        it would otherwise pad, or a graph replay from an empty cache): not reused."""
         self.reused_tokens -= tokens
 
     def store(self, prompt_ids: list[int], cache: DynamicCache | torch.Tensor | Any, row: int = 0,

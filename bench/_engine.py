@@ -29,12 +29,13 @@ from workers.chat.engine import ChatEngine, Sequence
 def load(model_dir: Path, device: str = "cpu", attn_implementation: str | None = None) -> tuple[Any, Any]:
     """As the worker loads it (`workers/chat/loader.load_causal_lm`, with the settings of this process's
     environment, which the server inherits: DTYPE, CPU_LINEAR, MAX_BATCH_SIZE; never QUANTIZATION, which
-    bench/quant_bench.py measures), on `device` (auto, cpu or cuda), with torch using every core."""
+    bench/quant_bench.py measures), on `device` (auto, cpu or cuda), with torch using every core, or as many
+    threads as OMP_NUM_THREADS says (the server's worker inherits it too, and torch reads it at start)."""
     from common.settings import load_settings
     from workers.chat.loader import load_causal_lm
 
     settings = load_settings()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     loaded = load_causal_lm(str(model_dir), device, dtype_name=settings.dtype, cpu_linear=settings.cpu_linear,
                             batch_rows=settings.max_batch_size, attn_implementation=attn_implementation)
     return loaded.model, loaded.tokenizer

@@ -71,7 +71,8 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "git_commit": git_commit(), "platform": platform.platform(), "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__, "transformers": transformers.__version__,
         "model": str(args.model), "parameters": parameters(args.model), "mode": args.mode,
         "prompt_tokens": args.prompt_tokens, "header_tokens": args.header_tokens, "output_tokens": args.output_tokens,
         "concurrency": args.levels,
@@ -105,7 +106,8 @@ def header_markdown(h: dict[str, Any]) -> str:
         f"## Axion serve_bench: {h['mode']}", "",
         f"- date (UTC): {h['date_utc']}; git: {h['git_commit']}",
         f"- machine: {h['cpu_model']}, {h['cpu_count']} CPUs, {h['platform']}; torch {h['torch']}, "
-        f"transformers {h['transformers']}; {h['device']}",
+        f"transformers {h['transformers']}; {h['device']}"
+        + (f"; torch threads OMP_NUM_THREADS={h['omp_num_threads']}" if h.get("omp_num_threads") else ""),
         f"- model: {h['model']} ({h['parameters'] / 1e6:.2f} M parameters)",
         f"- prompt ~{h['prompt_tokens']} tokens (chat-templated)"
         + (f" after a shared {h['header_tokens']}-token system message" if h.get("header_tokens") else "")

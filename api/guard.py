@@ -155,7 +155,7 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
     """The whole body, or a 413 as soon as it (or its Content-Length) is over `limit`."""
     too_large = APIError(413, "Request body too large.", code="request_too_large")
     length = headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isascii() and length.isdigit() and int(length) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0

@@ -68,7 +68,8 @@ def token_id_fields(path: str, body: dict[str, Any]) -> list[tuple[str, list[Any
         if isinstance(body.get("stop_token_ids"), list):
             found.append(("stop_token_ids", body["stop_token_ids"]))
         if isinstance(body.get("logit_bias"), dict):
-            ids = [int(k) for k in body["logit_bias"] if isinstance(k, str) and k.isdigit() and len(k) < 20]
+            ids = [int(k) for k in body["logit_bias"] if isinstance(k, str) and k.isascii() and k.isdigit()
+                   and len(k) < 20]
             found.append(("logit_bias", ids))
     field = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/detokenize": "tokens"}.get(path)
     value = body.get(field) if field else None

@@ -235,7 +235,8 @@ def validate_sampling(req: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(400, "'min_tokens' must not exceed 'max_tokens'.", param="min_tokens",
                        code="invalid_value")
     for key in req.logit_bias or {}:
-        if not key.lstrip("-").isdigit():
+        digits = key.removeprefix("-")  # str.isdigit alone passes "²" and "٣", which int() refuses or reads
+        if not (digits.isascii() and digits.isdigit()):
             raise APIError(400, f"'logit_bias' keys must be token ids; got {key!r}.", param="logit_bias",
                            code="invalid_value")
     if req.stream_options is not None and not req.stream:

@@ -127,7 +127,7 @@ def sync_client(url: str, mode: str = "auto", **kwargs: Any) -> redis.Redis | Re
 def _version(text: str) -> tuple[int, ...]:
     parts = []
     for part in text.split(".")[:2]:
-        parts.append(int(part) if part.isdigit() else 0)
+        parts.append(int(part) if part.isascii() and part.isdigit() else 0)
     return tuple(parts)
 
 

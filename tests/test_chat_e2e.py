@@ -171,6 +171,9 @@ def test_prompt_over_context_length_is_400(served: Server) -> None:
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"²": 1}}, "logit_bias"),  # str.isdigit() is true of it, int() refuses it: once a 500
+    ({"logit_bias": {"--5": 1}}, "logit_bias"),
+    ({"logit_bias": {"٣": 1}}, "logit_bias"),  # an Arabic-Indic 3, which int() would read as token 3
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"99999": 1}}, "logit_bias"),
     ({"stop_token_ids": [99999]}, "stop_token_ids"),

@@ -34,8 +34,9 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthC
 BAD_STREAM_TYPES = ('"type":"server_error"', '"code":"engine_error"', '"code":"sampling_error"')
 
 
-def check(status: int, text: str, content_type: str) -> None:
-    """The contract of every answer: no 5xx, no stack trace, an OpenAI envelope on every 4xx."""
+def check(status: int, text: str, content_type: str, cut_short: bool = False) -> None:
+    """The contract of every answer: no 5xx, no stack trace, an OpenAI envelope on every 4xx. `cut_short`: the
+    client stopped reading the event stream early (schemathesis reads at most 20 events), so its end is not there."""
     assert status < 500, text[:500]
     assert "Traceback" not in text and 'File "' not in text
     if status >= 400:
@@ -45,7 +46,7 @@ def check(status: int, text: str, content_type: str) -> None:
         assert error["param"] is None or isinstance(error["param"], str)
     elif content_type.startswith("text/event-stream"):
         assert not any(t in text for t in BAD_STREAM_TYPES), text[-500:]
-        assert text.rstrip().endswith("data: [DONE]") or '"error"' in text
+        assert cut_short or text.rstrip().endswith("data: [DONE]") or '"error"' in text
     elif content_type.startswith("application/json"):
         json.loads(text)
 
@@ -61,9 +62,9 @@ def cheap(body: Any, path: str, model: str, use_real_model: bool) -> None:
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > most:
             body[field] = most
-    if path in ("/v1/chat/completions", "/v1/completions") and not {"max_tokens", "max_completion_tokens"} & set(
-            body):
-        body["max_tokens"] = 4
+    if path in ("/v1/chat/completions", "/v1/completions") and all(
+            body.get(field) is None for field in ("max_tokens", "max_completion_tokens")):
+        body["max_tokens"] = 4  # absent or null: null asks for tokens up to the context length
 
 
 def report(capsys: pytest.CaptureFixture[str], what: str, counts: Counter[Any], started: float) -> int:
@@ -83,7 +84,8 @@ def fuzz_operation(served: Server, op: Any, mode: GenerationMode, counts: Counte
         response = case.call(base_url=served.base_url, timeout=60)
         counts[(op.label, mode.value, response.status_code)] += 1
         content_type = response.headers.get("content-type") or ""
-        check(response.status_code, response.text, content_type[0] if isinstance(content_type, list) else content_type)
+        check(response.status_code, response.text, content_type[0] if isinstance(content_type, list) else content_type,
+              getattr(response, "stream_cut_short", False))
 
     run()
 

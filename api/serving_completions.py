@@ -47,10 +47,19 @@ class LegacyLogprobsBuilder:
             for target in (self.out, added):
                 target.tokens.append(entry.token)
                 target.token_logprobs.append(entry.logprob)
-                target.top_logprobs.append({t.token: t.logprob for t in entry.top_logprobs})
+                target.top_logprobs.append(_by_text(entry))
                 target.text_offset.append(self._offset)
             self._offset += len(entry.token)
         return added
+
+
+def _by_text(entry: TokenLogprob) -> dict[str, float]:
+    """The alternatives keyed by their text, as the legacy shape has it; tokens that read the same (pieces of a
+    UTF-8 character both shown as U+FFFD) keep the likelier one."""
+    top: dict[str, float] = {}
+    for alt in entry.top_logprobs:
+        top[alt.token] = max(alt.logprob, top.get(alt.token, alt.logprob))
+    return top
 
 
 class CompletionRun:

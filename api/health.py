@@ -48,6 +48,9 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         "id": w.worker_id, "kind": w.kind, "model": w.model, "device": w.device, "dtype": w.dtype,
         "hostname": w.hostname, "pid": w.pid,
         "active_sequences": w.active_sequences, "max_batch_size": w.max_batch_size,
+        # as the engine reports them: computing, waiting for room, share of its KV-cache pool in use
+        "running_sequences": w.running_sequences, "waiting_sequences": w.waiting_sequences,
+        "kv_cache_usage": w.kv_cache_usage,
         "batch_occupancy": round(w.active_sequences / w.max_batch_size, 3) if w.max_batch_size else None,
         "tokens_per_s": w.tokens_per_s, "jobs_per_s": w.jobs_per_s, "cpu_percent": w.cpu_percent,
         "uptime_s": round(now - w.started, 1),
@@ -61,6 +64,7 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
                    "load_rss_delta_bytes": w.load_rss_delta_bytes},
         "load_s": w.load_s, "last_error": w.last_error or None,
         "prefix_cache_hits": w.prefix_cache_hits,
+        "prefix_cache_hit_tokens": w.prefix_cache_hit_tokens, "prefix_cache_query_tokens": w.prefix_cache_query_tokens,
         "mean_decode_batch": round(w.decoded_tokens / w.decode_steps, 2) if w.decode_steps else None,
         "prefilled_tokens": w.prefilled_tokens, "decoded_tokens": w.decoded_tokens, "jobs_done": w.jobs_done,
         "revision": w.revision,

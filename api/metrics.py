@@ -102,9 +102,20 @@ class Metrics:
                                   "where the worker reports it.", wlabels, registry=r)
         self.w_tps = Gauge("axion:worker_tokens_per_s", "Decoded tokens (embed/rerank: inputs) per second over "
                            "the worker's last heartbeat interval.", wlabels, registry=r)
+        self.w_running = Gauge("axion:worker_running_sequences", "Sequences the worker's engine computes now.",
+                               wlabels, registry=r)
+        self.w_waiting = Gauge("axion:worker_waiting_sequences", "Sequences admitted by the worker that its engine "
+                               "has not started (no room yet, or prompts not yet prefilled).", wlabels, registry=r)
+        self.w_kv_usage = Gauge("axion:worker_kv_cache_usage_perc", "Share of the engine's KV-cache pool in use "
+                                "(0..1), where the engine has a fixed pool (vLLM).", wlabels, registry=r)
+        self.w_prefix_queries = Gauge("axion:worker_prefix_cache_queries", "Prompt tokens looked up in the worker's "
+                                      "prefix cache since it started.", wlabels, registry=r)
+        self.w_prefix_hits = Gauge("axion:worker_prefix_cache_hits", "Of those, tokens found in the prefix cache.",
+                                   wlabels, registry=r)
         self._fleet = (self.queue_depth, self.queue_pending, self.queue_waiting, self.dead_letters, self.batch_depth,
                        self.workers,
-                       self.w_active, self.w_batch, self.w_occupancy, self.w_kv, self.w_device_mem, self.w_tps)
+                       self.w_active, self.w_batch, self.w_occupancy, self.w_kv, self.w_device_mem, self.w_tps,
+                       self.w_running, self.w_waiting, self.w_kv_usage, self.w_prefix_queries, self.w_prefix_hits)
 
     async def render(self, redis: aioredis.Redis, registry: WorkerRegistry, settings: Settings) -> bytes:
         async def read() -> tuple[list[Any], list[dict[str, Any]]]:
@@ -139,6 +150,13 @@ class Metrics:
                     self.w_device_mem.labels(*labels).set((w.device_memory_used_bytes or 0)
                                                           / w.device_memory_total_bytes)
                 self.w_tps.labels(*labels).set(w.tokens_per_s)
+                if w.kind == "chat":
+                    self.w_running.labels(*labels).set(w.running_sequences)
+                    self.w_waiting.labels(*labels).set(w.waiting_sequences)
+                    self.w_prefix_queries.labels(*labels).set(w.prefix_cache_query_tokens)
+                    self.w_prefix_hits.labels(*labels).set(w.prefix_cache_hit_tokens)
+                if w.kv_cache_usage is not None:
+                    self.w_kv_usage.labels(*labels).set(w.kv_cache_usage)
         return generate_latest(self.registry)
 
 

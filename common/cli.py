@@ -92,19 +92,19 @@ def run_worker(settings: Settings) -> int:
         from workers.chat.quantize import keep_torchao_out
 
         keep_torchao_out()
-    reason = "BACKEND=native"
+    fallback = None
     if settings.worker_kind == "chat" and settings.backend != "native":
-        # An external engine (README "MAX, vLLM or another engine") serves the model until the worker stops; such a
-        # worker takes no hot-swap commands. When the engine cannot serve it, the native host below does.
+        # An external engine process (README "Backends") serves MODEL_NAME until the worker
+        # stops; when it cannot start, the host below serves it natively. The host picks native or vLLM itself.
         from workers.chat.external.serve import serve_external
 
         outcome = aio.run(serve_external(settings))
         if outcome.served:
             return 0
-        reason = outcome.reason
+        fallback = outcome.reason
     from workers.host import serve
 
-    aio.run(serve(settings, reason))  # WORKER_KIND's model, swappable by `axion models load|unload`
+    aio.run(serve(settings, fallback))  # WORKER_KIND's model, swappable by `axion models load|unload`
     return 0
 
 

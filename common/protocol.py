@@ -212,7 +212,12 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     hostname: str
     pid: int
     started: float
-    active_sequences: int = 0
+    active_sequences: int = 0  # admitted and not yet answered
+    # What the engine reports of them: computing now, waiting for room (vLLM's scheduler; native: prompts not
+    # yet prefilled), the share of its KV-cache pool in use (None: the engine has no fixed pool).
+    running_sequences: int = 0
+    waiting_sequences: int = 0
+    kv_cache_usage: float | None = None
     max_batch_size: int = 0
     decode_steps: int = 0
     decoded_tokens: int = 0
@@ -221,6 +226,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     kv_cache_bytes: int = 0
     prefix_cache_bytes: int = 0
     prefix_cache_hits: int = 0
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_cache_hit_tokens: int = 0  # of which found there
     rss_bytes: int = 0
     device_memory_used_bytes: int | None = None
     device_memory_total_bytes: int | None = None
@@ -237,8 +244,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     beat_at: float = 0.0  # unix time of this beat (the worker's clock)
     # Fleets and hot swap (workers/host.py). An empty `model` is a worker that serves nothing right now (after an
     # unload, or while it loads `loading`); readers that route requests skip it.
-    # What runs the model: chat "native" (transformers here) or "external" (an engine such as `max serve`),
-    # embeddings "fastembed" or "torch"; and why (chat: the backend choice, README "MAX, vLLM or another engine").
+    # What runs the model: chat "native" (transformers here), "vllm" (vLLM's engine in the worker's process) or
+    # "external" (an engine server such as `max serve`),
+    # embeddings "fastembed" or "torch"; and why (chat: the backend choice, README "Backends").
     backend: str = ""
     backend_reason: str = ""
     loading: str = ""  # the model this worker is loading now

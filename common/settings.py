@@ -97,9 +97,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     quantization: Literal["none", "int8", "int4"] = "none"
     # fp32 linear layers on the CPU multiply weight-first for small batches (workers/chat/cpu_linear.py).
     cpu_linear: Literal["auto", "torch"] = "auto"
-    # External engine (README "MAX, vLLM or another engine"; workers/chat/external): which backend a chat worker
+    # External engine (README "Backends"; workers/chat/external): which backend a chat worker
     # uses, the command that starts it ({model} {host} {port} {devices} filled in) or the URL of a running one.
-    backend: Literal["auto", "max", "external", "native"] = "auto"
+    backend: Literal["auto", "vllm", "max", "external", "native"] = "auto"
+    # BACKEND=vllm: vLLM's engine arguments beyond those Axion sets, as a JSON object ('{"enforce_eager": true}').
+    vllm_engine_args: str = ""
     external_engine_cmd: str = DEFAULT_ENGINE_CMD
     external_engine_url: str = ""
     external_engine_model: str = ""  # the id the engine serves the model under ("" = ask its /v1/models)
@@ -199,6 +201,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         name = message.rsplit("$.", 1)[-1] if "$." in message else "settings"
         detail = message.split(" - at ")[0]
         raise SettingsError(f"invalid setting {name}={raw.get(name, '')!r}: {detail}") from None
+    try:
+        engine_args = json.loads(settings.vllm_engine_args or "{}")
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting VLLM_ENGINE_ARGS: not JSON ({exc})") from None
+    if not isinstance(engine_args, dict):
+        raise SettingsError("invalid setting VLLM_ENGINE_ARGS: a JSON object of vLLM engine arguments is needed")
     try:
         parse_aliases(settings.model_aliases)
     except ValueError as exc:

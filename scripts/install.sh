@@ -10,9 +10,11 @@ extra="${1:-}"
 python="${PYTHON:-python3}"
 torch_version="2.13.0"
 stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)${extra:+-$extra}"
-# The test extra also gets Modular MAX, in its own .venv-max (own stamp): the engine tests run the real `max serve`.
+# The test extra also gets Modular MAX, in its own .venv-max (own stamp): the engine tests run the real `max serve`;
+# and vLLM in .venv (scripts/install_vllm.sh, own stamp): the backend tests run BACKEND=vllm on its CPU build.
 if [ "$extra" = "test" ]; then scripts/install_max.sh; fi
-[ -f "$stamp" ] && exit 0
+vllm_too() { if [ "$extra" = "test" ]; then scripts/install_vllm.sh; fi; }
+[ -f "$stamp" ] && { vllm_too; exit 0; }
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
@@ -31,3 +33,4 @@ fi
 "${pip[@]}" -e ".${extra:+[$extra]}"
 rm -f .venv/.installed-*
 touch "$stamp"
+vllm_too

@@ -35,7 +35,7 @@ from tests.engine_helpers import (
     wait_engine_started,
     wait_gone,
 )
-from workers.chat.external.choice import choose_backend
+from workers.chat.choice import choose_backend
 
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
 # Another Axion as a spawned engine: REDIS_URL dropped so it starts its own Redis (it must not join our stream).
@@ -309,23 +309,34 @@ def _model_dir(tmp_path: Path, architecture: str, model_type: str) -> Path:
     return folder
 
 
-def test_auto_picks_the_engine_only_for_an_architecture_on_its_list(tmp_path: Path) -> None:
+def test_backend_choice_and_its_reason(tmp_path: Path) -> None:
+    """BACKEND=max spawns MAX only for an architecture on its list; auto takes vLLM on CUDA only (none here), an
+    attached engine whenever EXTERNAL_ENGINE_URL is set, and the native engine otherwise."""
     fake_max = tmp_path / "bin" / "max"  # an installed `max` (its behaviour is the MAX tests' business)
     fake_max.parent.mkdir()
     fake_max.write_text("#!/bin/sh\n")
     fake_max.chmod(0o755)
-    env = {"PATH": f"{fake_max.parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {"PATH": f"{fake_max.parent}{os.pathsep}{os.environ['PATH']}", "BACKEND": "max"}
     cmd = f"{fake_max} serve --model-path {{model}} --port {{port}}"
     llama = _model_dir(tmp_path, "LlamaForCausalLM", "llama")
     gpt2 = _model_dir(tmp_path, "GPT2LMHeadModel", "gpt2")
-    on_list = choose_backend(load_settings(env | {"MODEL_NAME": str(llama), "EXTERNAL_ENGINE_CMD": cmd}))
-    off_list = choose_backend(load_settings(env | {"MODEL_NAME": str(gpt2), "EXTERNAL_ENGINE_CMD": cmd}))
-    assert (on_list.backend, on_list.reason) == ("external", "architecture LlamaForCausalLM is supported by MAX")
-    assert (off_list.backend, off_list.reason) == ("native", "architecture GPT2LMHeadModel is not on MAX's list")
-    missing = choose_backend(load_settings({"MODEL_NAME": str(llama), "EXTERNAL_ENGINE_CMD": "no-such-engine x"}))
-    assert missing.backend == "native" and "not installed" in missing.reason
-    native = choose_backend(load_settings({"MODEL_NAME": str(llama), "BACKEND": "native"}))
-    assert native.backend == "native"
+
+    def choice(**settings: str) -> tuple[str, str]:
+        picked = choose_backend(load_settings(settings))
+        return picked.backend, picked.reason
+
+    assert choice(**env, MODEL_NAME=str(llama), EXTERNAL_ENGINE_CMD=cmd) == (
+        "external", "BACKEND=max: architecture LlamaForCausalLM is supported by MAX")
+    assert choice(**env, MODEL_NAME=str(gpt2), EXTERNAL_ENGINE_CMD=cmd) == (
+        "native", "BACKEND=max: architecture GPT2LMHeadModel is not on MAX's list")
+    missing = choice(MODEL_NAME=str(llama), BACKEND="max", EXTERNAL_ENGINE_CMD="no-such-engine x")
+    assert missing[0] == "native" and "not installed" in missing[1]
+    assert choice(MODEL_NAME=str(llama), DEVICE="cpu") == (
+        "native", "BACKEND=auto: no CUDA device, the native engine serves CPUs")
+    assert choice(MODEL_NAME=str(llama), EXTERNAL_ENGINE_URL="http://engine:8000/")[0] == "external"
+    assert choice(MODEL_NAME=str(llama), BACKEND="native") == ("native", "BACKEND=native")
+    backend, reason = choice(MODEL_NAME=str(gpt2), BACKEND="vllm", QUANTIZATION="int8")
+    assert backend == "native" and reason.startswith("BACKEND=vllm, but ")
 
 
 def test_a_job_taken_over_from_a_dead_worker_skips_what_was_published(served: Server, tiny_model_dir: Path,

@@ -27,7 +27,7 @@ def test_a_loaded_worker_is_frozen_and_its_unload_frees_the_model(tiny_model_dir
     settings = load_settings({"MODEL_NAME": str(tiny_model_dir), "ALLOW_MODEL_PATHS": "true", "DEVICE": "cpu"})
     worker = loading.open_worker(settings, fakeredis.FakeAsyncRedis(), "chat", str(tiny_model_dir))
     assert gc.get_freeze_count() > 0
-    model = weakref.ref(worker.engine.model)
+    model = weakref.ref(worker.backend.engine.model)
     del worker
     loading.free_memory()
     assert model() is None

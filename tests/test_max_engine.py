@@ -41,10 +41,10 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("AXION_SKIP_MAX")), reason="
 
 @pytest.fixture(scope="module")
 def max_front(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`axion serve` with the default BACKEND=auto and the default EXTERNAL_ENGINE_CMD: MAX, found in .venv-max."""
+    """`axion serve` with BACKEND=max and the default EXTERNAL_ENGINE_CMD: MAX, found in .venv-max."""
     started = time.monotonic()
     front = start_front(tiny_model_dir, tmp_path_factory.mktemp("max"), "front", timeout=START_TIMEOUT_S + 60,
-                        EXTERNAL_ENGINE_START_TIMEOUT_S=str(START_TIMEOUT_S), XDG_CACHE_HOME=MAX_CACHE)
+                        EXTERNAL_ENGINE_START_TIMEOUT_S=str(START_TIMEOUT_S), XDG_CACHE_HOME=MAX_CACHE, BACKEND="max")
     print(f"MAX front ready in {time.monotonic() - started:.1f}s")
     yield front
     front.procs[0].stop()
@@ -61,10 +61,10 @@ def max_main(front: Server):
     return next(p for p in guard.children() if "serve" in p.cmdline())
 
 
-def test_auto_picks_max_and_its_greedy_text_equals_native(max_front: Server, served: Server) -> None:
+def test_backend_max_spawns_max_and_its_greedy_text_equals_native(max_front: Server, served: Server) -> None:
     info = chat_worker_info(max_front)
     assert info["backend"] == "external", info
-    assert "LlamaForCausalLM is supported by MAX" in info["backend_reason"]
+    assert info["backend_reason"].startswith("BACKEND=max: architecture LlamaForCausalLM is supported by MAX")
     assert "max" in " ".join(max_main(max_front).cmdline())
     ours, native = greedy(max_front), greedy(served)
     assert ours.choices[0].message.content == native.choices[0].message.content != ""

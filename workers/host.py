@@ -72,13 +72,13 @@ class WorkerHost:
         self._failure: BaseException | None = None
 
     async def run(self, kind: loading.Kind, model: str, served_name: str | None = None,
-                  backend_reason: str = "BACKEND=native") -> None:
+                  fallback_reason: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         self._start(await model_thread.run(loading.open_worker, self.settings, self.redis, kind, model,
-                                           served_name, backend_reason))
+                                           served_name, fallback_reason))
         control = asyncio.create_task(self._control_loop(), name="axion-control")
         try:
             await self.stopping.wait()
@@ -228,14 +228,14 @@ class WorkerHost:
             log.warning("could not retire %s (%s)", model, type(exc).__name__)
 
 
-async def serve(settings: Settings, backend_reason: str = "BACKEND=native") -> None:
+async def serve(settings: Settings, fallback_reason: str | None = None) -> None:
     """`axion worker`: the model of WORKER_KIND named by the settings, then whatever the control stream says.
-    `backend_reason`: why a chat model runs natively (the external engine's choice, `workers/chat/external`)."""
+    `fallback_reason`: the chat model runs natively because its external engine could not start."""
     kind = settings.worker_kind
     model = {"chat": settings.model_name, "embed": settings.embedding_model, "rerank": settings.rerank_model}[kind]
     served_name = settings.served_model_name if kind == "chat" else None
     redis = redis_client.connect(settings, block_ms=max(settings.batch_timeout_ms, CONTROL_BLOCK_MS))
     try:
-        await WorkerHost(settings, redis).run(kind, model, served_name, backend_reason)
+        await WorkerHost(settings, redis).run(kind, model, served_name, fallback_reason)
     finally:
         await redis.aclose()

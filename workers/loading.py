@@ -99,22 +99,55 @@ def free_memory() -> None:
 
 
 def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name: str | None,
-              backend_reason: str = "BACKEND=native") -> StreamWorker:
-    """Load a causal LM (blocking: run in a thread) and wrap it in a ChatWorker serving `served_name or model`."""
+              fallback_reason: str | None = None) -> StreamWorker:
+    """Load a chat model on the backend BACKEND picks for it (`workers/chat/choice.py`), or natively for
+    `fallback_reason` (an external engine that could not start), and wrap it in a ChatWorker serving
+    `served_name or model` (blocking: run it on the model thread). vLLM failing to start falls back to native."""
+    from workers.chat.choice import BackendChoice, choose_backend
+    from workers.chat.worker import ChatWorker
+
+    gguf_file = settings.model_gguf_file if model == settings.model_name else None
+    per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name,
+                                        model_gguf_file=gguf_file)
+    choice = BackendChoice("native", fallback_reason) if fallback_reason else choose_backend(per_model, model)
+    if choice.backend == "external":  # a model loaded by a hot swap: the engine process serves MODEL_NAME only
+        choice = BackendChoice("native", f"{choice.reason}, but the external engine serves MODEL_NAME only")
+    log.info("backend for %s: %s (%s)", model, choice.backend, choice.reason)
+    before = rss()
+    backend, module, steps = None, None, Steps(model, 2)
+    if choice.backend == "vllm":
+        try:
+            backend = _vllm_backend(per_model, model, steps)
+        except Exception as exc:
+            log.exception("vLLM cannot serve %s; falling back to the native engine", model)
+            first = (str(exc).splitlines() or [""])[0][:200]
+            choice = BackendChoice("native", f"fallback: vLLM failed to start ({type(exc).__name__}: {first})")
+    if backend is None:
+        steps = Steps(model, 3)
+        backend, module = _native_backend(per_model, model, steps)
+    worker = ChatWorker(per_model, backend, redis)
+    worker.info.backend_reason = choice.reason
+    _record(worker, module, before, steps)
+    if module is not None and settings.quantization != "none":
+        from workers.chat.quantize import weight_bytes
+
+        worker.info.params_bytes = weight_bytes(module)  # quantized weights as stored, not as float32
+    return worker
+
+
+def _native_backend(settings: Settings, model: str, steps: Steps) -> tuple[Any, Any]:
+    """Our transformers engine on MODEL_NAME's device, warmed up; the backend and its torch module."""
     import torch
 
     from workers.chat.engine import ChatEngine
     from workers.chat.loader import load_causal_lm
-    from workers.chat.worker import ChatWorker
+    from workers.chat.native import NativeBackend
+    from workers.revision import load_variant, model_revision
 
-    steps = Steps(model, 3)
-    before = rss()
     steps.next("tokenizer and weights")
-    # MODEL_GGUF_FILE names a file inside MODEL_NAME, so it applies to that model only; QUANTIZATION to any.
-    gguf_file = settings.model_gguf_file if model == settings.model_name else None
-    loaded = load_causal_lm(model, settings.device, gguf_file=gguf_file, quantization=settings.quantization,
-                            dtype_name=settings.dtype, cpu_linear=settings.cpu_linear,
-                            batch_rows=settings.max_batch_size)
+    loaded = load_causal_lm(model, settings.device, gguf_file=settings.model_gguf_file,
+                            quantization=settings.quantization, dtype_name=settings.dtype,
+                            cpu_linear=settings.cpu_linear, batch_rows=settings.max_batch_size)
     steps.next("engine")
     engine = ChatEngine(loaded.model, loaded.tokenizer, loaded.device, settings.max_seq_len,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
@@ -129,16 +162,20 @@ def open_chat(settings: Settings, redis: aioredis.Redis, model: str, served_name
         captured = engine.capture_graphs()
     if captured:
         log.info("%s: captured %d decode graphs", model, captured)
-    per_model = msgspec.structs.replace(settings, model_name=model, served_model_name=served_name,
-                                        model_gguf_file=gguf_file)
-    worker = ChatWorker(per_model, engine, redis, str(loaded.dtype).removeprefix("torch."))
-    worker.info.backend, worker.info.backend_reason = "native", backend_reason
-    _record(worker, loaded.model, before, steps)
-    if settings.quantization != "none":
-        from workers.chat.quantize import weight_bytes
+    revision = model_revision(model, getattr(loaded.model.config, "_commit_hash", None)) + \
+        load_variant(settings.model_gguf_file, settings.quantization)
+    return NativeBackend(engine, str(loaded.dtype).removeprefix("torch."), revision), loaded.model
 
-        worker.info.params_bytes = weight_bytes(loaded.model)  # quantized weights as stored, not as float32
-    return worker
+
+def _vllm_backend(settings: Settings, model: str, steps: Steps) -> Any:
+    """vLLM's engine on `model` in this process (its engine core in child processes), started and warmed up."""
+    from workers.chat.vllm_engine import open_vllm
+    from workers.revision import model_revision
+
+    steps.next("vLLM engine (weights, KV cache, compile)")
+    backend = open_vllm(settings, model, model_revision(model) + "+vllm")
+    steps.next("ready")
+    return backend
 
 
 def open_embed(settings: Settings, redis: aioredis.Redis, kind: Literal["embed", "rerank"],
@@ -174,11 +211,11 @@ def _record(worker: StreamWorker, module: Any, rss_before: int, steps: Steps) ->
 
 
 def open_worker(settings: Settings, redis: aioredis.Redis, kind: Kind, model: str,
-                served_name: str | None = None, backend_reason: str = "BACKEND=native") -> StreamWorker:
+                served_name: str | None = None, fallback_reason: str | None = None) -> StreamWorker:
     """A worker for `model` of `kind`, loaded and warmed up, its heap frozen (blocking: run it in a thread)."""
     enable_progress_bars()
     if kind == "chat":
-        worker = open_chat(settings, redis, model, served_name, backend_reason)
+        worker = open_chat(settings, redis, model, served_name, fallback_reason)
     else:
         worker = open_embed(settings, redis, kind, model)
     freeze_heap()

@@ -27,7 +27,7 @@ from workers.chat.logprobs import TokenBytes
 from workers.chat.prefill import Prefill
 from workers.chat.prefix_cache import PrefixCache
 from workers.chat.sampling import banned_ids, needs_processing, process_row, sample_row, token_seed
-from workers.chat.sequence import Sequence, advance, prepare, tokenize
+from workers.chat.sequence import Sequence, advance, eos_token_ids, prepare, tokenize
 
 log = logging.getLogger("axion.worker.engine")
 
@@ -45,7 +45,7 @@ class ChatEngine(Prefill, DecodeAhead):
         self.device = device
         limit = getattr(model.config, "max_position_embeddings", None) or max_seq_len
         self.max_seq_len = min(max_seq_len, int(limit))
-        self.eos_ids = sorted(_eos_ids(model, tokenizer))
+        self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None), model.config)
         self.vocab_size = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
         self.token_bytes = TokenBytes(tokenizer)
         self._grammar_compiler: GrammarCompiler | None = None
@@ -311,16 +311,3 @@ class ChatEngine(Prefill, DecodeAhead):
                 self.prefix_cache.store(ids, graphs.row_kv(i, seq.computed))
             else:
                 self.prefix_cache.store(ids, self._cache, row=i, offset=self._mask.shape[1] - seq.computed)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids

@@ -70,6 +70,18 @@ def _close_objects(schema: Any) -> Any:
     return out
 
 
+def json_constraint(kind: str, schema: dict[str, Any] | None = None, strict: bool = False) -> dict[str, Any]:
+    """The JSON schema a `response_format` enforces, with llguidance's options inside (`x-guidance`), so the native
+    engine and vLLM's guidance backend enforce the same thing: `json_object` is any object; `json_schema` with
+    ``strict`` (OpenAI's default for structured outputs) closes every object and makes an unsupported keyword an
+    error, so the output is guaranteed to validate; without it, unknown keywords are skipped (best effort)."""
+    options: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
+    if kind == "json_object":
+        return {"type": "object", "x-guidance": options}
+    options["lenient"] = not strict
+    return {**(_close_objects(schema) if strict else (schema or {})), "x-guidance": options}
+
+
 class GrammarCompiler:
     """One per tokenizer: holds llguidance's view of the vocabulary and caches grammars by key.
 
@@ -94,22 +106,17 @@ class GrammarCompiler:
 
     # ---- grammar kinds -------------------------------------------------------------------------------
     def json_schema(self, schema: dict, strict: bool = True) -> Grammar:
-        """``response_format: {"type": "json_schema"}``. With ``strict`` (OpenAI's default for structured
-        outputs) objects are closed and an unsupported keyword is an error rather than silently ignored, so the
-        output is guaranteed to validate; without it, unknown keywords are skipped (best effort)."""
+        """``response_format: {"type": "json_schema"}`` (see `json_constraint`)."""
         if not isinstance(schema, dict):
             raise ValueError("a JSON schema must be an object")
-        if strict:
-            schema = _close_objects(schema)
-        options: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
-        key = "schema:" + json.dumps([schema, options], sort_keys=True)
-        return self._get(key, lambda: self._llg.LLMatcher.grammar_from_json_schema(schema, defaults=options))
+        constraint = json_constraint("json_schema", schema, strict)
+        key = "schema:" + json.dumps(constraint, sort_keys=True)
+        return self._get(key, lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
 
     def json_object(self) -> Grammar:
         """``response_format: {"type": "json_object"}``: any JSON value whose top level is an object."""
-        schema = {"type": "object"}
-        options = {"whitespace_pattern": JSON_WHITESPACE}
-        return self._get("json_object", lambda: self._llg.LLMatcher.grammar_from_json_schema(schema, defaults=options))
+        constraint = json_constraint("json_object")
+        return self._get("json_object", lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
 
     def regex(self, pattern: str) -> Grammar:
         """Output must match ``pattern`` in full (for fixed formats, e.g. a tool-call envelope)."""

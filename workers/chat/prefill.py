@@ -18,6 +18,7 @@ from common.protocol import Event
 from workers.chat.graph_prefill import GraphPrefill, StaticKV
 from workers.chat.kv import new_cache, padding_groups, stack_past
 from workers.chat.prefix_cache import BLOCK, PrefixCache
+from workers.chat.sequence import replay
 
 if TYPE_CHECKING:
     from workers.chat.sequence import Sequence
@@ -182,16 +183,6 @@ class Prefill:
         self._merge(cache, mask, tokens, seqs)
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.resume:
-                self._replay(seq, events)
+                events += replay(seq, self._advance)
             else:
                 events.append((seq, self._advance(seq, token)))
-
-    def _replay(self, seq: Sequence, events: list[tuple[Sequence, Event]]) -> None:
-        """A resumed sequence: the crashed worker's tokens again, as the same numbered events (the API drops
-        those it already relayed), so text, stop strings, grammar and tool parsing end up where they were."""
-        resume, seq.resume = seq.resume, []
-        seq.recorded = len(resume)
-        for token in resume:
-            events.append((seq, self._advance(seq, token)))
-            if seq.finish_reason is not None:
-                break

@@ -64,7 +64,8 @@ class Sequence:
     computed: int = 0  # positions in the KV cache: prompt tokens while prefilling, then every token fed since
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     siblings: list[Sequence] = field(default_factory=list)  # the other choices, on choice 0 only
-    pending_logprobs: torch.Tensor | None = None  # log-softmax of the raw logits of the token being sampled
+    # The token being sampled: the log-softmax of its raw logits (native), or its entry as the engine computed it.
+    pending_logprobs: torch.Tensor | TokenLogprob | None = None
     echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
     matcher: Matcher | None = None  # structured output: which tokens may come next
     tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
@@ -72,6 +73,7 @@ class Sequence:
     recorded: int = 0  # output tokens already written to the request's progress list in Redis
     held: Delta | None = None  # STREAM_INTERVAL: tokens not yet published, merged (workers/chat/step_publish.py)
     sent: int = 0  # output tokens already published
+    handle: Any = None  # the engine's own handle on this choice (vLLM: its request's output queue)
 
     @property
     def prefill_ids(self) -> list[int]:
@@ -169,6 +171,21 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
     return choices[0]
 
 
+def eos_token_ids(tokenizer: Any, *configs: Any) -> list[int]:
+    """Every id that ends a turn: the configs' `eos_token_id` (an id or a list; generation config first) and the
+    tokenizer's."""
+    ids: set[int] = set()
+    for config in configs:
+        value = getattr(config, "eos_token_id", None) if config is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
 def tokenize(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int) -> Tokenized | Failed:
     """A `tokenize` job (chat messages through the template, or a raw prompt) or a `detokenize` job."""
     if job.task == "detokenize":
@@ -239,8 +256,39 @@ def advance(seq: Sequence, token: int, eos_ids: list[int], max_seq_len: int, tok
                     cached_tokens=seq.cached_tokens, index=seq.index, logprobs=logprobs, tool_calls=calls or None)
 
 
+def replay(seq: Sequence, advance_one: Callable[[Sequence, int], Event]) -> list[tuple[Sequence, Event]]:
+    """A resumed sequence: the crashed worker's tokens again, as the same numbered events (the API drops those it
+    already relayed), so text, stop strings, grammar and tool parsing end up where they were."""
+    resume, seq.resume = seq.resume, []
+    seq.recorded = len(resume)
+    events: list[tuple[Sequence, Event]] = []
+    for token in resume:
+        events.append((seq, advance_one(seq, token)))
+        if seq.finish_reason is not None:
+            break
+    return events
+
+
+def finish(seq: Sequence, reason: str) -> Finished:
+    """The final event of a sequence its engine ended without a token of ours saying so (vLLM's own length or
+    stop): the text held back for stop strings goes out with it."""
+    calls = None
+    if reason == "stop" and seq.tool_format is not None:
+        content, calls = tools.parse(seq.text.text, seq.tool_format)
+    if calls:
+        reason, text = "tool_calls", content[seq.text.sent:]
+    else:
+        text = "" if seq.text.stopped else seq.text.flush()
+    seq.finish_reason = reason
+    return Finished(seq=len(seq.output_ids), text=text, finish_reason=reason,  # type: ignore[arg-type]
+                    prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                    cached_tokens=seq.cached_tokens, index=seq.index, tool_calls=calls or None)
+
+
 def _logprobs(seq: Sequence, token: int, token_bytes: TokenBytes) -> list[TokenLogprob] | None:
     row, seq.pending_logprobs = seq.pending_logprobs, None
     if row is None:
         return None
+    if isinstance(row, TokenLogprob):
+        return [row]
     return [token_logprob(row, token, seq.params.top_logprobs, token_bytes)]

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
-import torch
 
 from common import keys, redis_client
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
 from workers import model_thread
-from workers.chat.engine import ChatEngine, Sequence
-from workers.chat.quantize import weight_bytes
+from workers.chat.backend import ChatBackend
+from workers.chat.sequence import Sequence
 from workers.chat.step_publish import hold_back, queue_step
-from workers.revision import load_variant, model_revision
 from workers.stream_worker import Entry, StreamWorker
 
 log = logging.getLogger("axion.worker")
@@ -31,56 +28,47 @@ ONLINE_QUIET_S = 1.0  # batch lines take more than BATCH_SLOTS_BESIDE_ONLINE slo
 
 
 class ChatWorker(StreamWorker):
-    def __init__(self, settings: Settings, engine: ChatEngine, redis: aioredis.Redis, dtype: str) -> None:
-        revision = model_revision(settings.model_name, getattr(engine.model.config, "_commit_hash", None)) + \
-            load_variant(settings.model_gguf_file, settings.quantization)
+    def __init__(self, settings: Settings, backend: ChatBackend, redis: aioredis.Redis) -> None:
         super().__init__(settings, redis, kind="chat", model_id=settings.model_id,
-                         stream=keys.chat_stream(settings.model_id), device=str(engine.device), dtype=dtype,
-                         revision=revision)
-        self.engine = engine
-        self.info.vocab_size = engine.vocab_size
+                         stream=keys.chat_stream(settings.model_id), device=backend.device, dtype=backend.dtype,
+                         revision=backend.revision)
+        self.backend = backend
+        self.info.vocab_size = backend.vocab_size
+        self.info.backend = backend.name
         self.steps = 0
         self._online_at = float("-inf")  # when an online request last ran here (batch lines yield to them)
 
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            await self.backend.close()
+
     def keep_running(self) -> bool:
         """Once stopping, the sequences in flight still finish."""
-        return not self.stopping.is_set() or self.engine.active > 0
+        return not self.stopping.is_set() or self.backend.active > 0
 
     async def iteration(self) -> None:
         if (free := self._free_slots()) > 0:  # free slots go first to the jobs of workers that stopped
             await self._admit_all(*await self.take_over_due(free))
-        if not self.engine.active and (free := self._free_slots()) > 0:
+        if not self.backend.active and (free := self._free_slots()) > 0:
             # Online first (with the rest of a burst that is still arriving), then batch lines, then wait.
             await self._admit_all(await self.read_burst(free, block=False))
             await self._admit_batch()
-            if not self.engine.active:
+            if not self.backend.active:
                 await self._admit_all(await self.read_burst(free))
-        if self.engine.active:
+        if self.backend.active:
             await self._step()
 
     def on_stop(self) -> None:
-        engine = self.engine
-        log.info("worker %s stopped after %d steps: %d decode steps, mean batch %.2f, %d prompt tokens "
-                 "computed, %d reused from the prefix cache", self.worker_id, self.steps, engine.decode_steps,
-                 engine.decoded_tokens / max(1, engine.decode_steps), engine.prefilled_tokens,
-                 engine.prefix_cache.reused_tokens)
+        log.info("worker %s stopped after %d steps: %s", self.worker_id, self.steps, self.backend.summary())
 
     def refresh_stats(self) -> None:
         super().refresh_stats()
-        info, engine = self.info, self.engine
-        info.active_sequences = engine.active
-        info.decode_steps, info.decoded_tokens = engine.decode_steps, engine.decoded_tokens
-        info.prefilled_tokens = engine.prefilled_tokens
-        info.kv_cache_bytes = engine.kv_bytes()
-        info.prefix_cache_bytes = engine.prefix_cache.nbytes
-        info.prefix_cache_hits = engine.prefix_cache.hits
-        info.weights_bytes = weight_bytes(engine.model)  # quantized weights counted as stored
-        if engine.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(engine.device)
-            info.device_memory_used_bytes, info.device_memory_total_bytes = total - free, total
+        self.backend.stats(self.info)
 
     def _free_slots(self) -> int:
-        return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.engine.active
+        return 0 if self.stopping.is_set() else self.settings.max_batch_size - self.backend.active
 
     async def _admit_batch(self) -> None:
         """Batch lines, after the online read, only into slots online left free, less BATCH_RESERVED_SLOTS kept
@@ -89,8 +77,8 @@ class ChatWorker(StreamWorker):
         steps stay about as short as without the batch. None while an online prompt waits for its prefill (it
         would share that forward pass), and online prompts go first in the prefill queue: a batch line holds
         an online request back by at most the step under way."""
-        pending, now = self.engine.pending, time.monotonic()
-        running = self.engine.rows + pending
+        pending, now = self.backend.pending, time.monotonic()
+        running = self.backend.running()
         batch_running = sum(1 for seq in running if self.is_batch(seq.tag))
         if batch_running < len(running):
             self._online_at = now
@@ -104,7 +92,7 @@ class ChatWorker(StreamWorker):
             await self._admit_all(entries)
 
     def in_flight(self) -> list[bytes]:
-        return list({seq.tag for seq in self.engine.rows + self.engine.pending if seq.tag is not None})
+        return list({seq.tag for seq in self.backend.running() if seq.tag is not None})
 
     async def _admit_all(self, entries: list[Entry], deliveries: list[int] | None = None) -> None:
         """Answer or enqueue each entry; their first events go out in one pipeline. A job whose client has
@@ -147,9 +135,9 @@ class ChatWorker(StreamWorker):
             result = Failed(status=504, type="timeout", code="timeout",
                             message="The request's deadline passed while it waited for a worker.")
         elif job.task == "generate":
-            result = self.engine.prepare(job)
+            result = self.backend.prepare(job)
         else:
-            result = self.engine.tokenize(job)
+            result = self.backend.tokenize(job)
         channel = keys.reply_channel(job.request_id)
         if isinstance(result, Failed | Tokenized):  # answered at once: publish, then acknowledge
             self.ack(publish(pipe, channel, encode(result)), entry_id)
@@ -157,46 +145,25 @@ class ChatWorker(StreamWorker):
         result.tag = entry_id
         for seq, done in zip([result, *result.siblings], progress, strict=False):
             seq.resume = done
-        publish(pipe, channel, encode(self.engine.add(result)))
+        publish(pipe, channel, encode(self.backend.add(result)))
 
 
     async def _step(self) -> None:
-        """Prefill, publish (first tokens go out at once), decode, publish. The phases run strictly one after
-        another: overlapping the stream read and publishing with the decode pass was measured slower (server
-        at 64 streams: 457 against 511 tokens/s), as this loop's Python then competes with torch for the GIL
-        and the cores; measured again at 16 streams in bf16 (session 5): the model's step grew from 15.2 to
-        16.5 ms when the publish ran beside it, about what the ~1.5 ms publish had cost in line. Session 11 sent
-        the step's pipeline behind the next step (its reply applied between steps): the time between two 16-row
-        steps fell from 1.6-2.2 to 1.0-1.2 ms, but the new jobs it read joined a step later (C=64 TTFT p50 +120
-        ms), a blocking read kept out during the step for them still left +40-70 ms, and throughput stayed
-        within noise at C=16 and C=64; not adopted (bench/RESULTS.md, session 11)."""
-        if self.engine.pending:
-            await self._publish(*await self._in_model_thread(self.engine.prefill_step))
-        if self.engine.rows:
-            await self._publish(*await self._in_model_thread(self.engine.decode_step), read=True)
-        elif (free := self._free_slots()) > 0:
+        """One step of the backend; when it read no new jobs itself (nothing left decoding), read them here."""
+        if not await self.backend.step(self._publish) and (free := self._free_slots()) > 0:
             await self._admit_all(await self.read(free, block=False))
             await self._admit_batch()
         self.steps += 1
 
-    async def _in_model_thread(self, phase: Callable[[], list[tuple[Sequence, Event]]]) -> tuple[
-            list[tuple[Sequence, Event]], list[Sequence]]:
-        """Run an engine phase on the model thread (`workers/model_thread.py`); return its events and the
-        sequences that left the batch."""
-        def run() -> tuple[list[tuple[Sequence, Event]], list[Sequence]]:
-            events = phase()
-            released, self.engine.released = self.engine.released, []
-            return events, released
-
-        try:
-            return await model_thread.run(run)
-        except Exception:
-            log.exception("engine step failed; failing the %d sequences in the batch", self.engine.active)
-            failure = Failed(status=500, message="The model failed while generating.", type="server_error",
-                             code="engine_error")
-            dropped = self.engine.reset()
-            released, self.engine.released = self.engine.released + dropped, []
-            return [(seq, failure) for seq in dropped], released
+    def _running_requests(self) -> list[str]:
+        """The requests running here, in order; one whose deadline has passed is cancelled (the engine stops it)."""
+        now, running = time.time(), set()
+        for seq in self.backend.running():
+            if seq.group.deadline is not None and seq.group.deadline < now and not seq.cancelled:
+                log.info("request %s: deadline passed while generating; stopping it", seq.request_id)
+                self.backend.cancel(seq.request_id)
+            running.add(seq.request_id)
+        return sorted(running)
 
     async def _publish(self, events: list[tuple[Sequence, Event]], released: list[Sequence],
                        read: bool = False) -> None:
@@ -212,7 +179,7 @@ class ChatWorker(StreamWorker):
             if seq.group.left == 0:  # every choice of the request is done
                 self.ack(pipe, seq.tag)
                 pipe.delete(*(keys.progress(seq.request_id, i) for i in range(seq.group.size)))
-        running = sorted({seq.request_id for seq in self.engine.rows + self.engine.pending}) if read else []
+        running = self._running_requests() if read else []
         per_key = is_cluster(pipe)  # in a Redis Cluster the flags live in many slots: one GET each, not one MGET
         if running:
             flag_keys = [keys.cancel_flag(r) for r in running]
@@ -231,7 +198,7 @@ class ChatWorker(StreamWorker):
                 flags = replies[end - len(running):end] if per_key else replies[end - 1]
                 for request_id, flag in zip(running, flags, strict=True):
                     if flag:
-                        self.engine.cancel(request_id)
+                        self.backend.cancel(request_id)
             if free > 0:
                 await self._admit_all(self.entries(replies[-1]))
                 await self._admit_batch()

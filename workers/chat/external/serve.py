@@ -20,7 +20,7 @@ import httpx
 
 from common import redis_client
 from common.settings import Settings, split_list
-from workers.chat.external.choice import choose_backend, is_max_command
+from workers.chat.choice import choose_backend, is_max_command
 from workers.chat.external.client import FEATURES, MAX_LACKS, EngineClient
 from workers.chat.external.guard import SCRATCH_ENV
 from workers.chat.external.supervisor import (
@@ -38,7 +38,7 @@ log = logging.getLogger("axion.worker")
 @dataclass
 class Outcome:
     served: bool  # the worker ran on the engine until it stopped
-    reason: str  # why the native backend is used instead (when not served)
+    reason: str | None  # why the native backend serves instead, when the engine could not start (None: not chosen)
 
 
 def engine_lacks(settings: Settings, spawned_max: bool) -> frozenset[str]:
@@ -104,9 +104,9 @@ async def _unless_stopped(starting: Coroutine[Any, Any, None]) -> bool:
 
 async def serve_external(settings: Settings) -> Outcome:
     choice = choose_backend(settings)
+    if choice.backend != "external":
+        return Outcome(False, None)  # the host loads it (workers/loading.py open_chat)
     log.info("backend for %s: %s (%s)", settings.model_id, choice.backend, choice.reason)
-    if choice.backend == "native":
-        return Outcome(False, choice.reason)
     supervisor: EngineSupervisor | None = None
     engine_tmp = Path(tempfile.mkdtemp(prefix="axion-engine-"))
     try:

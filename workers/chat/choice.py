@@ -1,12 +1,14 @@
-"""Which backend a chat worker uses (BACKEND=auto|max|external|native), and why.
+"""Which backend a chat worker uses (BACKEND=auto|vllm|max|external|native), and why.
 
-`auto` takes the external engine when it can run this model: an engine URL is configured, or the engine's
-command is installed and (for MAX) the model's architecture, read from its config.json, is one MAX serves.
-Anything else is served natively. The reason travels with the choice: it is logged and shown in /health.
+`auto` takes an external engine attached by EXTERNAL_ENGINE_URL; else vLLM in the worker's process when vLLM is
+installed, the device is CUDA and vLLM knows the model's architecture; else the native engine. `vllm` asks for
+vLLM on any device (its CPU build included); `max` and `external` spawn EXTERNAL_ENGINE_CMD (Modular's MAX by
+default). The reason travels with the choice: it is logged and shown in /health, /v1/models and `axion models`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import shutil
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from common.settings import Settings
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 # The text-generation `architectures` in MAX 26.7.0's pipeline registry (max/pipelines/architectures/*/arch.py;
 # speculative-decoding drafts left out). Mixtral, Gemma 1-2 and Phi 1-2 are not in this version's registry.
@@ -40,7 +42,7 @@ MAX_MODEL_TYPES = frozenset({
 
 @dataclass(frozen=True)
 class BackendChoice:
-    backend: str  # "external" or "native"
+    backend: str  # "native", "vllm" or "external"
     reason: str
     command: list[str] | None = None  # the engine's command line (placeholders unfilled), when spawned
     url: str | None = None  # the engine's base URL, when attached
@@ -80,19 +82,57 @@ def max_supports(model: str) -> tuple[bool, str]:
     return False, f"architecture {name} is not on MAX's list"
 
 
-def choose_backend(settings: Settings) -> BackendChoice:
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cuda_device(settings: Settings) -> bool:
+    if settings.device not in ("auto", "cuda"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def vllm_problem(settings: Settings, model: str) -> str | None:
+    """Why vLLM cannot serve `model` as configured (None when it can)."""
+    if not vllm_installed():
+        return "vLLM is not installed (make vllm)"
+    if settings.quantization != "none" or settings.model_gguf_file or model.endswith(".gguf"):
+        return "QUANTIZATION and GGUF files are the native engine's"
+    archs, _ = architecture(model)
+    if archs:
+        from vllm import ModelRegistry
+
+        if not any(a in ModelRegistry.get_supported_archs() for a in archs):
+            return f"vLLM does not know the architecture {','.join(archs)}"
+    return None
+
+
+def choose_backend(settings: Settings, model: str | None = None) -> BackendChoice:
+    model = model or settings.model_name
     if settings.backend == "native":
         return BackendChoice("native", "BACKEND=native")
+    if settings.backend == "vllm":
+        problem = vllm_problem(settings, model)
+        return BackendChoice("native", f"BACKEND=vllm, but {problem}") if problem else \
+            BackendChoice("vllm", "BACKEND=vllm")
     if settings.external_engine_url:
         return BackendChoice("external", f"BACKEND={settings.backend}, EXTERNAL_ENGINE_URL is set",
                              url=settings.external_engine_url.rstrip("/"))
+    if settings.backend == "auto":
+        if not cuda_device(settings):
+            return BackendChoice("native", "BACKEND=auto: no CUDA device, the native engine serves CPUs")
+        problem = vllm_problem(settings, model)
+        if problem:
+            return BackendChoice("native", f"BACKEND=auto: {problem}")
+        return BackendChoice("vllm", "BACKEND=auto: vLLM is installed and the device is CUDA")
     command = resolve_command(settings.external_engine_cmd)
     if command is None:
         program = (shlex.split(settings.external_engine_cmd) or ["(empty)"])[0]
         return BackendChoice("native", f"the engine command {program!r} is not installed")
-    if settings.backend in ("max", "external"):
-        return BackendChoice("external", f"BACKEND={settings.backend}", command=command)
-    if is_max_command(command):
-        supported, why = max_supports(settings.model_name)
-        return BackendChoice("external" if supported else "native", why, command=command if supported else None)
-    return BackendChoice("external", "BACKEND=auto with a custom EXTERNAL_ENGINE_CMD", command=command)
+    if settings.backend == "max" and is_max_command(command):
+        supported, why = max_supports(model)
+        return BackendChoice("external" if supported else "native", f"BACKEND=max: {why}",
+                             command=command if supported else None)
+    return BackendChoice("external", f"BACKEND={settings.backend}", command=command)

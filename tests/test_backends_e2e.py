@@ -212,7 +212,9 @@ def test_clients_that_leave_stop_the_engine(fleet: Fleet) -> None:
     asyncio.run(go())
     assert _wait_idle(fleet, 3.0) == [(0, 0), (0, 0)]  # the engine's own running count too, one beat later
     r = redis.Redis.from_url(fleet.redis.url)
-    assert r.xpending(keys.chat_stream(fleet.model), keys.WORKER_GROUP)["pending"] == 0
+    stream = keys.chat_stream(fleet.model)
+    pending = r.xpending_range(stream, keys.WORKER_GROUP, "-", "+", 100)
+    assert not pending, (pending, [r.xrange(stream, p["message_id"], p["message_id"]) for p in pending])
 
 
 def test_a_deadline_stops_the_request_in_time(fleet: Fleet) -> None:

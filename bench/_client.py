@@ -164,10 +164,11 @@ AnyClient = AsyncOpenAI | RawClient | HttpxClient
 
 
 async def stream_request(client: AnyClient, model: str, messages: list[dict[str, str]],
-                         out: int) -> RequestTiming:
-    """One streamed chat completion; TTFT is send → first chunk with text (the role-only first chunk is skipped)."""
+                         out: int, ignore_eos: bool = True) -> RequestTiming:
+    """One streamed chat completion; TTFT is send → first chunk with text (the role-only first chunk is skipped).
+    `ignore_eos=False` leaves the field out, for servers that refuse it (`transformers serve`)."""
     if isinstance(client, RawClient | HttpxClient):
-        return await _stream_raw(client, model, messages, out)
+        return await _stream_raw(client, model, messages, out, ignore_eos)
     timing = RequestTiming(sent=time.perf_counter())
     stream = await client.chat.completions.create(
         model=model, messages=messages, stream=True, temperature=0, max_tokens=out,  # type: ignore[arg-type]
@@ -191,9 +192,11 @@ async def stream_request(client: AnyClient, model: str, messages: list[dict[str,
 
 
 async def _stream_raw(client: RawClient | HttpxClient, model: str, messages: list[dict[str, str]],
-                      out: int) -> RequestTiming:
-    body = {"model": model, "messages": messages, "stream": True, "temperature": 0, "max_tokens": out,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+                      out: int, ignore_eos: bool = True) -> RequestTiming:
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True, "temperature": 0,
+                            "max_tokens": out, "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True
     timing = RequestTiming(sent=time.perf_counter())
     async for chunk in _chunks(client, body):
         now = time.perf_counter()
@@ -229,7 +232,7 @@ async def _chunks(client: RawClient | HttpxClient, body: dict[str, Any]) -> Asyn
 
 
 async def run_level(server: Server, client: AnyClient, prompts: PromptFactory, concurrency: int, rounds: int,
-                    out: int, system: str = "server", prefix: str = "") -> LevelStats:
+                    out: int, system: str = "server", prefix: str = "", ignore_eos: bool = True) -> LevelStats:
     """C clients, each sending R requests back to back, after a warm-up round of C requests at once.
 
     The warm-up is as wide as the level (the engine-alone runs warm up the same way): a server's first burst of
@@ -239,14 +242,14 @@ async def run_level(server: Server, client: AnyClient, prompts: PromptFactory, c
     repeat computed, while each engine-alone run starts with an empty one.
     """
     await asyncio.gather(*(stream_request(client, server.model_id,
-                                          prompts.messages(prefix + warmup_key(concurrency, i)), out)
+                                          prompts.messages(prefix + warmup_key(concurrency, i)), out, ignore_eos)
                            for i in range(concurrency)))
     chats = [prompts.messages(prefix + level_key(concurrency, i)) for i in range(concurrency * rounds)]
     timings: list[RequestTiming] = []
 
     async def one_client(c: int) -> None:  # prompts are built above: tokenizing must not run inside the timing
         for r in range(rounds):
-            timings.append(await stream_request(client, server.model_id, chats[c * rounds + r], out))
+            timings.append(await stream_request(client, server.model_id, chats[c * rounds + r], out, ignore_eos))
 
     cpu_before, start = server.cpu_seconds(), time.perf_counter()
     await asyncio.gather(*(one_client(c) for c in range(concurrency)))

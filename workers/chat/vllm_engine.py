@@ -40,7 +40,7 @@ from workers.chat.sequence import Sequence, advance, eos_token_ids, finish, prep
 
 log = logging.getLogger("axion.worker.vllm")
 
-WAKE_S = 0.1  # a step waits this long at most for vLLM's output, then reads new jobs and cancel flags anyway
+WAKE_S = 0.02  # a step waits this long at most for vLLM's output, then reads new jobs and cancel flags anyway
 ENGINE_CORE_NICE = 10  # the engine core's priority on a CPU (`lower_engine_core_priority`)
 CPU = torch.device("cpu")  # where `prepare` builds each choice's (unused) torch generator
 

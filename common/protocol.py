@@ -12,6 +12,40 @@ from typing import Any, Literal
 import msgspec
 
 JOB_VERSION = 1
+#: No tokenizer packs more characters than this into one token: a prompt longer than MAX_SEQ_LEN times this many
+#: characters cannot fit the context, and is refused without tokenizing it (by the API, and again by a worker).
+MAX_CHARS_PER_TOKEN = 64
+#: JSON values (objects, arrays, scalars, keys) a request's tool and response schemas may hold in all: grammar
+#: compilation time grows with them, so larger schemas are refused before anything is compiled.
+MAX_SCHEMA_NODES = 4000
+
+
+def text_chars(value: Any) -> int:
+    """Characters in every string of a JSON value (dict keys not counted): the size of a prompt in text."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
+
+
+def json_nodes(value: Any) -> int:
+    """How many values and keys a JSON value holds, itself included."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        total += 1
+        if isinstance(item, dict):
+            total += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
 
 
 class ToolCall(msgspec.Struct):

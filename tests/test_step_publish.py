@@ -20,6 +20,7 @@ class Seq:
     index: int = 0
     output_ids: list[int] = field(default_factory=list)
     recorded: int = 0
+    progress_ttl_set: bool = False
     held: Delta | None = None
     sent: int = 0
 
@@ -42,32 +43,38 @@ def _run(url: str, events: list) -> None:
 def test_progress_lists_expiry_and_events_in_order(redis_server) -> None:  # type: ignore[no-untyped-def]
     r = redis.Redis.from_url(redis_server.url)
     fresh = Seq("step-fresh", output_ids=[7])
-    going = Seq("step-going", index=1, output_ids=[1, 2, 3], recorded=2)
+    going = Seq("step-going", index=1, output_ids=[1, 2, 3], recorded=2, progress_ttl_set=True)
     replayed = Seq("step-replayed", output_ids=list(range(2500)))  # a resumed sequence: more than one RPUSH's worth
+    # Taken over after its list expired: this worker's first push recreates the list, which must expire again.
+    resumed = Seq("step-resumed", output_ids=[4, 5, 6], recorded=2)
     r.rpush(keys.progress(going.request_id, 1), 1, 2)
     subs = {}
-    for seq in (fresh, going, replayed):
+    for seq in (fresh, going, replayed, resumed):
         subs[seq.request_id] = r.pubsub()
         subs[seq.request_id].subscribe(keys.reply_channel(seq.request_id))
         assert subs[seq.request_id].get_message(timeout=2)["type"] == "subscribe"
     events = [(fresh, Delta(seq=0, text="a", completion_tokens=1, index=0)),
               (going, Delta(seq=2, text="b", completion_tokens=3, index=1)),
               *[(replayed, Delta(seq=i, text="c", completion_tokens=i + 1, index=0)) for i in range(3)],
+              (resumed, Delta(seq=2, text="e", completion_tokens=3, index=0)),
               (fresh, Finished(seq=1, text="", finish_reason="stop", prompt_tokens=3, completion_tokens=1))]
     _run(redis_server.url, events)
     assert [int(x) for x in r.lrange(keys.progress(fresh.request_id, 0), 0, -1)] == [7]
     assert [int(x) for x in r.lrange(keys.progress(going.request_id, 1), 0, -1)] == [1, 2, 3]
     assert [int(x) for x in r.lrange(keys.progress(replayed.request_id, 0), 0, -1)] == list(range(2500))
     assert 0 < r.ttl(keys.progress(fresh.request_id, 0)) <= 300
-    assert r.ttl(keys.progress(going.request_id, 1)) == -1  # set when its first tokens were recorded, not again
-    assert (fresh.recorded, going.recorded, replayed.recorded) == (1, 3, 2500)
+    assert r.ttl(keys.progress(going.request_id, 1)) == -1  # set with this worker's first push, not again
+    assert [int(x) for x in r.lrange(keys.progress(resumed.request_id, 0), 0, -1)] == [6]
+    assert 0 < r.ttl(keys.progress(resumed.request_id, 0)) <= 300
+    assert (fresh.recorded, going.recorded, replayed.recorded, resumed.recorded) == (1, 3, 2500, 3)
     got: dict[str, list] = {rid: [] for rid in subs}
     for rid, sub in subs.items():
         while (message := sub.get_message(timeout=0.5)) is not None or not got[rid]:
             if message and message["type"] == "message":
                 got[rid].append(decode_event(message["data"]))
     assert got == {"step-fresh": [events[0][1], events[-1][1]], "step-going": [events[1][1]],
-                   "step-replayed": [e for s, e in events if s is replayed]}
+                   "step-replayed": [e for s, e in events if s is replayed],
+                   "step-resumed": [e for s, e in events if s is resumed]}
     _run(redis_server.url, [(fresh, Delta(seq=2, text="d", completion_tokens=1, index=0))])  # nothing new to record
     assert [int(x) for x in r.lrange(keys.progress(fresh.request_id, 0), 0, -1)] == [7]
 

@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import (
+    MAX_CHARS_PER_TOKEN,
+    MAX_SCHEMA_NODES,
     ChatJob,
     ChatMessage,
     Delta,
@@ -26,6 +28,8 @@ from common.protocol import (
     SamplingParams,
     Tokenized,
     TokenLogprob,
+    json_nodes,
+    text_chars,
 )
 from workers.chat import tools
 from workers.chat.grammar import Grammar, GrammarCompiler, Matcher
@@ -71,6 +75,7 @@ class Sequence:
     tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
     resume: list[int] = field(default_factory=list)  # tokens a crashed worker generated: replayed, not sampled
     recorded: int = 0  # output tokens already written to the request's progress list in Redis
+    progress_ttl_set: bool = False  # this worker set the list's TTL (each worker does, with its first push)
     held: Delta | None = None  # STREAM_INTERVAL: tokens not yet published, merged (workers/chat/step_publish.py)
     sent: int = 0  # output tokens already published
     handle: Any = None  # the engine's own handle on this choice (vLLM: its request's output queue)
@@ -122,6 +127,9 @@ def _role(role: str, tokenizer: Any) -> str:
 def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, device: torch.device,
             grammars: Callable[[], GrammarCompiler] | None = None) -> Sequence | Failed:
     """Choice 0 of the request (its siblings on `.siblings`), or the Failed event that refuses it."""
+    refused = refuse_oversized(job, max_seq_len)
+    if refused is not None:
+        return refused
     params = job.params
     calling = bool(job.tools) and job.tool_choice != "none"
     fmt = tools.detect_format(tokenizer.chat_template) if calling else None
@@ -186,8 +194,26 @@ def eos_token_ids(tokenizer: Any, *configs: Any) -> list[int]:
     return sorted(ids)
 
 
+def refuse_oversized(job: ChatJob, max_seq_len: int) -> Failed | None:
+    """The 400 for a prompt that cannot fit the context whatever its tokens, or for schemas too large to compile,
+    found before any tokenizing or compiling (a job the API did not check, such as a batch line, comes here)."""
+    chars = text_chars(job.prompt) if job.prompt is not None else text_chars([m.content for m in job.messages])
+    if chars > max_seq_len * MAX_CHARS_PER_TOKEN:
+        return Failed(status=400, param="prompt" if job.prompt is not None else "messages",
+                      code="context_length_exceeded", message=f"This model's maximum context length is {max_seq_len} "
+                      f"tokens; the prompt's {chars} characters cannot fit in it.")
+    guided = job.params.guided
+    nodes = json_nodes(job.tools or []) + json_nodes(guided.schema if guided is not None else None)
+    if nodes > MAX_SCHEMA_NODES:
+        return Failed(status=400, param="tools" if job.tools else "response_format", code="invalid_schema",
+                      message=f"The schemas hold {nodes} JSON values; at most {MAX_SCHEMA_NODES} are accepted.")
+    return None
+
+
 def tokenize(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int) -> Tokenized | Failed:
     """A `tokenize` job (chat messages through the template, or a raw prompt) or a `detokenize` job."""
+    if job.task == "tokenize" and (refused := refuse_oversized(job, max_seq_len)) is not None:
+        return refused
     if job.task == "detokenize":
         ids = job.prompt_ids or []
         if any(not 0 <= i < vocab_size for i in ids):

@@ -96,8 +96,9 @@ def queue_commands(pipe: Any, events: list[tuple[Any, Event]], ttl: int) -> None
         if len(seq.output_ids) > seq.recorded:
             key = keys.progress(seq.request_id, seq.index)
             pipe.rpush(key, *seq.output_ids[seq.recorded:])
-            if seq.recorded == 0:
+            if not seq.progress_ttl_set:
                 pipe.expire(key, ttl)
+                seq.progress_ttl_set = True
             seq.recorded = len(seq.output_ids)
     for seq, event in events:
         publish(pipe, keys.reply_channel(seq.request_id), encode(event))
@@ -105,7 +106,8 @@ def queue_commands(pipe: Any, events: list[tuple[Any, Event]], ttl: int) -> None
 
 def queue_script(pipe: Any, events: list[tuple[Any, Event]], ttl: int) -> None:
     """The same as one EVAL of PUBLISH_STEP: KEYS are the progress lists; ARGV is the TTL, then per list its
-    count of new tokens, whether they are its first, the tokens; then the count of events, and per event its
+    count of new tokens, whether to set its TTL (this worker's first push: the list may be new after a takeover),
+    the tokens; then the count of events, and per event its
     channel and message."""
     progress: list[str] = []
     args: list[Any] = [ttl]
@@ -113,8 +115,8 @@ def queue_script(pipe: Any, events: list[tuple[Any, Event]], ttl: int) -> None:
         if len(seq.output_ids) > seq.recorded:
             progress.append(keys.progress(seq.request_id, seq.index))
             new = seq.output_ids[seq.recorded:]
-            args += [len(new), 1 if seq.recorded == 0 else 0, *new]
-            seq.recorded = len(seq.output_ids)
+            args += [len(new), 0 if seq.progress_ttl_set else 1, *new]
+            seq.recorded, seq.progress_ttl_set = len(seq.output_ids), True
     args.append(len(events))
     for seq, event in events:
         args += [keys.reply_channel(seq.request_id), encode(event)]

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, get, head, post
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
@@ -74,7 +74,7 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
     save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
     run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease,
                   timeout_s=_request_timeout(request, _ctx(state).settings.request_timeout_s))
-    accepted = await _echoing_request_id(run.start(), headers)
+    accepted = await _echoing_request_id(_unless_client_leaves(request, run.start()), headers)
     if req.stream:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
@@ -98,8 +98,9 @@ def _request_timeout(request: Request[Any, Any, State], cap: float) -> float:
 
 
 async def _unless_client_leaves(request: Request[Any, Any, State], work: Awaitable[T]) -> T:
-    """Await a non-streamed answer, but give up on it when the client disconnects: the run is cancelled,
-    its `close` flags the job, and the worker drops it instead of generating for nobody."""
+    """Await a run's start or its whole answer, but give up on it when the client disconnects: the run is
+    cancelled before it enqueues (a request still waiting for a slot never reaches a worker), or its `close` flags
+    the job and the worker drops it instead of generating for nobody."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -125,11 +126,11 @@ async def completions(request: Request[Any, Any, State], state: State) -> Respon
     req = legacy.decode_completion_request(await request.body())
     run = CompletionRun(_ctx(state), req, new_request_id(client_id))
     headers = {"X-Request-Id": client_id or run.runs[0].request_id}
-    await _echoing_request_id(run.start(), headers)
+    await _echoing_request_id(_unless_client_leaves(request, run.start()), headers)
     if req.stream:
         return Stream(run.stream(), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
-    completion = await run.complete()
+    completion = await _unless_client_leaves(request, run.complete())
     return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
 
 
@@ -207,6 +208,16 @@ async def health_ready(state: State) -> Response[dict[str, Any]]:
     return Response(body, status_code=status)
 
 
+@head(["/health", "/health/ready"])
+async def health_probe(request: Request[Any, Any, State], state: State) -> Response[None]:
+    """HEAD on the health routes, as load balancers probe: the GET's status with no body."""
+    if request.url.path != "/health/ready":
+        return Response(None, status_code=200)
+    ctx = _ctx(state)
+    status, _ = await health_views.readiness(ctx.settings, ctx.redis, ctx.registry, ctx.hub, ctx.open_requests)
+    return Response(None, status_code=status)
+
+
 @get("/metrics", media_type=CONTENT_TYPE)
 async def metrics_endpoint(state: State) -> Response[bytes]:
     """Prometheus text: this replica's counters and histograms, and the fleet's queues and workers read from
@@ -241,7 +252,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
 
     return Litestar(
         route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
-                        health, health_ready, metrics_endpoint, admin.load_model, admin.unload_model,
+                        health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
                         *BATCH_ROUTES],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,

@@ -3,8 +3,10 @@
 1. a request id: the client's X-Request-Id when it is a sane token, else a new one, set on the request (so the
    handler echoes it), on every log line (`common/logctx.py`) and on every response;
 2. the caller: API keys (`api/auth.py`) on every path but OPEN_PATHS;
-3. the body, read once with MAX_BODY_BYTES enforced (413) and replayed to the handler;
-4. what can be refused from the body as plain JSON: sizes and token ids (`api/limits.py`), the shape of
+3. the body, read once with MAX_BODY_BYTES (413) and BODY_TIMEOUT_S (408, then the connection is closed)
+   enforced, refused unless it is UTF-8 JSON (400) sent as JSON (415), and replayed to the handler;
+4. what can be refused from the body as plain JSON: sizes, prompts that cannot fit the context, schemas too
+   large to compile, token ids (`api/limits.py`), the shape of
    `model`, and a key's model list (a model the key may not use is a 404 exactly like an unknown one);
 5. the key's rate limits (`api/ratelimit.py`), whose x-ratelimit-* headers go on the response.
 
@@ -14,6 +16,7 @@ A refusal is answered here, in OpenAI's envelope, before anything is queued.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -23,7 +26,7 @@ from litestar.config.cors import CORSConfig
 from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 from litestar.utils.scope.state import ScopeState
 
-from api import aliases, auth, limits
+from api import aliases, auth, connection, limits
 from api.auth import Authenticator, Principal
 from api.errors import APIError
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter, estimate_tokens
@@ -34,6 +37,11 @@ from common.settings import Settings, split_list
 
 log = logging.getLogger("axion.api.guard")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+FORM_PATHS = ("/v1/files",)  # the only routes whose body is not JSON (multipart uploads)
+
+
+class ClientLeft(Exception):
+    """The client disconnected before its body was complete: there is no one to answer."""
 
 
 def sane_request_id(value: str | None) -> bool:
@@ -61,18 +69,22 @@ class RequestGuard:
         id_token = logctx.request_id.set(request_id)  # type: ignore[arg-type]
         principal_token = auth.current.set(None)
         alias_token = aliases.requested.set(None)
+        abort_token = connection.abort.set(connection.abort_from_scope(scope))
         extra: dict[str, str] = {}
         try:
             try:
                 body = await self._admit(scope, receive, headers, extra)
+            except ClientLeft:
+                return
             except APIError as exc:
-                if exc.status in (401, 429, 413):
+                if exc.status in (401, 429, 413, 408):
                     log.info("refused %s %s: %d %s", scope["method"], scope["path"], exc.status, exc.code)
                 await self._refuse(exc, request_id, extra, send)  # type: ignore[arg-type]
                 return
             await self.app(scope, _replay(body, receive) if body is not None else receive,
                            _with_headers(send, extra | {"x-request-id": request_id}))  # type: ignore[operator]
         finally:
+            connection.abort.reset(abort_token)
             aliases.requested.reset(alias_token)
             auth.current.reset(principal_token)
             logctx.request_id.reset(id_token)
@@ -89,15 +101,13 @@ class RequestGuard:
             return None
         principal = await self._auth.authenticate(headers.get("authorization"))
         auth.current.set(principal)
-        body = await _read_body(receive, headers, self.settings.max_body_bytes) if method in BODY_METHODS else None
+        body = None
+        if method in BODY_METHODS:
+            body = await _read_body(receive, headers, self.settings.max_body_bytes, self.settings.body_timeout_s)
         parsed: Any = None
-        if body:
-            try:
-                parsed = msgspec.json.decode(body)
-            except msgspec.DecodeError:
-                parsed = None  # the endpoint's own decoder explains what is wrong with it
-            except RecursionError:
-                raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
+        if body and path not in FORM_PATHS:
+            check_json_content_type(headers.get("content-type", ""))
+            parsed = _parse_json(body)
         if isinstance(parsed, dict):
             body = self._resolve_alias(parsed, body)
             await self._check_body(path, parsed, principal, state.registry)
@@ -127,6 +137,8 @@ class RequestGuard:
 
     async def _check_body(self, path: str, body: dict[str, Any], principal: Principal, registry: Any) -> None:
         limits.check_sizes(body, self.settings)
+        limits.check_prompt_length(path, body, self.settings.max_seq_len)
+        limits.check_schema_sizes(body)
         model = body.get("model")
         if not isinstance(model, str):
             return
@@ -151,26 +163,52 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """The whole body, or a 413 as soon as it (or its Content-Length) is over `limit`."""
+def check_json_content_type(content_type: str) -> None:
+    """415 for a body sent as anything but JSON (no Content-Type at all is taken as JSON, as curl -d sends)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in ("", "application/json") or media.endswith("+json"):
+        return
+    raise APIError(415, f"Send the body as JSON with 'Content-Type: application/json' (got '{media}').",
+                   param="Content-Type", code="unsupported_media_type")
+
+
+def _parse_json(body: bytes) -> Any:
+    """The body as plain JSON, or None when it is not JSON (the endpoint's own decoder then says where)."""
+    try:
+        return msgspec.json.decode(body)
+    except UnicodeDecodeError:
+        raise APIError(400, "The body is not valid UTF-8.", code="invalid_json") from None
+    except msgspec.DecodeError:
+        return None
+    except RecursionError:
+        raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int, timeout_s: float) -> bytes:
+    """The whole body; a 413 as soon as it (or its Content-Length) is over `limit`, a 408 (and the connection
+    closed after it) when it has not all arrived within `timeout_s`."""
     too_large = APIError(413, "Request body too large.", code="request_too_large")
     length = headers.get("content-length", "")
     if length.isascii() and length.isdigit() and int(length) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientLeft
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g}s.", code="request_timeout",
+                       headers={"Connection": "close"}) from None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from api import connection
 from api import protocol as p
 from api.admission import QueueGate
 from api.errors import APIError
@@ -86,6 +87,8 @@ class JobRun:
         self.timer = RunTimer(ctx.metrics, job.model)  # TTFT, inter-token, queue and e2e times for /metrics
         self._finished_events: dict[int, Finished] = {}
         self.outcome = "client went away"
+        self._abort_connection = connection.abort.get()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> Accepted | None:
         """Admit, subscribe, enqueue, and wait until a worker accepts the prompt (or refuses it, as an APIError).
@@ -107,6 +110,8 @@ class JobRun:
             await ctx.registry.require_model(self.job.model, self.kind, self.deadline)
             await self._take_slot()
             self.sub = await ctx.hub.open(self.request_id)
+            if self.streaming:
+                self.sub.bound(ctx.settings.stream_buffer_bytes, self._client_too_slow)
             assert ctx.queue is not None
             await ctx.queue.enqueue(self.stream_key, self.job.model, encode(self.job))
             self.timer.enqueued = time.monotonic()
@@ -145,6 +150,22 @@ class JobRun:
         async with asyncio.timeout(self._left()):
             await ctx.slots.acquire()
         self._holds_slot = True
+
+    def _client_too_slow(self) -> None:
+        """The stream's client stopped reading past STREAM_BUFFER_BYTES: cut its connection (the stream then ends
+        and `close` cancels the job) and flag the job now, so the worker stops at its next step."""
+        log.warning("request %s: the client stopped reading; %d bytes waited for it (STREAM_BUFFER_BYTES); "
+                    "dropping it", self.request_id, self.ctx.settings.stream_buffer_bytes)
+        self.outcome = "client too slow"
+        task = asyncio.ensure_future(self._flag_cancelled())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self._abort_connection is not None:
+            self._abort_connection()
+
+    async def _flag_cancelled(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ctx.redis.set(keys.cancel_flag(self.request_id), b"1", ex=max(1, int(self.timeout_s) + 60))
 
     async def answer(self) -> Tokenized | Embedded | Scored:
         """Run a job the worker answers in one event (tokenize, embeddings, rerank) and return that answer."""
@@ -192,9 +213,7 @@ class JobRun:
 
     async def close(self) -> None:
         if self.sub is not None and not self.completed:  # the client left or timed out: stop the work
-            with contextlib.suppress(Exception):
-                await self.ctx.redis.set(keys.cancel_flag(self.request_id), b"1",
-                                         ex=max(1, int(self.timeout_s) + 60))
+            await self._flag_cancelled()
         if self._counted:
             elapsed_ms = self.timer.elapsed_ms()
             extra: dict[str, object] = {"job_id": self.request_id, "model": self.job.model, "kind": self.kind,

@@ -11,7 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import APIError
+from common.protocol import MAX_CHARS_PER_TOKEN, MAX_SCHEMA_NODES, json_nodes, text_chars
 from common.settings import Settings
+
+#: The endpoints whose body carries a prompt for a chat model, and the field that holds it.
+PROMPT_FIELDS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/tokenize": None}
 
 #: Which kind of worker serves each endpoint (whose heartbeat says the vocabulary size).
 ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/tokenize": "chat",
@@ -34,6 +38,54 @@ def check_sizes(body: dict[str, Any], settings: Settings) -> None:
     if where is not None:
         raise APIError(400, f"'{where}' is longer than {settings.max_string_chars} characters.", param=where,
                        code="string_above_max_length")
+
+
+def check_prompt_length(path: str, body: dict[str, Any], max_seq_len: int) -> None:
+    """400 context_length_exceeded for a prompt that cannot fit MAX_SEQ_LEN: more token ids than that, or more
+    characters than any tokenizer could pack into it (MAX_CHARS_PER_TOKEN each). Exact counts are the worker's."""
+    if path not in PROMPT_FIELDS:
+        return
+    for field in ("messages", "prompt"):
+        for index, prompt in _prompts(body.get(field), field):
+            token_ids = field == "prompt" and isinstance(prompt, list)
+            size, unit = (len(prompt), "tokens") if token_ids else (_prompt_chars(prompt), "characters")
+            limit = max_seq_len if unit == "tokens" else max_seq_len * MAX_CHARS_PER_TOKEN
+            if size > limit:
+                param = field if index is None else f"{field}[{index}]"
+                raise APIError(400, f"This model's maximum context length is {max_seq_len} tokens; the prompt's "
+                               f"{size} {unit} cannot fit in it.", param=param, code="context_length_exceeded")
+
+
+def _prompts(value: Any, field: str) -> list[tuple[int | None, Any]]:
+    """(index or None, prompt) for each prompt in a `messages` or `prompt` field: a legacy `prompt` may be a
+    list of texts or of token-id lists, each a prompt of its own."""
+    if value is None:
+        return []
+    if field == "prompt" and isinstance(value, list) and value and all(isinstance(x, str | list) for x in value):
+        return [(i, x) for i, x in enumerate(value)]
+    return [(None, value)]
+
+
+def _prompt_chars(prompt: Any) -> int:
+    """Characters of a text prompt, or of the messages' contents (string or text parts)."""
+    if not isinstance(prompt, list):
+        return text_chars(prompt)
+    total = 0
+    for message in prompt:
+        content = message.get("content") if isinstance(message, dict) else None
+        parts = content if isinstance(content, list) else [content]
+        total += sum(text_chars(part.get("text") if isinstance(part, dict) else part) for part in parts)
+    return total
+
+
+def check_schema_sizes(body: dict[str, Any]) -> None:
+    """400 for tool or response schemas larger than MAX_SCHEMA_NODES JSON values in all (they are compiled into
+    a grammar on the worker, at a cost that grows with them)."""
+    for field in ("tools", "response_format"):
+        value = body.get(field)
+        if isinstance(value, list | dict) and json_nodes(value) > MAX_SCHEMA_NODES:
+            raise APIError(400, f"'{field}' holds {json_nodes(value)} JSON values; at most {MAX_SCHEMA_NODES} are "
+                           "accepted.", param=field, code="invalid_schema")
 
 
 def _long_string(body: Any, limit: int) -> str | None:

@@ -381,6 +381,8 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
     try:
         return decoder.decode(body)  # type: ignore[no-any-return]
+    except UnicodeDecodeError:
+        raise APIError(400, "The body is not valid UTF-8.", code="invalid_json") from None
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None
     except RecursionError:  # msgspec's answer to very deep nesting: the client's mistake, not a 500

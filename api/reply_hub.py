@@ -46,6 +46,9 @@ RECONNECT_S = 0.5
 
 _LOST = encode(Failed(status=503, type="server_error", code="redis_unavailable",
                       message="The connection to Redis was lost while this request waited for its answer; retry."))
+_TOO_SLOW = encode(Failed(status=408, type="invalid_request_error", code="client_too_slow",
+                          message="The client stopped reading this stream; its undelivered output passed "
+                                  "STREAM_BUFFER_BYTES and the request was dropped."))
 _MOVED = encode(Failed(status=503, type="server_error", code="redis_unavailable",
                        message="The Redis Cluster moved this request's reply channel to another node while the "
                                "request waited for its answer; retry."))
@@ -68,21 +71,49 @@ class ShardPubSub(PubSub):
 
 
 class Subscription:
-    """The messages of one channel (a request's events, or a cache lease's done notice), in arrival order."""
+    """The messages of one channel (a request's events, or a cache lease's done notice), in arrival order.
+
+    With `bound(limit, on_overflow)`, at most `limit` bytes wait: past it, what waits is dropped for one final
+    `client_too_slow` event and `on_overflow` runs (the consumer is a client that stopped reading)."""
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.confirmed = asyncio.get_running_loop().create_future()
         self.failed = False
+        self.waiting_bytes = 0
+        self._limit: int | None = None
+        self._on_overflow: Callable[[], None] | None = None
+
+    def bound(self, limit: int, on_overflow: Callable[[], None]) -> None:
+        self._limit, self._on_overflow = limit, on_overflow
+
+    def deliver(self, data: bytes) -> None:
+        """Queue one message from the channel (nothing more once the bound was passed)."""
+        if self.failed:
+            return
+        self.waiting_bytes += len(data)
+        if self._limit is not None and self.waiting_bytes > self._limit:
+            self.failed = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.waiting_bytes = len(_TOO_SLOW)
+            self.queue.put_nowait(_TOO_SLOW)
+            if self._on_overflow is not None:
+                self._on_overflow()
+            return
+        self.queue.put_nowait(data)
 
     async def get(self, timeout: float | None) -> bytes:
         if not self.queue.empty():  # events already waiting (a burst, a stream behind): no timer to arm
-            return self.queue.get_nowait()
-        # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that lands as the queue hands over an event
-        # (it returns the event instead), and a request whose client left then runs to its end.
-        async with asyncio.timeout(timeout):
-            return await self.queue.get()
+            data = self.queue.get_nowait()
+        else:
+            # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that lands as the queue hands over an
+            # event (it returns the event instead), and a request whose client left then runs to its end.
+            async with asyncio.timeout(timeout):
+                data = await self.queue.get()
+        self.waiting_bytes -= len(data)
+        return data
 
     def fail(self, moved: bool = False) -> None:
         """The connection dropped (or, `moved`, the channel's slot went to another node): a subscription still
@@ -94,6 +125,7 @@ class Subscription:
             self.confirmed.set_exception(ShardMoved(self.channel) if moved else
                                          redis_unavailable("Redis dropped the connection during SUBSCRIBE."))
         else:
+            self.waiting_bytes += len(_MOVED if moved else _LOST)
             self.queue.put_nowait(_MOVED if moved else _LOST)
 
 
@@ -201,7 +233,7 @@ class ReplyHub:
             data_type, confirm_type = self._types
             for sub in self._subs.get(channel, ()):
                 if message["type"] == data_type:
-                    sub.queue.put_nowait(message["data"])
+                    sub.deliver(message["data"])
                 elif message["type"] == confirm_type and not sub.confirmed.done():
                     sub.confirmed.set_result(None)
             if self.sharded and message["type"] == "sunsubscribe" and self._subs.get(channel):

@@ -25,6 +25,7 @@ from common.model_ids import load_problem
 from common.settings import Settings, load_or_exit, split_list
 
 log = logging.getLogger("axion")
+CONNECTION_SPARE = 32  # connections beyond MAX_CONNECTIONS: health probes, metrics, refusals that say why
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
@@ -50,6 +51,7 @@ def run_api(settings: Settings) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.server import protocol_for
 
     # uvicorn re-raises the captured SIGTERM/SIGINT once its graceful shutdown is done; with these handlers in
     # place that re-raise is a no-op, so a drained API exits 0 instead of dying by the signal.
@@ -64,7 +66,9 @@ def run_api(settings: Settings) -> int:
     gc.freeze()
     uvicorn.run(app, host=settings.server_host, port=settings.server_port,
                 log_level=settings.log_level, log_config=log_config, access_log=settings.log_level == "debug",
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, http=protocol_for(settings),
+                # every connection counts, those still sending headers too; the spare keeps room for probes
+                limit_concurrency=settings.max_connections + CONNECTION_SPARE)
     return 0
 
 

@@ -57,6 +57,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     visibility_timeout_s: PositiveFloat = 15.0
     max_deliveries: PositiveInt = 3
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    # Slow clients (README "Security"): seconds to send the request line and headers, then the whole body (408);
+    # bytes of undelivered stream output the API holds per request before it drops a client that stopped reading.
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 30.0
+    stream_buffer_bytes: PositiveInt = 4 * 1024 * 1024
     sse_keepalive_s: PositiveFloat = 15.0
     worker_kind: Literal["chat", "embed", "rerank"] = "chat"
     embedding_model: str = "BAAI/bge-small-en-v1.5"

@@ -93,3 +93,72 @@ def test_rate_limit_rejections_are_counted_in_metrics(redis_url: str) -> None:
         assert codes.count(429) == 2, codes
         text = c.get("/metrics").text
         assert 'axion:rate_limit_rejections_total{limit="requests"} 2.0' in text, text
+
+
+POST_PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/tokenize",
+              "/detokenize", "/v1/batches", "/admin/models/load"]
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+def test_invalid_utf8_and_non_json_bodies_are_400_and_415_envelopes(redis_url: str, path: str) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with client(redis_url, ADMIN_API_KEYS=KEY) as c:
+        bad = c.post(path, content=b'{"model":"\xff"}', headers=auth | {"content-type": "application/json"})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"] == {"message": "The body is not valid UTF-8.", "type": "invalid_request_error",
+                                       "param": None, "code": "invalid_json"}
+        plain = c.post(path, content=b'{"model":"m"}', headers=auth | {"content-type": "text/plain"})
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        assert plain.json()["error"]["param"] == "Content-Type"
+
+
+def test_json_content_types_and_multipart_uploads_pass(redis_url: str) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with client(redis_url) as c:
+        for content_type in ("application/json; charset=utf-8", "application/vnd.api+json", None):
+            headers = auth | ({"content-type": content_type} if content_type else {})
+            resp = c.post("/tokenize", content=b'{"model":"org/none","prompt":"x"}', headers=headers)
+            assert resp.status_code == 404, (content_type, resp.text)  # past the body checks: no such model
+        upload = c.post("/v1/files", files={"file": ("b.jsonl", b"\xff\n")}, data={"purpose": "batch"}, headers=auth)
+        assert upload.status_code == 400 and upload.json()["error"]["code"] == "invalid_file"
+
+
+def test_head_on_health_routes(redis_url: str) -> None:
+    with client(redis_url, OPEN_PATHS="/health,/health/ready") as c:
+        live = c.head("/health")
+        assert live.status_code == 200 and live.content == b""
+        ready = c.head("/health/ready")
+        assert ready.status_code == 503 and ready.content == b""  # no worker here: what GET answers too
+        assert c.get("/health/ready").status_code == 503
+
+
+def test_prompts_that_cannot_fit_and_huge_schemas_are_refused_before_queueing(redis_url: str) -> None:
+    """MAX_SEQ_LEN=64: more than 64 x 64 characters (or 64 token ids) cannot fit, whatever the tokenizer."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with client(redis_url, MAX_SEQ_LEN="64") as c:
+        def post(path: str, body: dict) -> dict:
+            resp = c.post(path, json={"model": "org/none", **body}, headers=auth)
+            return {"status": resp.status_code, **resp.json()["error"]}
+
+        words = "x" * 4097
+        chat = post("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text",
+                                                                                      "text": words}]}]})
+        assert chat["status"] == 400 and chat["code"] == "context_length_exceeded" and chat["param"] == "messages"
+        assert "4097 characters" in chat["message"]
+        two = post("/v1/completions", {"prompt": ["ok", words]})
+        assert two["code"] == "context_length_exceeded" and two["param"] == "prompt[1]"
+        ids = post("/v1/completions", {"prompt": list(range(65))})
+        assert ids["code"] == "context_length_exceeded" and "65 tokens" in ids["message"]
+        assert post("/tokenize", {"prompt": words})["code"] == "context_length_exceeded"
+        # At the bound it passes the guard (the model is unknown: 404), so the check is not off by one.
+        assert post("/v1/completions", {"prompt": "x" * 4096})["status"] == 404
+        assert post("/v1/completions", {"prompt": list(range(64))})["status"] == 404
+        properties = {f"p{i}": {"type": "integer"} for i in range(5000)}
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                             "properties": properties}}}
+        schema = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]})
+        assert schema["status"] == 400 and schema["code"] == "invalid_schema" and schema["param"] == "tools"
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": tool["function"]["parameters"]}}
+        schema = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                               "response_format": fmt})
+        assert schema["code"] == "invalid_schema" and schema["param"] == "response_format"

@@ -7,15 +7,16 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from litestar import Litestar, Request, Response, get, head, post
+from litestar import Litestar, Request, Response, get, head, post, route
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
@@ -51,6 +52,7 @@ def _ctx(state: State) -> ChatContext:
 async def chat_completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
     client_id = request.headers.get("x-request-id")
     req = protocol.decode_chat_request(await request.body())
+    timeout_s = _request_timeout(request, _ctx(state).settings.request_timeout_s)  # refused before any lease
     request_id = new_request_id(client_id)
     headers = {"X-Request-Id": client_id or request_id}
     cache: ChatCache = state.chat_cache
@@ -72,13 +74,12 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
     if decision.read and decision.key:
         metrics.cache_misses.labels("chat").inc()
     save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
-    run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease,
-                  timeout_s=_request_timeout(request, _ctx(state).settings.request_timeout_s))
-    accepted = await _echoing_request_id(_unless_client_leaves(request, run.start()), headers)
+    run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease, timeout_s=timeout_s)
+    accepted = await _echoing_request_id(_unless_client_leaves(request, run.start(), run.close), headers)
     if req.stream:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
-    completion = await _unless_client_leaves(request, run.complete(accepted))
+    completion = await _unless_client_leaves(request, run.complete(accepted), run.close)
     return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
 
 
@@ -97,7 +98,8 @@ def _request_timeout(request: Request[Any, Any, State], cap: float) -> float:
     return min(value, cap)
 
 
-async def _unless_client_leaves(request: Request[Any, Any, State], work: Awaitable[T]) -> T:
+async def _unless_client_leaves(request: Request[Any, Any, State], work: Awaitable[T],
+                                close: Callable[[], Awaitable[None]]) -> T:
     """Await a run's start or its whole answer, but give up on it when the client disconnects: the run is
     cancelled before it enqueues (a request still waiting for a slot never reaches a worker), or its `close` flags
     the job and the worker drops it instead of generating for nobody."""
@@ -115,6 +117,7 @@ async def _unless_client_leaves(request: Request[Any, Any, State], work: Awaitab
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
+        await close()  # also when the work was cancelled before it began, and never ran its own clean-up
         raise errors.APIError(499, "The client closed the request.", code="client_closed_request")
     finally:
         watcher.cancel()
@@ -126,11 +129,11 @@ async def completions(request: Request[Any, Any, State], state: State) -> Respon
     req = legacy.decode_completion_request(await request.body())
     run = CompletionRun(_ctx(state), req, new_request_id(client_id))
     headers = {"X-Request-Id": client_id or run.runs[0].request_id}
-    await _echoing_request_id(_unless_client_leaves(request, run.start()), headers)
+    await _echoing_request_id(_unless_client_leaves(request, run.start(), run.close), headers)
     if req.stream:
         return Stream(run.stream(), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
-    completion = await _unless_client_leaves(request, run.complete())
+    completion = await _unless_client_leaves(request, run.complete(), run.close)
     return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
 
 
@@ -228,6 +231,25 @@ async def metrics_endpoint(state: State) -> Response[bytes]:
     return Response(body, media_type=CONTENT_TYPE)
 
 
+def options_handlers(handlers: list[HTTPRouteHandler]) -> list[HTTPRouteHandler]:
+    """OPTIONS for each path that several handlers serve, its `Allow` listing all their methods: Litestar's own
+    lists only the methods of the first handler registered for the path."""
+    methods: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for handler in handlers:
+        for path in handler.paths:
+            methods.setdefault(path, {"OPTIONS"}).update(handler.http_methods)
+            counts[path] = counts.get(path, 0) + 1
+    return [_allow(path, ", ".join(sorted(methods[path]))) for path in methods if counts[path] > 1]
+
+
+def _allow(path: str, allow: str) -> HTTPRouteHandler:
+    async def options() -> Response[None]:
+        return Response(None, status_code=204, headers={"Allow": allow})
+
+    return route(path, http_method=["OPTIONS"], include_in_schema=False, name=f"options {path}")(options)
+
+
 def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Litestar:
     metrics = Metrics()  # one registry per app: several apps in one process do not collide
 
@@ -250,10 +272,10 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
             if redis is None:
                 await client.aclose()
 
+    handlers = [chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models, health,
+                health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model, *BATCH_ROUTES]
     return Litestar(
-        route_handlers=[chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models,
-                        health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
-                        *BATCH_ROUTES],
+        route_handlers=[*options_handlers(handlers), *handlers],  # OPTIONS first: Litestar then adds none
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         middleware=[DefineMiddleware(RequestGuard, settings=settings)],

@@ -101,8 +101,8 @@ async def create_batch(request: Request[Any, Any, State], state: State) -> dict[
     try:
         meta = await files.get(req.input_file_id, auth.owner())
     except APIError:
-        raise APIError(400, f"No such input file: '{req.input_file_id}'.", param="input_file_id",
-                       code="invalid_value") from None
+        raise APIError(404, f"No such input file: '{req.input_file_id}'.", param="input_file_id",
+                       code="file_not_found") from None
     if meta.purpose != "batch":
         raise APIError(400, "The input file must be uploaded with purpose 'batch'.", param="input_file_id",
                        code="invalid_value")

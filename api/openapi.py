@@ -19,8 +19,9 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
 from api import protocol_legacy as legacy
 from api.admin import LoadRequest, UnloadRequest
-from api.protocol import ROLES, ChatCompletionRequest
-from api.serving_embed import EmbeddingRequest, RerankRequest
+from api.batch_routes import MAX_PAGE, BatchCreate
+from api.protocol import MAX_TOOLS, ROLES, UNSERVED_FIELDS, ChatCompletionRequest
+from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest, RerankRequest
 from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
 
 REQUEST_BODIES: dict[str, type] = {
@@ -33,7 +34,13 @@ REQUEST_BODIES: dict[str, type] = {
     "/rerank": RerankRequest,
     "/admin/models/load": LoadRequest,
     "/admin/models/unload": UnloadRequest,
+    "/v1/batches": BatchCreate,
 }
+UPLOAD_BODY: dict[str, Any] = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "JSONL: one {custom_id, method, url, body} request per line"},
+                   "purpose": {"enum": ["batch"]}}}}}
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -47,8 +54,11 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 ERRORS = {"400": "Invalid request: `param` names the field", "401": "Missing or unknown API key",
-          "404": "Unknown model (or one this key may not use)", "413": "Request body too large",
+          "404": "Unknown model (or one this key may not use), or no such object",
+          "408": "Headers or body not sent within HEADER_TIMEOUT_S / BODY_TIMEOUT_S",
+          "413": "Request body too large", "415": "A body sent as anything but JSON",
           "429": "Rate limit or replica capacity reached (see Retry-After)"}
+ADMIN_ERRORS = {"403": "The key is not one of ADMIN_API_KEYS"}
 
 
 def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
@@ -62,30 +72,104 @@ def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
         schemas.setdefault(name, component)
     schemas["ErrorResponse"] = ERROR_SCHEMA
     error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    paths = doc.get("paths", {})
     for path, body in zip(REQUEST_BODIES, bodies, strict=True):
-        operation = doc.get("paths", {}).get(path, {}).get("post")
+        operation = paths.get(path, {}).get("post")
         if operation is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    for item in doc.get("paths", {}).values():
+    if "post" in paths.get("/v1/files", {}):
+        paths["/v1/files"]["post"]["requestBody"] = {"required": True, "content": UPLOAD_BODY}
+    for path in ("/v1/files", "/v1/batches"):
+        for parameter in paths.get(path, {}).get("get", {}).get("parameters", []):
+            if parameter.get("name") == "limit":
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
+    for path, item in paths.items():
         for operation in item.values():
             if isinstance(operation, dict) and "responses" in operation:
-                for status, text in ERRORS.items():
-                    operation["responses"].setdefault(status, {
-                        "description": text, "content": {"application/json": {"schema": error_ref}}})
+                errors = ERRORS | (ADMIN_ERRORS if path.startswith("/admin/") else {})
+                for status, text in errors.items():  # replacing Litestar's own (validation) 400 shape
+                    operation["responses"][status] = {
+                        "description": text, "content": {"application/json": {"schema": error_ref}}}
     return doc
 
 
 def _add_checked_rules(components: dict[str, Any]) -> None:
     """Rules the structs leave to code (`validate_messages`, the model-id shape), written into the schema."""
-    message = components["RequestMessage"]["properties"]
-    message["role"] = {"enum": list(ROLES)}
+    components["RequestMessage"]["properties"]["role"] = {"enum": list(ROLES)}
+    components["RequestMessage"]["allOf"] = MESSAGE_RULES
     part = components["ContentPart"]
     part["properties"]["type"] = {"enum": ["text"]}
     part["required"] = sorted({*part.get("required", []), "type", "text"})
-    components["ChatCompletionRequest"]["properties"]["messages"]["minItems"] = 1
+    part["properties"]["text"] = {"type": "string"}
+    components["FunctionDef"]["properties"]["name"] = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    components["ChatCompletionRequest"]["allOf"] = [*SAMPLING_RULES, *CHAT_RULES]
+    components["CompletionRequest"]["allOf"] = [*SAMPLING_RULES, *COMPLETION_RULES]
+    chat = components["ChatCompletionRequest"]["properties"]
+    chat["messages"]["minItems"] = 1
+    chat["tools"]["maxItems"] = MAX_TOOLS
+    for name, neutral in UNSERVED_FIELDS.items():  # OpenAI fields not served: only their neutral values pass
+        chat[name] = {"enum": list(neutral)}
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
+    components["EmbeddingRequest"]["properties"]["input"] = _inputs(text, MAX_ITEMS)
+    rerank = components["RerankRequest"]["properties"]
+    rerank["query"] = {"type": "string", "minLength": 1}
+    rerank["documents"].update(minItems=1, maxItems=MAX_ITEMS)
+    components["Document"]["properties"]["text"] = text
+    rerank["documents"]["items"] = {"anyOf": [text, {"$ref": "#/components/schemas/Document"}]}
+    completion = components["CompletionRequest"]["properties"]
+    completion["prompt"] = _inputs({"type": "string", "minLength": 1}, legacy.MAX_PROMPTS)
+    completion["max_tokens"]["minimum"] = 1
+    completion["suffix"] = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}
+    completion["best_of"] = {"type": "null", "description": "Not served: only a best_of equal to n is accepted."}
+    completion["min_tokens"]["description"] = chat["min_tokens"]["description"] = "At most max_tokens."
+    components["TokenizeRequest"]["oneOf"] = [  # exactly one of prompt and messages
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1},
+                                                  "prompt": {"type": "null"}}}]
     for kind in REQUEST_BODIES.values():
-        model = components[kind.__name__]["properties"]["model"]
-        model.update(pattern=MODEL_ID_PATTERN, maxLength=MAX_MODEL_ID_CHARS)
+        model = components[kind.__name__]["properties"].get("model")
+        if model is not None:
+            model.update(pattern=MODEL_ID_PATTERN, maxLength=MAX_MODEL_ID_CHARS)
+
+
+#: `validate_messages` in JSON Schema: only assistants call tools, a tool message names its call, and content may
+#: be missing only from an assistant message that calls tools.
+MESSAGE_RULES: list[dict[str, Any]] = [
+    {"if": {"not": {"properties": {"role": {"const": "assistant"}}}},
+     "then": {"properties": {"tool_calls": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}}},
+    {"if": {"properties": {"role": {"const": "tool"}}},
+     "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
+    {"anyOf": [{"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+               {"required": ["role", "tool_calls"], "properties": {
+                   "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}]},
+]
+
+
+def _given(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": [field], "properties": {field: schema}}
+
+
+NOT_NULL: dict[str, Any] = {"not": {"type": "null"}}
+#: `validate_sampling`, `validate_tools` and friends: the rules between fields that JSON Schema can state.
+SAMPLING_RULES: list[dict[str, Any]] = [
+    {"if": _given("stream_options", {"type": "object"}), "then": _given("stream", {"const": True})},
+    {"properties": {"logit_bias": {"anyOf": [{"type": "null"}, {"propertyNames": {"pattern": "^-?[0-9]+$"}}]}}},
+]
+CHAT_RULES: list[dict[str, Any]] = [
+    {"if": _given("top_logprobs", {"type": "integer", "minimum": 1}), "then": _given("logprobs", {"const": True})},
+    {"if": _given("tool_choice", {"allOf": [NOT_NULL, {"not": {"enum": ["none", "auto"]}}]}),
+     "then": _given("tools", {"type": "array", "minItems": 1})},
+]
+COMPLETION_RULES: list[dict[str, Any]] = [
+    {"not": {"required": ["echo", "logprobs"], "properties": {"echo": {"const": True}, "logprobs": NOT_NULL}}},
+]
+
+
+def _inputs(text: dict[str, Any], most: int) -> dict[str, Any]:
+    """One input or a list of them, each a text or a list of token ids (never a mix)."""
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    return {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": most}, ids,
+                      {"type": "array", "items": ids, "minItems": 1, "maxItems": most}]}
 
 
 class BodiesJsonPlugin(JsonRenderPlugin):

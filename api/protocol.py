@@ -29,6 +29,8 @@ Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 TokenId = Annotated[int, msgspec.Meta(ge=0)]
+TopK = Annotated[int, msgspec.Meta(ge=-1)]  # -1 and 0 are off
+StopText = Annotated[str, msgspec.Meta(min_length=1)]
 
 T = TypeVar("T")
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -106,7 +108,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     top_p: TopP | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -118,7 +120,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Bias] | None = None
     # Extras sent by benchmark clients (vLLM's bench, guidellm).
-    top_k: int | None = None
+    top_k: TopK | None = None
     min_tokens: NonNegativeInt | None = None
     ignore_eos: bool | None = None
     repetition_penalty: RepetitionPenalty | None = None
@@ -137,7 +139,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     web_search_options: Any = None
 
 
-_NEUTRAL: dict[str, Any] = {
+UNSERVED_FIELDS: dict[str, Any] = {
     "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
@@ -150,7 +152,7 @@ def decode_chat_request(body: bytes) -> ChatCompletionRequest:
 
 
 def validate_chat_request(req: ChatCompletionRequest) -> None:
-    for name, neutral in _NEUTRAL.items():
+    for name, neutral in UNSERVED_FIELDS.items():
         value = getattr(req, name)
         if not any((value == v and type(value) is type(v)) or (value is None and v is None) for v in neutral):
             raise APIError(400, f"'{name}' is not supported by this server yet.", param=name,
@@ -173,7 +175,7 @@ def validate_tools(req: ChatCompletionRequest) -> None:
     names = [t.function.name for t in req.tools or []]
     if len(names) > MAX_TOOLS:
         raise APIError(400, f"'tools' holds at most {MAX_TOOLS} functions.", param="tools", code="invalid_value")
-    if any(not n or not all(c.isalnum() or c in "_-" for c in n) or len(n) > 64 for n in names):
+    if any(not n or not all(c.isascii() and (c.isalnum() or c in "_-") for c in n) or len(n) > 64 for n in names):
         raise APIError(400, "Tool names must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'.", param="tools",
                        code="invalid_value")
     if len(set(names)) != len(names):
@@ -374,6 +376,16 @@ class ModelList(msgspec.Struct):
 _decoders: dict[type, msgspec.json.Decoder] = {}
 
 
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
 def decode_body(body: bytes, kind: type[T]) -> T:
     """Decode a request body into `kind`; every problem is an APIError(400) naming the field."""
     if not body.strip():
@@ -381,6 +393,13 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
     try:
         return decoder.decode(body)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        if "got `float`" not in str(exc):
+            raise from_decode_error(exc) from None
+        try:  # JSON Schema (and pydantic) take 3.0 as the integer 3: so do we
+            return decoder.decode(msgspec.json.encode(_integral_floats_as_ints(msgspec.json.decode(body))))
+        except msgspec.DecodeError as again:
+            raise from_decode_error(again) from None
     except UnicodeDecodeError:
         raise APIError(400, "The body is not valid UTF-8.", code="invalid_json") from None
     except msgspec.DecodeError as exc:

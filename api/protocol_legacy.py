@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from api.errors import APIError
 from api.protocol import (
+    MAX_STOP_SEQUENCES,
     Bias,
     ChoiceCount,
     FinishReason,
@@ -17,9 +18,11 @@ from api.protocol import (
     RepetitionPenalty,
     RequestMessage,
     Seed,
+    StopText,
     StreamOptions,
     Temperature,
     TokenId,
+    TopK,
     TopLogprobs,
     TopP,
     Usage,
@@ -42,7 +45,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     logprobs: TopLogprobs | None = None
     echo: bool | None = False
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Bias] | None = None
@@ -50,7 +53,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     best_of: ChoiceCount | None = None
     suffix: str | None = None
-    top_k: int | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
     min_tokens: NonNegativeInt | None = None
     ignore_eos: bool | None = None

@@ -70,7 +70,7 @@ def _texts(req: EmbeddingRequest) -> list[str]:
     if len(texts) > MAX_ITEMS:
         raise APIError(400, f"'input' holds at most {MAX_ITEMS} items.", param="input", code="invalid_value")
     for i, text in enumerate(texts):
-        if not text.strip() or len(text) > MAX_TEXT_CHARS:
+        if not text or len(text) > MAX_TEXT_CHARS:
             raise APIError(400, f"Input {i} is empty or longer than {MAX_TEXT_CHARS} characters.",
                            param=f"input[{i}]", code="invalid_value")
     return texts
@@ -128,14 +128,14 @@ def _vector(raw: bytes, encoding_format: str) -> Any:
 
 async def rerank(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[str, Any]:
     req = decode_body(body, RerankRequest)
-    if not req.query.strip():
+    if not req.query:
         raise APIError(400, "'query' must not be empty.", param="query", code="invalid_value")
     documents = [d if isinstance(d, str) else d.text for d in req.documents]
     if not documents or len(documents) > MAX_ITEMS:
         raise APIError(400, f"'documents' must hold 1 to {MAX_ITEMS} items.", param="documents",
                        code="invalid_value")
     for i, doc in enumerate(documents):
-        if not doc.strip() or len(doc) > MAX_TEXT_CHARS:
+        if not doc or len(doc) > MAX_TEXT_CHARS:
             raise APIError(400, f"Document {i} is empty or too long.", param=f"documents[{i}]", code="invalid_value")
     request_id = new_request_id(client_id)
     job = RerankJob(request_id=request_id, model=req.model, query=req.query, documents=documents,

@@ -12,8 +12,10 @@ import fnmatch
 import re
 
 MAX_MODEL_ID_CHARS = 256
-MODEL_ID_PATTERN = "^[A-Za-z0-9._/-]+$"
-_SHAPE = re.compile(MODEL_ID_PATTERN)
+_SHAPE = re.compile("^[A-Za-z0-9._/-]+$")
+_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"  # not empty, '.' or '..'
+#: The whole rule (bar absolute folders) as one regular expression, for the OpenAPI document.
+MODEL_ID_PATTERN = f"^{_SEGMENT}(?:/{_SEGMENT})*$"
 
 
 def model_id_problem(name: str, *, allow_paths: bool) -> str | None:

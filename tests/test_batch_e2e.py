@@ -251,7 +251,7 @@ def test_files_and_batches_belong_to_the_key_that_made_them(tiny_model_dir: Path
         for call in (beta.batches.retrieve, beta.batches.cancel):
             with pytest.raises(openai.NotFoundError):
                 call(batch.id)
-        with pytest.raises(openai.BadRequestError, match="No such input file"):
+        with pytest.raises(openai.NotFoundError, match="No such input file"):
             beta.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/chat/completions",
                                 completion_window="24h")
         assert [f.id for f in beta.files.list()] == [mine.id] and beta.batches.list().data == []

@@ -33,7 +33,7 @@ def test_job_roundtrip_and_parameter_mapping() -> None:
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"top_k": -2}, "top_k"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
+    ({"top_k": -2}, "top_k"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop[0]"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"seed": 2**64}, "seed"), ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

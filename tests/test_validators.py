@@ -45,10 +45,11 @@ def chat_body(**fields: Any) -> bytes:
 @FAST
 @given(field=st.sampled_from(sorted(RANGES)), value=numbers)
 def test_numeric_ranges_match_openai(field: str, value: float) -> None:
-    """In range (and of the right type): accepted; otherwise a 400 whose `param` is the field."""
+    """In range (and of the right type, where 3.0 is the integer 3 as in JSON Schema): accepted; otherwise a 400
+    whose `param` is the field."""
     low, high = RANGES[field]
     extra = {"logprobs": True} if field == "top_logprobs" else {}
-    well_typed = isinstance(value, int) or field not in INT_FIELDS
+    well_typed = isinstance(value, int) or field not in INT_FIELDS or value.is_integer()
     try:
         req = protocol.decode_chat_request(chat_body(**{field: value}, **extra))
     except APIError as exc:

@@ -176,9 +176,12 @@ class SingleFlight:
     async def try_lead(self, key: str, holder: str) -> bool:
         return bool(await self.redis.set(keys.cache_lease(key), holder, nx=True, px=int(LEASE_S * 1000)))
 
-    async def renew(self, key: str, holder: str) -> None:
-        """Keep the lease alive while its holder generates (run as a task, cancelled by the holder)."""
-        while True:
+    async def renew(self, key: str, holder: str, most_s: float) -> None:
+        """Keep the lease alive while its holder generates (run as a task, cancelled by the holder), at most
+        `most_s`: no generation outlives its request's deadline, so a holder that never released the lease
+        holds it no longer than that."""
+        deadline = asyncio.get_running_loop().time() + most_s
+        while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(LEASE_RENEW_S)
             with contextlib.suppress(Exception):
                 await self.redis.set(keys.cache_lease(key), holder, xx=True, px=int(LEASE_S * 1000))

@@ -44,9 +44,9 @@ def canonical_request(req: p.ChatCompletionRequest) -> dict[str, Any]:
 class Lease:
     """This request generates for every identical one meanwhile; `release` tells them to read the cache."""
 
-    def __init__(self, flight: SingleFlight, key: str, holder: str) -> None:
+    def __init__(self, flight: SingleFlight, key: str, holder: str, most_s: float) -> None:
         self._flight, self.key = flight, key
-        self._renewal = asyncio.ensure_future(flight.renew(key, holder))
+        self._renewal = asyncio.ensure_future(flight.renew(key, holder, most_s))
 
     async def release(self) -> None:
         self._renewal.cancel()
@@ -89,7 +89,7 @@ class ChatCache:
         all, or left by the leader), else the lease to generate under (None when waiting ended without an
         answer: the leader failed, died or ran past the deadline; the caller then generates on its own)."""
         if await self.flight.try_lead(key, holder):
-            lease = Lease(self.flight, key, holder)
+            lease = Lease(self.flight, key, holder, self.ctx.settings.request_timeout_s)
             hit = await self.lookup(key)  # an answer stored between the miss and the lease
             if hit is not None:
                 await lease.release()

@@ -65,8 +65,10 @@ class JobRun:
     """One admitted job: owns its subscription and its concurrency slot until `close()`."""
 
     def __init__(self, ctx: ChatContext, job: ChatJob | EmbedJob | RerankJob, stream: bool, *,
-                 stream_key: str | None = None, kind: str = "chat", timeout_s: float | None = None) -> None:
+                 stream_key: str | None = None, kind: str = "chat", timeout_s: float | None = None,
+                 shares_slot: bool = False) -> None:
         self.ctx = ctx
+        self.shares_slot = shares_slot
         self.job = job
         self.kind = kind
         self.stream_key = stream_key or keys.chat_stream(job.model)
@@ -100,13 +102,13 @@ class JobRun:
         then, None comes back and the stream starts with keep-alive comments; a later refusal arrives as an
         error frame."""
         ctx = self.ctx
-        if ctx.open_requests >= ctx.settings.max_connections:
-            raise APIError(429, "Too many open requests on this server; retry shortly.",
-                           code="too_many_requests", headers={"Retry-After": "1"})
-        ctx.open_requests += 1
-        self._counted = True
-        self.timer.set_state("waiting")
         try:
+            if ctx.open_requests >= ctx.settings.max_connections:
+                raise APIError(429, "Too many open requests on this server; retry shortly.",
+                               code="too_many_requests", headers={"Retry-After": "1"})
+            ctx.open_requests += 1
+            self._counted = True
+            self.timer.set_state("waiting")
             await ctx.registry.require_model(self.job.model, self.kind, self.deadline)
             await self._take_slot()
             self.sub = await ctx.hub.open(self.request_id)
@@ -140,8 +142,11 @@ class JobRun:
 
     async def _take_slot(self) -> None:
         """One of this replica's CONCURRENT_REQUESTS slots; when none is free, check the model's queue first,
-        so a request that would only wait to be refused is refused now."""
+        so a request that would only wait to be refused is refused now. A run that shares its request's slot
+        (`shares_slot`: the other prompts of a legacy completion) takes none."""
         ctx = self.ctx
+        if self.shares_slot:
+            return
         if ctx.slots.locked():
             assert ctx.queue is not None
             await ctx.queue.check(self.stream_key, self.job.model)

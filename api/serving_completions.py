@@ -66,7 +66,10 @@ class CompletionRun:
     def __init__(self, ctx: ChatContext, req: lg.CompletionRequest, request_id: str) -> None:
         self.req = req
         self.n = req.n or 1
-        self.runs = [JobRun(ctx, job, bool(req.stream)) for job in build_jobs(req, request_id)]
+        # One request, one CONCURRENT_REQUESTS slot: the first prompt's run holds it for all of them (a slot each
+        # deadlocked a request of more prompts than slots, its runs waiting for slots its own runs held).
+        self.runs = [JobRun(ctx, job, bool(req.stream), shares_slot=k > 0)
+                     for k, job in enumerate(build_jobs(req, request_id))]
         self.completion_id = f"cmpl-{request_id}"
         self.created = int(time.time())
         self.accepted: list[Accepted | None] = []

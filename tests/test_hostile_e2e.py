@@ -248,3 +248,32 @@ def _workers(fleet: Server) -> list[dict]:
     import httpx
 
     return httpx.get(f"{fleet.base_url}/health", timeout=5).json()["workers"]
+
+
+def test_a_client_that_leaves_at_once_leaves_no_cache_lease_behind(fleet: Server) -> None:
+    """Greedy requests take the response cache's single-flight lease; clients that hang up within moments of
+    sending one (before, during or after the run's start) must not leave it held, or every identical request
+    after them waits for an answer that never comes."""
+    body = _chat(fleet, "the same question, asked and abandoned", temperature=0, max_tokens=8)
+    for delay in (0.0, 0.001, 0.005, 0.02, 0.05, 0.2):
+        sock = _connect(fleet)
+        sock.sendall(_request("/v1/chat/completions", body))
+        time.sleep(delay)
+        sock.close()
+    with fleet.client(timeout=30) as client:
+        answer = client.chat.completions.create(**body)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    r = redis.Redis.from_url(fleet.redis_url)
+    assert list(r.scan_iter(match=keys.cache_lease("*"))) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completion_of_more_prompts_than_slots_completes(fleet: Server, stream: bool) -> None:
+    """Five prompts where CONCURRENT_REQUESTS is 2: one request takes one slot (a slot per prompt deadlocked,
+    each prompt's run waiting for a slot the others held)."""
+    with fleet.client(timeout=60) as client:
+        result = client.completions.create(model=fleet.model, prompt=[f"prompt {i}" for i in range(5)],
+                                           max_tokens=4, stream=stream)
+        indexes = ({c.index for chunk in result for c in chunk.choices} if stream
+                   else {c.index for c in result.choices})
+    assert indexes == set(range(5))

@@ -36,6 +36,7 @@ from tests.engine_helpers import (
     wait_gone,
 )
 from workers.chat.choice import choose_backend
+from workers.chat.external import guard as guard_module
 
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
 # Another Axion as a spawned engine: REDIS_URL dropped so it starts its own Redis (it must not join our stream).
@@ -283,6 +284,22 @@ def test_kill_9_of_the_worker_leaves_no_engine_process(tiny_model_dir: Path, tmp
         kill_9_worker_and_check_nothing_left(front.procs[0].process.pid, wait_engine_started(front, 4))
     finally:
         front.procs[0].stop()
+
+
+def test_sigterm_while_the_engine_starts_stops_it_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An engine still starting has nothing to finish: `axion serve` stopped then exits without waiting out the
+    guard's grace, even for an engine that ignores SIGTERM (as MAX does while it compiles)."""
+    deaf = (f"{sys.executable} -c 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"time.sleep(600)' {{port}}")
+    front = start_front(tiny_model_dir, tmp_path, "front", wait=False, BACKEND="external", EXTERNAL_ENGINE_CMD=deaf,
+                        EXTERNAL_ENGINE_START_TIMEOUT_S="300")
+    tree = wait_engine_started(front, 1)
+    started = time.monotonic()
+    assert front.procs[0].stop(timeout=60) == 0
+    stopped_in = time.monotonic() - started
+    print(f"stopped in {stopped_in:.1f}s")
+    assert wait_gone(tree, timeout=5) == []
+    assert stopped_in < guard_module.GRACE_S, f"stopped in {stopped_in:.1f}s:\n{front.procs[0].log()[-2000:]}"
 
 
 def test_engine_that_never_gets_ready_falls_back_to_native(tiny_model_dir: Path, tmp_path: Path,

@@ -3,8 +3,9 @@
 `python -m workers.chat.external.guard CMD ARGS...` starts CMD in a process group of its own and stays with it:
 - the worker is asked (PR_SET_PDEATHSIG) to SIGTERM the guard when it dies, even by `kill -9`, and the guard
   also watches its parent id, in case that signal was lost;
-- on SIGTERM or SIGINT, or when the parent is gone, it stops the engine's whole group (SIGTERM, then SIGKILL
-  after a grace) plus any descendant that left the group, then exits;
+- on SIGTERM, or when the parent is gone, it stops the engine's whole group (SIGTERM, then SIGKILL after a
+  grace) plus any descendant that left the group, then exits; SIGINT does the same with no grace (an engine
+  still starting has nothing to finish, and MAX ignores SIGTERM while it compiles);
 - when the engine's main process exits by itself, it kills what that left behind (MAX's model worker keeps
   running after its server dies) and exits with the engine's status, so the worker sees one crash.
 A guard is needed because MAX's model worker is a grandchild: a parent-death signal reaches children only.
@@ -27,6 +28,7 @@ import psutil
 from common.redis_server import die_with_parent
 
 GRACE_S = 10.0
+NO_GRACE_S = 0.5
 SCRATCH_ENV = "AXION_ENGINE_SCRATCH"  # a folder (the engine's TMPDIR) the guard removes when it ends
 POLL_S = 0.2
 
@@ -63,19 +65,19 @@ def main(argv: list[str]) -> int:
         print("usage: python -m workers.chat.external.guard CMD [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
-    stopping = False
+    grace: float | None = None  # set by a signal: how long the engine may take to stop
 
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal grace
+        grace = NO_GRACE_S if signum == signal.SIGINT else min(grace or GRACE_S, GRACE_S)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     die_with_parent()  # in case the worker started us without it
-    return _guard(argv, parent, lambda: stopping)
+    return _guard(argv, parent, lambda: grace)
 
 
-def _guard(argv: list[str], parent: int, stopping: Callable[[], bool]) -> int:
+def _guard(argv: list[str], parent: int, stopping: Callable[[], float | None]) -> int:
     engine = subprocess.Popen(argv, start_new_session=True)
     print(f"guard {os.getpid()}: engine pid {engine.pid} (group {engine.pid}): {' '.join(argv)}", flush=True)
     known: dict[int, psutil.Process] = {}
@@ -90,10 +92,11 @@ def _guard(argv: list[str], parent: int, stopping: Callable[[], bool]) -> int:
             stop_group(engine.pid, [*known.values(), *_descendants(os.getpid())], grace_s=2.0)
             print(f"guard {os.getpid()}: engine exited with status {code}", flush=True)
             return code if code > 0 else 1
-        if stopping() or os.getppid() != parent:
-            why = "asked to stop" if stopping() else "the worker is gone"
+        grace = stopping()
+        if grace is not None or os.getppid() != parent:
+            why = "asked to stop" if grace is not None else "the worker is gone"
             print(f"guard {os.getpid()}: {why}; stopping the engine's process group", flush=True)
-            stop_group(engine.pid, [*known.values(), *_descendants(engine.pid)])
+            stop_group(engine.pid, [*known.values(), *_descendants(engine.pid)], grace_s=grace or GRACE_S)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 engine.wait(timeout=1)
             scratch = os.environ.get(SCRATCH_ENV, "")  # the engine's TMPDIR: a killed worker cannot remove it

@@ -137,17 +137,19 @@ class EngineSupervisor:
 
     async def stop(self) -> None:
         self._stopping = True
+        graceful = self.ready.is_set()  # a ready engine may be finishing requests; a starting one has none
         self.ready.clear()
         self.state = "stopped"
-        await self._terminate()
+        await self._terminate(graceful)
         await self._http.aclose()
 
-    async def _terminate(self) -> None:
-        """SIGTERM the guard (it stops the engine's group) and wait; SIGKILL the guard's group if it hangs."""
+    async def _terminate(self, graceful: bool = False) -> None:
+        """Stop the guard (it stops the engine's group: SIGTERM with a grace, SIGINT at once) and wait; SIGKILL
+        the guard's group if it hangs."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM if graceful else signal.SIGINT)
         for _ in range(300):  # the guard gives the engine 10 s, then kills it
             if process.poll() is not None:
                 return

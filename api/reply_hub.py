@@ -31,7 +31,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, MovedError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.errors import APIError, redis_unavailable
@@ -183,13 +183,25 @@ class ReplyHub:
         sub = Subscription(channel or keys.reply_channel(request_id or ""))
         self._subs.setdefault(sub.channel, set()).add(sub)
         try:
-            async with self._lock:
-                await self._subscribe(sub.channel)
-            await asyncio.wait_for(asyncio.shield(sub.confirmed), SUBSCRIBE_TIMEOUT_S)
+            # One bound on the lock, the SUBSCRIBE and its confirmation: requests queued behind a SUBSCRIBE stuck
+            # on a reconnect must not hold the lock, one after another, while the reader waits for it to PING.
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+                async with self._lock:
+                    if not self.connected:  # lost while this request waited for the lock
+                        raise redis_unavailable(f"No connection to Redis for replies ({self.last_error}).")
+                    await self._subscribe(sub.channel)
+                await asyncio.shield(sub.confirmed)
         except TimeoutError:
             await self.close(sub)
             raise redis_unavailable(f"Redis did not confirm a subscription within {SUBSCRIBE_TIMEOUT_S:g}s.") \
                 from None
+        except (MovedError, AskError):
+            await self.close(sub)
+            raise
+        except RedisError as exc:  # the SUBSCRIBE could not be sent: the connection is broken for every request
+            await self.close(sub)
+            self._lost(exc)
+            raise redis_unavailable(f"No connection to Redis for replies ({self.last_error}).") from None
         except BaseException:
             await self.close(sub)
             raise
@@ -261,8 +273,11 @@ class ReplyHub:
                 raise RedisTimeoutError(f"no PONG within {self.timeout_s:g}s")
         elif late - self._heard_at > self.timeout_s:
             self._ping_at = now
-            async with self._lock:
-                await self._pubsub.ping()
+            try:
+                async with asyncio.timeout(self.timeout_s), self._lock:  # a lock held that long: the link is stuck
+                    await self._pubsub.ping()
+            except TimeoutError:
+                raise RedisTimeoutError(f"could not send a PING within {self.timeout_s:g}s") from None
 
     def _lost(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"

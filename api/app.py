@@ -31,7 +31,7 @@ from api.jobs import ChatContext, JobRun, new_request_id
 from api.metrics import CONTENT_TYPE, Metrics
 from api.models_view import model_cards
 from api.openapi import openapi_config
-from api.registry import WorkerRegistry
+from api.registry import WorkerRegistry, model_not_found
 from api.serving_chat import ChatRun
 from api.serving_completions import CompletionRun
 from common import redis_client
@@ -196,6 +196,17 @@ async def list_models(state: State) -> protocol.ModelList:
     return protocol.ModelList("list", model_cards(await registry.workers(), _ctx(state).settings.model_aliases))
 
 
+@get("/v1/models/{model_id:path}")
+async def retrieve_model(state: State, model_id: str) -> protocol.Model:
+    """One model of `/v1/models` (the SDK's `models.retrieve`); ids with slashes are taken whole."""
+    registry: WorkerRegistry = state.registry
+    wanted = model_id[1:] if model_id.startswith("/") else model_id
+    for card in model_cards(await registry.workers(), _ctx(state).settings.model_aliases):
+        if card.id in (wanted, model_id):
+            return card
+    raise model_not_found(wanted)
+
+
 @get("/health")
 async def health(state: State) -> dict[str, Any]:
     """Liveness: always 200 while the process answers, Redis or not; `status` and `reasons` say what is wrong."""
@@ -272,8 +283,9 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
             if redis is None:
                 await client.aclose()
 
-    handlers = [chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models, health,
-                health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model, *BATCH_ROUTES]
+    handlers = [chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models, retrieve_model,
+                health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
+                *BATCH_ROUTES]
     return Litestar(
         route_handlers=[*options_handlers(handlers), *handlers],  # OPTIONS first: Litestar then adds none
         lifespan=[lifespan],

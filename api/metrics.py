@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("axion.api.metrics")
 
 FLEET_READ_S = 1.0  # the longest a scrape waits on Redis for the fleet gauges
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Litestar appends "; charset=utf-8" to every text/ media type, so it is left off here (else it came twice).
+CONTENT_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 
 # Buckets as vLLM uses them (seconds).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,

@@ -29,4 +29,5 @@ def model_cards(workers: list[WorkerInfo], alias_setting: str) -> list[Model]:
             cards.append(Model(model, "model", created, OWNER, kind, backend, None, reason))
         cards += [Model(alias, "model", created, OWNER, kind, backend, model, reason)
                   for alias in aliases.aliases_of(alias_setting, model) if auth.may_use(model)]
-    return sorted(cards, key=lambda card: card.id)
+    # Chat models first: clients that take the first model listed (guidellm) must not pick an embedding model.
+    return sorted(cards, key=lambda card: (card.kind != "chat", card.id))

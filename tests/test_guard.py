@@ -44,6 +44,7 @@ def test_routes_added_later_need_a_key_unless_open(redis_url: str) -> None:
     with client(redis_url, OPEN_PATHS="/health,/health/ready,/metrics,/debug/vars") as c:
         assert c.get("/debug/vars").text == "axion_up 1\n"
         assert "axion:redis_up 1.0" in c.get("/metrics").text
+        assert c.get("/metrics").headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
         assert c.get("/health/ready").json()["status"] == "not_ready"
         assert c.get("/v1/models").status_code == 401
 

@@ -120,6 +120,11 @@ def test_models_lists_both_with_kind_backend_and_aliases(fleet: Fleet) -> None:
         assert cards[model]["kind"] == "chat" and cards[model]["backend"] == "native"
         assert cards[model]["owned_by"] == "axion" and cards[model].get("root") is None
     assert cards["gpt-4o-mini"]["root"] == fleet.a and cards["gpt-4.1-nano"]["root"] == fleet.b
+    for model in cards:  # the SDK's models.retrieve, slashes in the id included
+        assert fleet.api.client().models.retrieve(model).model_dump() == cards[model]
+    with pytest.raises(openai.NotFoundError) as missing:
+        fleet.api.client().models.retrieve("org/not-served")
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
 def test_alias_resolves_before_cache_and_queue_and_is_echoed(fleet: Fleet) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import APIError
-from common.protocol import MAX_CHARS_PER_TOKEN, MAX_SCHEMA_NODES, json_nodes, text_chars
+from common.protocol import MAX_SCHEMA_NODES, json_nodes, prompt_too_long, text_chars
 from common.settings import Settings
 
-#: The endpoints whose body carries a prompt for a chat model, and the field that holds it.
-PROMPT_FIELDS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/tokenize": None}
+#: The endpoints whose body carries a prompt for a chat model (in `messages` or `prompt`).
+PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize"})
 
 #: Which kind of worker serves each endpoint (whose heartbeat says the vocabulary size).
 ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/tokenize": "chat",
@@ -42,18 +42,19 @@ def check_sizes(body: dict[str, Any], settings: Settings) -> None:
 
 def check_prompt_length(path: str, body: dict[str, Any], max_seq_len: int) -> None:
     """400 context_length_exceeded for a prompt that cannot fit MAX_SEQ_LEN: more token ids than that, or more
-    characters than any tokenizer could pack into it (MAX_CHARS_PER_TOKEN each). Exact counts are the worker's."""
-    if path not in PROMPT_FIELDS:
+    characters than any tokenizer could pack into it (`prompt_too_long`). Exact counts are the worker's."""
+    if path not in PROMPT_PATHS:
         return
     for field in ("messages", "prompt"):
         for index, prompt in _prompts(body.get(field), field):
-            token_ids = field == "prompt" and isinstance(prompt, list)
-            size, unit = (len(prompt), "tokens") if token_ids else (_prompt_chars(prompt), "characters")
-            limit = max_seq_len if unit == "tokens" else max_seq_len * MAX_CHARS_PER_TOKEN
-            if size > limit:
+            if field == "prompt" and isinstance(prompt, list):  # token ids
+                problem = (f"This model's maximum context length is {max_seq_len} tokens; the prompt's "
+                           f"{len(prompt)} tokens cannot fit in it.") if len(prompt) > max_seq_len else None
+            else:
+                problem = prompt_too_long(_prompt_chars(prompt), max_seq_len)
+            if problem:
                 param = field if index is None else f"{field}[{index}]"
-                raise APIError(400, f"This model's maximum context length is {max_seq_len} tokens; the prompt's "
-                               f"{size} {unit} cannot fit in it.", param=param, code="context_length_exceeded")
+                raise APIError(400, problem, param=param, code="context_length_exceeded")
 
 
 def _prompts(value: Any, field: str) -> list[tuple[int | None, Any]]:
@@ -83,9 +84,10 @@ def check_schema_sizes(body: dict[str, Any]) -> None:
     a grammar on the worker, at a cost that grows with them)."""
     for field in ("tools", "response_format"):
         value = body.get(field)
-        if isinstance(value, list | dict) and json_nodes(value) > MAX_SCHEMA_NODES:
-            raise APIError(400, f"'{field}' holds {json_nodes(value)} JSON values; at most {MAX_SCHEMA_NODES} are "
-                           "accepted.", param=field, code="invalid_schema")
+        nodes = json_nodes(value) if isinstance(value, list | dict) else 0
+        if nodes > MAX_SCHEMA_NODES:
+            raise APIError(400, f"'{field}' holds {nodes} JSON values; at most {MAX_SCHEMA_NODES} are accepted.",
+                           param=field, code="invalid_schema")
 
 
 def _long_string(body: Any, limit: int) -> str | None:

@@ -8,28 +8,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.connection import SCOPE_KEY
+from api.errors import APIError
 from common.settings import Settings
 
-REASONS = {400: b"Bad Request", 408: b"Request Timeout", 503: b"Service Unavailable"}
+REASONS = {400: b"Bad Request", 408: b"Request Timeout"}
 
 
-def envelope(message: str, type_: str, code: str) -> bytes:
-    return msgspec.json.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
-
-
-def raw_response(status: int, body: bytes, extra: bytes = b"") -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, written without the app."""
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n"
-            % (status, REASONS[status], len(body), extra)) + body
+def raw_response(error: APIError) -> bytes:
+    """A whole HTTP/1.1 response carrying `error`'s envelope that closes the connection, written without the app."""
+    body = error.to_json()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (error.status, REASONS[error.status], len(body))) + body
 
 
 async def over_capacity(scope: Any, receive: Any, send: Any) -> None:
-    body = envelope("This server has too many open connections; retry shortly.", "server_error",
-                    "too_many_connections")
+    body = APIError(503, "This server has too many open connections; retry shortly.",
+                    code="too_many_connections").to_json()
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"retry-after", b"1"), (b"connection", b"close")]})
@@ -67,8 +64,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self.app, self.limit_concurrency = app, limit
 
     def send_400_response(self, msg: str) -> None:
-        body = envelope(f"Malformed HTTP request: {msg}", "invalid_request_error", "invalid_http")
-        self.transport.write(raw_response(400, body))
+        self.transport.write(raw_response(APIError(400, f"Malformed HTTP request: {msg}", code="invalid_http")))
         self.transport.close()
 
     def _arm_header_timer(self) -> None:
@@ -84,9 +80,9 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:  # no response under way: one can still be sent
-            body = envelope(f"The request line and headers did not arrive within {self.header_timeout_s:g}s.",
-                            "invalid_request_error", "request_timeout")
-            self.transport.write(raw_response(408, body))
+            self.transport.write(raw_response(APIError(
+                408, f"The request line and headers did not arrive within {self.header_timeout_s:g}s.",
+                code="request_timeout")))
             self.transport.close()
         else:
             self.transport.abort()

@@ -66,8 +66,8 @@ class CompletionRun:
     def __init__(self, ctx: ChatContext, req: lg.CompletionRequest, request_id: str) -> None:
         self.req = req
         self.n = req.n or 1
-        # One request, one CONCURRENT_REQUESTS slot: the first prompt's run holds it for all of them (a slot each
-        # deadlocked a request of more prompts than slots, its runs waiting for slots its own runs held).
+        # One request, one CONCURRENT_REQUESTS slot, held by the first prompt's run: a slot per prompt would
+        # deadlock a request of more prompts than slots, its runs waiting for slots its own runs hold.
         self.runs = [JobRun(ctx, job, bool(req.stream), shares_slot=k > 0)
                      for k, job in enumerate(build_jobs(req, request_id))]
         self.completion_id = f"cmpl-{request_id}"

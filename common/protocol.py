@@ -20,6 +20,14 @@ MAX_CHARS_PER_TOKEN = 64
 MAX_SCHEMA_NODES = 4000
 
 
+def prompt_too_long(chars: int, max_seq_len: int) -> str | None:
+    """The refusal's message when a prompt of `chars` characters cannot fit MAX_SEQ_LEN tokens, else None."""
+    if chars <= max_seq_len * MAX_CHARS_PER_TOKEN:
+        return None
+    return (f"This model's maximum context length is {max_seq_len} tokens; the prompt's {chars} characters "
+            "cannot fit in it.")
+
+
 def text_chars(value: Any) -> int:
     """Characters in every string of a JSON value (dict keys not counted): the size of a prompt in text."""
     total, stack = 0, [value]

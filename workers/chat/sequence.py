@@ -17,7 +17,6 @@ import torch
 from transformers import DynamicCache
 
 from common.protocol import (
-    MAX_CHARS_PER_TOKEN,
     MAX_SCHEMA_NODES,
     ChatJob,
     ChatMessage,
@@ -29,6 +28,7 @@ from common.protocol import (
     Tokenized,
     TokenLogprob,
     json_nodes,
+    prompt_too_long,
     text_chars,
 )
 from workers.chat import tools
@@ -198,10 +198,9 @@ def refuse_oversized(job: ChatJob, max_seq_len: int) -> Failed | None:
     """The 400 for a prompt that cannot fit the context whatever its tokens, or for schemas too large to compile,
     found before any tokenizing or compiling (a job the API did not check, such as a batch line, comes here)."""
     chars = text_chars(job.prompt) if job.prompt is not None else text_chars([m.content for m in job.messages])
-    if chars > max_seq_len * MAX_CHARS_PER_TOKEN:
+    if (problem := prompt_too_long(chars, max_seq_len)) is not None:
         return Failed(status=400, param="prompt" if job.prompt is not None else "messages",
-                      code="context_length_exceeded", message=f"This model's maximum context length is {max_seq_len} "
-                      f"tokens; the prompt's {chars} characters cannot fit in it.")
+                      code="context_length_exceeded", message=problem)
     guided = job.params.guided
     nodes = json_nodes(job.tools or []) + json_nodes(guided.schema if guided is not None else None)
     if nodes > MAX_SCHEMA_NODES:

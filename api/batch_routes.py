@@ -17,7 +17,7 @@ from api import auth
 from api.errors import APIError
 from api.protocol import decode_body
 from batches import queue
-from batches.files import ENDPOINTS, FileStore, parse_batch_file
+from batches.files import ENDPOINTS, FileStore
 from batches.store import COMPLETION_WINDOWS, BatchStore
 from common.settings import Settings
 
@@ -68,8 +68,7 @@ async def upload_file(request: Request[Any, Any, State], state: State) -> dict[s
     if len(data) > settings.files_max_bytes:
         raise APIError(413, f"The file is {len(data)} bytes; FILES_MAX_BYTES is {settings.files_max_bytes}.",
                        param="file", code="file_too_large")
-    lines = parse_batch_file(data, settings.batch_max_lines)
-    obj = await _files(state).create(upload.filename or "upload.jsonl", "batch", lines, auth.owner())
+    obj = await _files(state).create(upload.filename or "upload.jsonl", "batch", data, auth.owner())
     return msgspec.to_builtins(obj)
 
 

@@ -53,6 +53,9 @@ ERROR_SCHEMA: dict[str, Any] = {
     }},
 }
 
+MODEL_ID_PARAMETER: dict[str, Any] = {
+    "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]*$", "maxLength": MAX_MODEL_ID_CHARS,
+    "description": "A model id; one with an organisation (`org/name`) goes in the path as it is"}
 ERRORS = {"400": "Invalid request: `param` names the field", "401": "Missing or unknown API key",
           "404": "Unknown model (or one this key may not use), or no such object",
           "408": "Headers or body not sent within HEADER_TIMEOUT_S / BODY_TIMEOUT_S",
@@ -83,6 +86,8 @@ def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
         for parameter in paths.get(path, {}).get("get", {}).get("parameters", []):
             if parameter.get("name") == "limit":
                 parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
+    for parameter in paths.get("/v1/models/{model_id}", {}).get("get", {}).get("parameters", []):
+        parameter["schema"] = MODEL_ID_PARAMETER
     for path, item in paths.items():
         for operation in item.values():
             if isinstance(operation, dict) and "responses" in operation:
@@ -103,6 +108,8 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     part["properties"]["text"] = {"type": "string"}
     components["FunctionDef"]["properties"]["name"] = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
     components["ChatCompletionRequest"]["allOf"] = [*SAMPLING_RULES, *CHAT_RULES]
+    components["ResponseFormat"]["allOf"] = [
+        {"if": _given("type", {"const": "json_schema"}), "then": _given("json_schema", {"type": "object"})}]
     components["CompletionRequest"]["allOf"] = [*SAMPLING_RULES, *COMPLETION_RULES]
     chat = components["ChatCompletionRequest"]["properties"]
     chat["messages"]["minItems"] = 1
@@ -121,7 +128,7 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     completion["max_tokens"]["minimum"] = 1
     completion["suffix"] = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}
     completion["best_of"] = {"type": "null", "description": "Not served: only a best_of equal to n is accepted."}
-    completion["min_tokens"]["description"] = chat["min_tokens"]["description"] = "At most max_tokens."
+    completion["min_tokens"]["description"] = chat["min_tokens"]["description"] = "Capped by max_tokens."
     components["TokenizeRequest"]["oneOf"] = [  # exactly one of prompt and messages
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
         {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1},

@@ -163,9 +163,9 @@ def validate_chat_request(req: ChatCompletionRequest) -> None:
     validate_sampling(req)
     validate_tools(req)
     fmt = req.response_format
-    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
-        raise APIError(400, "'response_format.json_schema.schema' is required for type 'json_schema'.",
-                       param="response_format", code="invalid_value")
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(400, "'response_format.json_schema' is required for type 'json_schema'.",
+                       param="response_format.json_schema", code="invalid_value")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
                        code="invalid_value")
@@ -178,8 +178,6 @@ def validate_tools(req: ChatCompletionRequest) -> None:
     if any(not n or not all(c.isascii() and (c.isalnum() or c in "_-") for c in n) or len(n) > 64 for n in names):
         raise APIError(400, "Tool names must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'.", param="tools",
                        code="invalid_value")
-    if len(set(names)) != len(names):
-        raise APIError(400, "Tool names must be unique.", param="tools", code="invalid_value")
     choice = req.tool_choice
     if choice not in (None, "none", "auto") and not names:
         raise APIError(400, "'tool_choice' needs 'tools'.", param="tool_choice", code="invalid_value")
@@ -232,10 +230,6 @@ def validate_sampling(req: ChatCompletionRequest | CompletionRequest) -> None:
     if req.top_k is not None and req.top_k < -1:
         raise APIError(400, "'top_k' must be -1 or 0 (off) or a positive integer.", param="top_k",
                        code="invalid_value")
-    limit = output_limit(req)
-    if req.min_tokens and limit is not None and req.min_tokens > limit:
-        raise APIError(400, "'min_tokens' must not exceed 'max_tokens'.", param="min_tokens",
-                       code="invalid_value")
     for key in req.logit_bias or {}:
         digits = key.removeprefix("-")  # str.isdigit alone passes "²" and "٣", which int() refuses or reads
         if not (digits.isascii() and digits.isdigit()):
@@ -255,6 +249,12 @@ def stop_list(req: ChatCompletionRequest | CompletionRequest) -> list[str]:
 def output_limit(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     """`max_completion_tokens` wins over the older `max_tokens`."""
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def min_output(req: ChatCompletionRequest | CompletionRequest) -> int:
+    """`min_tokens`, capped by the output limit: the output may end at `max_tokens` before it (vLLM refuses)."""
+    limit = output_limit(req)
+    return min(req.min_tokens or 0, limit) if limit is not None else req.min_tokens or 0
 
 
 def message_text(msg: RequestMessage) -> str:

@@ -51,7 +51,7 @@ def sampling_params(req: p.ChatCompletionRequest | CompletionRequest, logprobs: 
         top_p=1.0 if req.top_p is None else float(req.top_p),
         top_k=0 if req.top_k in (None, -1) else int(req.top_k),
         max_tokens=p.output_limit(req),
-        min_tokens=req.min_tokens or 0,
+        min_tokens=p.min_output(req),
         stop=p.stop_list(req),
         seed=req.seed,
         ignore_eos=bool(req.ignore_eos),
@@ -73,10 +73,10 @@ def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
                 for m in req.messages]
     params = sampling_params(req, bool(req.logprobs))
     fmt = req.response_format
-    if fmt is not None and fmt.type == "json_object":
-        params.guided = GuidedDecoding("json_object")
-    elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.schema is not None:
         params.guided = GuidedDecoding("json_schema", fmt.json_schema.schema, bool(fmt.json_schema.strict))
+    elif fmt is not None and fmt.type != "text":  # json_object, or a json_schema without a schema: any JSON object
+        params.guided = GuidedDecoding("json_object")
     choice = req.tool_choice
     return ChatJob(request_id=request_id, model=req.model, messages=messages, created=time.time(), n=req.n or 1,
                    params=params, tools=msgspec.to_builtins(req.tools) if req.tools else None,

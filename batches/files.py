@@ -22,7 +22,7 @@ from api.errors import APIError
 from common import keys
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
-MAX_LINE_ERRORS = 20  # listed in a refusal; the count says how many there were in all
+MAX_LINE_ERRORS = 100  # listed in a failed batch's errors; one more entry counts the rest
 READ_CHUNK = 1000  # lines per LRANGE when a file is read back
 
 FilePurpose = Literal["batch", "batch_output"]
@@ -63,58 +63,62 @@ def not_found(file_id: str) -> APIError:
     return APIError(404, f"No such file: '{file_id}'.", param="file_id", code="file_not_found")
 
 
-def parse_batch_file(data: bytes, max_lines: int) -> list[bytes]:
-    """The non-blank lines of an upload, each checked as a batch request; a 400 listing every bad line (by its
-    1-based line number in the file) when any is wrong, so a client fixes them all in one go."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "The file is not UTF-8 text.", param="file", code="invalid_file") from None
-    lines: list[bytes] = []
-    errors: list[str] = []
+def split_upload(data: bytes) -> list[bytes]:
+    """An upload as stored: its lines as sent (blank ones too, so line numbers and the content stay the file's).
+    Lines are checked when a batch names the file (`check_lines`), as OpenAI does: the upload takes any bytes."""
+    return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n") if data else []
+
+
+def check_lines(raws: list[bytes], endpoint: str, max_lines: int) -> tuple[list[BatchLine], list[dict[str, Any]]]:
+    """The requests of an input file, and OpenAI `errors.data` entries for every bad line (by its 1-based number
+    in the file, at most MAX_LINE_ERRORS of them and one that counts the rest), so a client fixes all at once."""
+    lines: list[BatchLine] = []
+    errors: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(raws, start=1):
         if not raw.strip():
             continue
-        problem = _line_problem(raw, seen)
-        if problem:
-            errors.append(f"line {number}: {problem}")
-        lines.append(raw.strip().encode())
-    if not lines:
-        raise APIError(400, "The file holds no requests.", param="file", code="invalid_file")
-    if len(lines) > max_lines:
-        errors.insert(0, f"{len(lines)} requests; at most {max_lines} (BATCH_MAX_LINES) per file")
-    if errors:
-        shown = "; ".join(errors[:MAX_LINE_ERRORS])
-        more = f" (and {len(errors) - MAX_LINE_ERRORS} more)" if len(errors) > MAX_LINE_ERRORS else ""
-        raise APIError(400, f"Invalid batch file, {len(errors)} problem(s): {shown}{more}.", param="file",
-                       code="invalid_file")
-    return lines
+        line, problem = _checked(raw, seen, endpoint)
+        if problem is not None:
+            errors.append({"code": problem[0], "message": problem[1], "line": number, "param": problem[2]})
+        elif line is not None:
+            lines.append(line)
+    if not lines and not errors:
+        errors.append({"code": "empty_file", "message": "The input file holds no requests.", "line": None,
+                       "param": "input_file_id"})
+    if len(lines) + len(errors) > max_lines:
+        errors.insert(0, {"code": "too_many_requests", "line": None, "param": "input_file_id",
+                          "message": f"{len(lines) + len(errors)} requests; at most {max_lines} (BATCH_MAX_LINES)."})
+    if len(errors) > MAX_LINE_ERRORS:
+        rest = len(errors) - MAX_LINE_ERRORS
+        errors = [*errors[:MAX_LINE_ERRORS], {"code": "more_errors", "line": None, "param": None,
+                                             "message": f"{rest} more problem(s) not listed."}]
+    return lines, errors
 
 
-def _line_problem(raw: str, seen: set[str]) -> str | None:
+def _checked(raw: bytes, seen: set[str], endpoint: str) -> tuple[BatchLine | None, tuple[str, str, str] | None]:
+    """One line decoded, or (code, message, param) saying what is wrong with it."""
     try:
         line = _line_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        return f"not a batch request ({exc})"
-    except msgspec.DecodeError:
-        return "not valid JSON"
+        return None, ("invalid_request", f"Not a batch request: {exc}.", "body")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None, ("invalid_json_line", "Not a valid JSON object.", "body")
     if not line.custom_id or len(line.custom_id) > 512:
-        return "'custom_id' must be 1 to 512 characters"
+        return None, ("invalid_custom_id", "'custom_id' must be 1 to 512 characters.", "custom_id")
     if line.custom_id in seen:
-        return f"duplicate custom_id '{line.custom_id}'"
+        return None, ("duplicate_custom_id", f"Duplicate custom_id '{line.custom_id}'.", "custom_id")
     seen.add(line.custom_id)
     if line.method != "POST":
-        return f"'method' must be POST, not '{line.method}'"
+        return None, ("invalid_method", f"'method' must be POST, not '{line.method}'.", "method")
     if line.url not in ENDPOINTS:
-        return f"'url' must be one of {', '.join(ENDPOINTS)}, not '{line.url}'"
+        return None, ("invalid_url", f"'url' must be one of {', '.join(ENDPOINTS)}, not '{line.url}'.", "url")
+    if line.url != endpoint:
+        return None, ("mismatched_url", f"The line's url '{line.url}' is not the batch's endpoint '{endpoint}'.",
+                      "url")
     if not isinstance(line.body.get("model"), str):
-        return "'body.model' must be a string"
-    return None
-
-
-def decode_line(raw: bytes) -> BatchLine:
-    return _line_decoder.decode(raw)
+        return None, ("invalid_request", "'body.model' must be a string.", "body.model")
+    return line, None
 
 
 class FileStore:
@@ -125,10 +129,11 @@ class FileStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
 
-    async def create(self, filename: str, purpose: FilePurpose, lines: list[bytes], owner: str) -> FileObject:
+    async def create(self, filename: str, purpose: FilePurpose, data: bytes, owner: str) -> FileObject:
         """Store a whole file (an upload) at once, as `owner`'s."""
-        obj = FileObject(id=new_file_id(), bytes=sum(len(x) + 1 for x in lines), created_at=int(time.time()),
-                         filename=filename, purpose=purpose)
+        lines = split_upload(data)
+        obj = FileObject(id=new_file_id(), bytes=len(data), created_at=int(time.time()), filename=filename,
+                         purpose=purpose)
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(lines), READ_CHUNK):
             pipe.rpush(keys.file_lines(obj.id), *lines[start:start + READ_CHUNK])

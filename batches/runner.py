@@ -31,7 +31,7 @@ from api.auth import Principal
 from api.jobs import ChatContext
 from api.registry import WorkerRegistry
 from api.reply_hub import ReplyHub
-from batches.files import BatchLine, FileStore, decode_line, new_file_id
+from batches.files import BatchLine, FileStore, check_lines, new_file_id
 from batches.lines import LineResult, LineRunner, output_line, unanswered_line
 from batches.store import TERMINAL, BatchStore, batch_owner
 from common import aio, keys, redis_client
@@ -81,15 +81,7 @@ class BatchRunner:
         except Exception as exc:
             return await self._fail([{"code": "invalid_input_file", "message": str(exc), "line": None,
                                       "param": "input_file_id"}])
-        problems = []
-        lines = []
-        for number, raw in enumerate(raws, start=1):
-            line = decode_line(raw)
-            lines.append(line)
-            if line.url != fields["endpoint"]:
-                problems.append({"code": "mismatched_url", "line": number, "param": "url",
-                                 "message": f"The line's url '{line.url}' is not the batch's endpoint "
-                                            f"'{fields['endpoint']}'."})
+        lines, problems = check_lines(raws, fields["endpoint"], self.settings.batch_max_lines)
         if problems:
             return await self._fail(problems)
         ids = {"output": fields.get("output_file") or new_file_id(), "error": fields.get("error_file") or new_file_id()}

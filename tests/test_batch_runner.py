@@ -12,7 +12,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from batches.files import FileStore, parse_batch_file
+from batches.files import FileStore, check_lines, split_upload
 from batches.runner import BatchRunner
 from batches.store import BatchStore
 from common import keys
@@ -30,7 +30,7 @@ def lines(n: int) -> bytes:
 async def _expired(url: str) -> tuple[str, dict, list[dict]]:
     redis = aioredis.from_url(url)
     try:
-        upload = await FileStore(redis).create("in.jsonl", "batch", parse_batch_file(lines(3), 100), ANONYMOUS)
+        upload = await FileStore(redis).create("in.jsonl", "batch", lines(3), ANONYMOUS)
         store = BatchStore(redis)
         batch_id = await store.create(upload.id, "/v1/embeddings", "24h", {"team": "eval"})
         await store.update(batch_id, expires_at=int(time.time()) - 1)  # the window closed before it ran
@@ -83,7 +83,7 @@ async def _restricted(url: str) -> dict[str, int]:
         body = b"\n".join(json.dumps({"custom_id": m, "method": "POST", "url": "/v1/embeddings",
                                       "body": {"model": m, "input": "x"}}).encode()
                           for m in ("open-model", "secret-model"))
-        upload = await FileStore(redis).create("in.jsonl", "batch", parse_batch_file(body, 100), ANONYMOUS)
+        upload = await FileStore(redis).create("in.jsonl", "batch", body, ANONYMOUS)
         store = BatchStore(redis)
         batch_id = await store.create(upload.id, "/v1/embeddings", "24h", None, frozenset({"open-model"}))
         settings = load_settings({"REDIS_URL": url, "WORKER_GRACE_S": "0"})
@@ -99,3 +99,27 @@ def test_lines_are_held_to_the_creating_keys_models(redis_server: EmbeddedRedis)
     """A key limited to some models cannot reach others through a batch: that line is a 404 (as online), while
     the allowed model gets as far as the fleet (503: no worker in this test)."""
     assert asyncio.run(_restricted(redis_server.url)) == {"open-model": 503, "secret-model": 404}
+
+
+def test_input_lines_are_checked_when_the_batch_runs() -> None:
+    good = {"custom_id": "ok", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}
+    body = b"\n".join([json.dumps(good).encode(), b"", b"{not json", json.dumps(good).encode(), b"\xff\xfe",
+                       json.dumps(good | {"custom_id": "u", "url": "/v1/images"}).encode(),
+                       json.dumps(good | {"custom_id": "c", "url": "/v1/completions"}).encode(),
+                       json.dumps(good | {"custom_id": "g", "method": "GET"}).encode(),
+                       json.dumps(good | {"custom_id": "n", "body": {"model": 3}}).encode()]) + b"\n"
+    raws = split_upload(body)
+    assert len(raws) == 9 and raws[1] == b""  # blank lines kept: numbers are the file's
+    requests, errors = check_lines(raws, "/v1/embeddings", 100)
+    assert [r.custom_id for r in requests] == ["ok"]
+    assert [(e["line"], e["code"]) for e in errors] == [
+        (3, "invalid_json_line"), (4, "duplicate_custom_id"), (5, "invalid_json_line"), (6, "invalid_url"),
+        (7, "mismatched_url"), (8, "invalid_method"), (9, "invalid_request")]
+    assert [e["code"] for e in check_lines([], "/v1/embeddings", 100)[1]] == ["empty_file"]
+    many = split_upload(lines(5))
+    assert check_lines(many, "/v1/embeddings", 4)[1][0]["code"] == "too_many_requests"
+    assert not check_lines(many, "/v1/embeddings", 5)[1]
+    junk = [b"x"] * 150
+    listed = check_lines(junk, "/v1/embeddings", 1000)[1]
+    assert len(listed) == 101 and listed[-1] == {"code": "more_errors", "line": None, "param": None,
+                                                 "message": "50 more problem(s) not listed."}

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -119,19 +118,18 @@ def test_openapi_schema_fuzz(served: Server, capsys: pytest.CaptureFixture[str])
     assert served_ok > 0  # some generated requests went all the way through a worker
 
 
-#: A seed whose cases all pass: the schema cannot state a few rules between fields (min_tokens <= max_tokens,
-#: unique tool names, best_of == n), and a seed that generates such a case reports a schema-valid refusal.
+#: A fixed seed keeps CI's run the same from one commit to the next; other seeds pass too (see the issue notes).
 CLI_SEED = "259074917462332293860949122880920944798"
 
 
-def test_schemathesis_cli_every_check(served: Server, tmp_path: Path) -> None:
+def test_schemathesis_cli_every_check(served: Server) -> None:
     """`st run` as the issue ran it: every check (response schemas, status codes, Allow headers, positive and
     negative data, ...) over every operation, 50 examples each."""
-    config = REPO / "tests" / "schemathesis.toml"
+    config = REPO / "schemathesis.toml"
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--no-color", "--config-file", str(config), "run",
          f"{served.base_url}/schema/openapi.json", "-n", "50", "--seed", CLI_SEED, "--request-timeout", "60"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # it writes a .schemathesis folder there
+        capture_output=True, text=True, timeout=600, cwd=REPO)  # the config names its hooks file from here
     assert result.returncode == 0, result.stdout[-6000:]
     summary = result.stdout[result.stdout.find("SUMMARY"):]
     assert " generated, " in summary and " passed" in summary, summary

@@ -121,7 +121,7 @@ def test_json_content_types_and_multipart_uploads_pass(redis_url: str) -> None:
             resp = c.post("/tokenize", content=b'{"model":"org/none","prompt":"x"}', headers=headers)
             assert resp.status_code == 404, (content_type, resp.text)  # past the body checks: no such model
         upload = c.post("/v1/files", files={"file": ("b.jsonl", b"\xff\n")}, data={"purpose": "batch"}, headers=auth)
-        assert upload.status_code == 400 and upload.json()["error"]["code"] == "invalid_file"
+        assert upload.status_code == 200 and upload.json()["bytes"] == 2  # any bytes: lines are checked per batch
 
 
 def test_head_on_health_routes(redis_url: str) -> None:

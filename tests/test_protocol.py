@@ -33,9 +33,9 @@ def test_job_roundtrip_and_parameter_mapping() -> None:
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"top_k": -2}, "top_k"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop[0]"),
+    ({"top_k": -2}, "top_k"), ({"stop": [""]}, "stop[0]"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"seed": 2**64}, "seed"), ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                                 "messages[0].content[0].type"),
 ])
@@ -43,6 +43,19 @@ def test_invalid_fields_are_named(fields: dict, param: str) -> None:
     with pytest.raises(APIError) as info:
         decode_chat_request(body(**fields))
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_min_tokens_is_capped_by_the_output_limit() -> None:
+    def min_tokens(**fields: object) -> int:
+        return decode_job(encode(build_job(decode_chat_request(body(**fields)), "r"))).params.min_tokens
+
+    assert min_tokens(min_tokens=5, max_tokens=2) == 2 and min_tokens(min_tokens=5) == 5
+
+
+def test_a_json_schema_format_without_a_schema_asks_for_any_json_object() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x"}}
+    guided = decode_job(encode(build_job(decode_chat_request(body(response_format=fmt)), "r"))).params.guided
+    assert guided is not None and guided.kind == "json_object"
 
 
 def test_neutral_values_of_unimplemented_fields_are_accepted() -> None:

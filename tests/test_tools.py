@@ -48,6 +48,13 @@ def test_format_detection_and_grammar_shapes() -> None:
     grammar = forcing_grammar([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, False,
                               "hermes")
     assert grammar is not None and "get_time" in grammar and "get_weather" not in grammar and "call+" not in grammar
+    named = forcing_grammar([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, True, "hermes")
+    assert named is not None and "call+" not in named  # a named function is called once, parallel or not
+    required = forcing_grammar([WEATHER, TIME], "required", True, "hermes")
+    assert required is not None and "call+" in required
+    twice = forcing_grammar([WEATHER, {"type": "function", "function": {"name": "get_weather"}}], "required", False,
+                            "hermes")
+    assert twice is not None and twice.count('"const": "get_weather"') == 2  # either declaration may be called
 
 
 def _calls(resp) -> list:

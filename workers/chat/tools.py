@@ -71,7 +71,8 @@ def _call(raw: str) -> ToolCall | None:
 
 def forcing_grammar(tools: list[dict[str, Any]], choice: str | dict[str, Any], parallel: bool,
                     fmt: ToolFormat) -> str | None:
-    """A Lark grammar that admits only calls to the allowed tools with valid arguments; None when not forced."""
+    """A Lark grammar that admits only calls to the allowed tools with valid arguments; None when not forced.
+    A name declared twice may be called with the arguments of either declaration."""
     functions = [t["function"] for t in tools if t.get("type", "function") == "function"]
     if isinstance(choice, dict):
         functions = [f for f in functions if f["name"] == choice.get("function", {}).get("name")]
@@ -86,6 +87,6 @@ def forcing_grammar(tools: list[dict[str, Any]], choice: str | dict[str, Any], p
     schema["x-guidance"] = {"whitespace_pattern": r"\x20?"}
     body = "%json " + json.dumps(schema)
     if fmt == "hermes":
-        repeat = "+" if parallel else ""
+        repeat = "+" if parallel and choice == "required" else ""  # a named function is called once
         return f'start: call{repeat}\ncall: "{HERMES_OPEN}" body "{HERMES_CLOSE}"\nbody: {body}\n'
     return f"start: {body}\n"

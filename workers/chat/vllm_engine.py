@@ -96,7 +96,7 @@ def engine_params(seq: Sequence, structured: StructuredOutputsParams | None) -> 
     p, done = seq.params, len(seq.output_ids)
     return EngineParams(
         n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=seq.seed,
-        max_tokens=seq.max_new_tokens - done, min_tokens=max(0, p.min_tokens - done),
+        max_tokens=seq.max_new_tokens - done, min_tokens=min(max(0, p.min_tokens - done), seq.max_new_tokens - done),
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
         stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,

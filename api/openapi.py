@@ -20,6 +20,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from api import protocol_legacy as legacy
 from api.admin import LoadRequest, UnloadRequest
 from api.batch_routes import MAX_PAGE, BatchCreate
+from api.guided import MAX_CHOICES
 from api.protocol import MAX_TOOLS, ROLES, UNSERVED_FIELDS, ChatCompletionRequest
 from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest, RerankRequest
 from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
@@ -111,6 +112,7 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     components["ResponseFormat"]["allOf"] = [
         {"if": _given("type", {"const": "json_schema"}), "then": _given("json_schema", {"type": "object"})}]
     components["CompletionRequest"]["allOf"] = [*SAMPLING_RULES, *COMPLETION_RULES]
+    _add_constraint_fields(components)
     chat = components["ChatCompletionRequest"]["properties"]
     chat["messages"]["minItems"] = 1
     chat["tools"]["maxItems"] = MAX_TOOLS
@@ -170,6 +172,33 @@ CHAT_RULES: list[dict[str, Any]] = [
 COMPLETION_RULES: list[dict[str, Any]] = [
     {"not": {"required": ["echo", "logprobs"], "properties": {"echo": {"const": True}, "logprobs": NOT_NULL}}},
 ]
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+ONE_CONSTRAINT = ("vLLM's output constraint: at most one of guided_json, guided_regex, guided_choice, guided_grammar, "
+                  "structured_outputs and a JSON response_format, and none with a forced tool_choice.")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _add_constraint_fields(components: dict[str, Any]) -> None:
+    """The shapes `guided_decoding` checks: JSON schemas as objects, non-empty choices, exactly one kind in
+    `structured_outputs`, no structural tags. One constraint per request, none beside a forced tool call: said
+    in words, because these rules beside the others make a schema too large for generators to expand."""
+    choices = {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": {"type": "string", "minLength": 1}}
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        fields = components[name]["properties"]
+        fields["guided_json"] = {"anyOf": [{"type": "object"}, {"type": "null"}]}
+        fields["guided_choice"] = {"anyOf": [choices, {"type": "null"}]}
+        for field in GUIDED_FIELDS:
+            fields[field]["description"] = ONE_CONSTRAINT
+    so = components["StructuredOutputs"]["properties"]
+    so["json"] = {"anyOf": [{"type": "object"}, {"type": "null"}]}
+    so["choice"] = {"anyOf": [choices, {"type": "null"}]}
+    so["structural_tag"] = {"type": "null"}
+    unset = {kind: {"type": "null"} for kind in STRUCTURED_KINDS} | {"json_object": {"enum": [None, False]}}
+    components["StructuredOutputs"]["oneOf"] = [
+        {"required": [kind], "properties": unset | {kind: {"const": True} if kind == "json_object" else NOT_NULL}}
+        for kind in STRUCTURED_KINDS]
 
 
 def _inputs(text: dict[str, Any], most: int) -> dict[str, Any]:

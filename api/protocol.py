@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 import msgspec
 
 from api.errors import APIError, from_decode_error
+from api.guided import GuidedFields
 from common.protocol import TokenLogprob
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+class ChatCompletionRequest(GuidedFields, kw_only=True):
     model: str
     messages: list[RequestMessage]
     temperature: Temperature | None = None
@@ -184,10 +185,6 @@ def validate_tools(req: ChatCompletionRequest) -> None:
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise APIError(400, f"'tool_choice' names '{choice.function.name}', which is not in 'tools'.",
                        param="tool_choice", code="invalid_value")
-    forced = choice == "required" or isinstance(choice, NamedToolChoice)
-    if forced and req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, "A forced 'tool_choice' cannot be combined with 'response_format'.",
-                       param="response_format", code="invalid_value")
 
 
 def validate_messages(messages: list[RequestMessage]) -> None:
@@ -249,6 +246,11 @@ def stop_list(req: ChatCompletionRequest | CompletionRequest) -> list[str]:
 def output_limit(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     """`max_completion_tokens` wins over the older `max_tokens`."""
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def forces_tool(req: ChatCompletionRequest) -> bool:
+    """`tool_choice` makes the model call a tool (`required`, or a named function)."""
+    return req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
 
 
 def min_output(req: ChatCompletionRequest | CompletionRequest) -> int:

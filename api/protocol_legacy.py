@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from api.errors import APIError
+from api.guided import GuidedFields
 from api.protocol import (
     MAX_STOP_SEQUENCES,
     Bias,
@@ -32,7 +33,7 @@ from api.protocol import (
 
 # ---- legacy completions --------------------------------------------------------------------------------------
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
+class CompletionRequest(GuidedFields, kw_only=True):
     model: str
     # A string, a list of strings, token ids, or a list of token-id lists (msgspec allows one list type in a
     # union, so the shape is checked by `completion_prompts`).

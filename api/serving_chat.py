@@ -15,6 +15,7 @@ import msgspec
 from api import protocol as p
 from api.aliases import shown
 from api.errors import APIError
+from api.guided import guided_decoding
 from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ from common.protocol import (
     Delta,
     Failed,
     Finished,
-    GuidedDecoding,
     SamplingParams,
     TokenLogprob,
     ToolCall,
@@ -63,6 +63,7 @@ def sampling_params(req: p.ChatCompletionRequest | CompletionRequest, logprobs: 
         stop_token_ids=list(req.stop_token_ids or []),
         logprobs=logprobs,
         top_logprobs=req.top_logprobs or 0,
+        guided=guided_decoding(req, isinstance(req, p.ChatCompletionRequest) and p.forces_tool(req)),
     )
 
 
@@ -72,11 +73,6 @@ def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
                                         for c in m.tool_calls] if m.tool_calls else None)
                 for m in req.messages]
     params = sampling_params(req, bool(req.logprobs))
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.schema is not None:
-        params.guided = GuidedDecoding("json_schema", fmt.json_schema.schema, bool(fmt.json_schema.strict))
-    elif fmt is not None and fmt.type != "text":  # json_object, or a json_schema without a schema: any JSON object
-        params.guided = GuidedDecoding("json_object")
     choice = req.tool_choice
     return ChatJob(request_id=request_id, model=req.model, messages=messages, created=time.time(), n=req.n or 1,
                    params=params, tools=msgspec.to_builtins(req.tools) if req.tools else None,

@@ -72,12 +72,21 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     tool_call_id: str | None = None  # a `tool` turn: which call it answers
 
 
-class GuidedDecoding(msgspec.Struct, omit_defaults=True):
-    """A constraint on the output's shape, enforced token by token: `response_format` json_object/json_schema."""
+GuidedKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 
-    kind: Literal["json_object", "json_schema"]
+
+class GuidedDecoding(msgspec.Struct, omit_defaults=True):
+    """A constraint on the output's shape, enforced token by token: `response_format`, or vLLM's `guided_*` and
+    `structured_outputs`. `text` is the regex or the Lark grammar; `whitespace` the regex of the whitespace JSON
+    may hold between tokens (None: the engine's default); `param` the request field it came from (for errors)."""
+
+    kind: GuidedKind
     schema: dict[str, Any] | None = None
     strict: bool = False
+    text: str | None = None
+    choices: list[str] | None = None
+    whitespace: str | None = None
+    param: str = "response_format"
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -164,6 +165,10 @@ def test_json_schema_output_validates(fleet: Fleet) -> None:
         "model": fleet.model, "messages": ASK, "response_format": {"type": "json_schema", "json_schema": {
             "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    for extra, valid in (({"guided_choice": ["calm", "rough"]}, "calm|rough"), ({"guided_regex": "[0-9]{2}-[a-z]"},
+                         "[0-9]{2}-[a-z]"), ({"guided_grammar": 'root ::= "ok" | "no"'}, "ok|no")):
+        text = greedy(fleet, "Sea?", 12, extra_body=extra).choices[0].message.content
+        assert re.fullmatch(valid, text), (extra, text)
 
 
 def test_a_forced_tool_call(fleet: Fleet) -> None:

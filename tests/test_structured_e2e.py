@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
+import openai
 import pydantic
 import pytest
 import torch
@@ -97,3 +99,57 @@ def test_sdk_json_object_and_streamed_schema(served: Server) -> None:
         assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
     else:
         assert obj.choices[0].finish_reason == "length"
+
+
+def _chat(served: Server, seed: int = 0, **extra: object):
+    return served.client().chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "Answer."}], max_tokens=60, seed=seed,
+        extra_body=extra)
+
+
+def test_vllm_guided_fields_constrain_the_output(served: Server) -> None:
+    """vLLM's `guided_*` fields and `structured_outputs`, as its users send them through `extra_body`."""
+    choices = ["positive", "negative", "it's \"mixed\""]
+    for seed in range(3):
+        assert _chat(served, seed, guided_choice=choices).choices[0].message.content in choices
+        text = _chat(served, seed, guided_regex=r"[0-9]{3}-[a-z]{2}").choices[0].message.content or ""
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
+        lark = _chat(served, seed, guided_grammar='start: "call " NAME\nNAME: /[a-z]{1,5}/')
+        assert re.fullmatch(r"call [a-z]{1,5}", lark.choices[0].message.content or "")
+        gbnf = _chat(served, seed, guided_grammar='root ::= "yes" | "no"').choices[0].message.content
+        assert gbnf in ("yes", "no")
+        so = _chat(served, seed, structured_outputs={"choice": ["left", "right"]}).choices[0].message.content
+        assert so in ("left", "right")
+    legacy = served.client().completions.create(model=served.model, prompt="Code:", max_tokens=20, seed=1,
+                                                extra_body={"guided_regex": "[A-Z]{4}"})
+    assert re.fullmatch("[A-Z]{4}", legacy.choices[0].text)
+
+
+def test_guided_json_and_the_whitespace_switch(served: Server) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}, "b": {"enum": ["x y", "z"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    for seed in range(3):
+        resp = _chat(served, seed, guided_json=schema)
+        if resp.choices[0].finish_reason == "stop":
+            assert set(json.loads(resp.choices[0].message.content or "")) == {"a", "b"}
+        tight = _chat(served, seed, structured_outputs={"json": schema, "disable_any_whitespace": True})
+        text = tight.choices[0].message.content or ""
+        assert tight.choices[0].finish_reason == "stop" and set(json.loads(text)) == {"a", "b"}
+        assert not re.search(r"\s", text.replace('"x y"', "")), text  # no whitespace outside the string value
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_grammar": "start: UNDEFINED_RULE"}, "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_json": "not json"}, "guided_json"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+])
+def test_malformed_or_conflicting_constraints_are_400s_naming_the_field(served: Server, extra: dict,
+                                                                        param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _chat(served, **extra)
+    assert caught.value.body["param"] == param, caught.value.body  # type: ignore[index]

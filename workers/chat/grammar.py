@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.protocol import GuidedDecoding
+
 # Whitespace between JSON tokens: flexible (models trained on pretty-printed JSON keep their newlines and
 # indentation) but bounded, so a degenerate model cannot spin on whitespace until max_tokens.
 # At most one space between JSON tokens: a weak model otherwise spends its budget on whitespace (measured: a
@@ -70,16 +72,33 @@ def _close_objects(schema: Any) -> Any:
     return out
 
 
-def json_constraint(kind: str, schema: dict[str, Any] | None = None, strict: bool = False) -> dict[str, Any]:
+def json_constraint(kind: str, schema: dict[str, Any] | None = None, strict: bool = False,
+                    whitespace: str | None = None) -> dict[str, Any]:
     """The JSON schema a `response_format` enforces, with llguidance's options inside (`x-guidance`), so the native
     engine and vLLM's guidance backend enforce the same thing: `json_object` is any object; `json_schema` with
     ``strict`` (OpenAI's default for structured outputs) closes every object and makes an unsupported keyword an
-    error, so the output is guaranteed to validate; without it, unknown keywords are skipped (best effort)."""
-    options: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
+    error, so the output is guaranteed to validate; without it, unknown keywords are skipped (best effort).
+    `whitespace` replaces the default pattern of the gaps between JSON tokens ("" allows none)."""
+    options: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE if whitespace is None else whitespace}
     if kind == "json_object":
         return {"type": "object", "x-guidance": options}
     options["lenient"] = not strict
     return {**(_close_objects(schema) if strict else (schema or {})), "x-guidance": options}
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """A Lark grammar whose only sentences are `choices` (JSON string literals are Lark's)."""
+    return "start: " + " | ".join(json.dumps(c) for c in choices)
+
+
+def lark_grammar(text: str) -> str:
+    """A grammar in llguidance's Lark dialect, or in GBNF (`::=` rules, as llama.cpp and xgrammar take), as Lark."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return str(any_to_lark(text))
+    except Exception as exc:  # the converter raises its own error types on malformed GBNF
+        raise ValueError(f"invalid grammar: {exc}") from None
 
 
 class GrammarCompiler:
@@ -105,18 +124,31 @@ class GrammarCompiler:
         self._lock = threading.Lock()
 
     # ---- grammar kinds -------------------------------------------------------------------------------
-    def json_schema(self, schema: dict, strict: bool = True) -> Grammar:
+    def guided(self, guided: GuidedDecoding) -> Grammar:
+        """The grammar of a request's output constraint, whichever field it came from."""
+        if guided.kind == "json_object":
+            return self.json_object(guided.whitespace)
+        if guided.kind == "json_schema":
+            return self.json_schema(guided.schema or {}, strict=guided.strict, whitespace=guided.whitespace)
+        if guided.kind == "regex":
+            return self.regex(guided.text or "")
+        if guided.kind == "choice":
+            return self.lark(choice_grammar(guided.choices or []))
+        return self.lark(lark_grammar(guided.text or ""))
+
+    def json_schema(self, schema: dict, strict: bool = True, whitespace: str | None = None) -> Grammar:
         """``response_format: {"type": "json_schema"}`` (see `json_constraint`)."""
         if not isinstance(schema, dict):
             raise ValueError("a JSON schema must be an object")
-        constraint = json_constraint("json_schema", schema, strict)
+        constraint = json_constraint("json_schema", schema, strict, whitespace)
         key = "schema:" + json.dumps(constraint, sort_keys=True)
         return self._get(key, lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
 
-    def json_object(self) -> Grammar:
+    def json_object(self, whitespace: str | None = None) -> Grammar:
         """``response_format: {"type": "json_object"}``: any JSON value whose top level is an object."""
-        constraint = json_constraint("json_object")
-        return self._get("json_object", lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
+        constraint = json_constraint("json_object", whitespace=whitespace)
+        key = "json_object:" + json.dumps(constraint, sort_keys=True)
+        return self._get(key, lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
 
     def regex(self, pattern: str) -> Grammar:
         """Output must match ``pattern`` in full (for fixed formats, e.g. a tool-call envelope)."""

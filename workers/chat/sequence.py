@@ -140,13 +140,11 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
         if grammars is not None and forced is not None:
             grammar = grammars().lark(forced)
         elif grammars is not None and params.guided is not None:
-            guided = params.guided
-            grammar = (grammars().json_object() if guided.kind == "json_object"
-                       else grammars().json_schema(guided.schema or {}, strict=guided.strict))
+            grammar = grammars().guided(params.guided)
     except (ValueError, KeyError, IndexError) as exc:
-        param = "tools" if fmt else "response_format"
+        param = params.guided.param if params.guided is not None else "tools"
         return Failed(status=400, param=param, code="invalid_schema",
-                      message=f"The JSON schema cannot be enforced: {exc}")
+                      message=f"The output constraint cannot be enforced: {exc}")
     for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:

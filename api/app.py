@@ -262,7 +262,7 @@ def _allow(path: str, allow: str) -> HTTPRouteHandler:
 
 
 def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Litestar:
-    metrics = Metrics()  # one registry per app: several apps in one process do not collide
+    metrics = Metrics(settings.vllm_metric_names)  # one registry per app: apps in one process do not collide
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -26,6 +26,7 @@ from common import keys
 from common.protocol import (
     Accepted,
     ChatJob,
+    Delta,
     Embedded,
     EmbedJob,
     Event,
@@ -255,6 +256,27 @@ def usage_of(*choices: Finished) -> p.Usage:
     """One request's usage: the prompt counted once, the completions of all its choices added up."""
     prompt, completion = choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)
     return p.Usage(prompt, completion, prompt + completion, p.PromptTokensDetails(choices[0].cached_tokens))
+
+
+class UsageSoFar:
+    """Usage while a stream runs (vLLM's `stream_options.continuous_usage_stats`): each prompt counted once when
+    accepted, each choice's tokens as its events arrive."""
+
+    def __init__(self) -> None:
+        self._prompts: dict[int, int] = {}
+        self._choices: dict[int, int] = {}
+
+    def accepted(self, prompt: int, prompt_tokens: int) -> None:
+        self._prompts[prompt] = prompt_tokens
+
+    def produced(self, prompt: int, choice: int, event: Delta | Finished) -> None:
+        self._choices[choice] = event.completion_tokens
+        if isinstance(event, Finished):
+            self._prompts[prompt] = event.prompt_tokens
+
+    def usage(self) -> p.Usage:
+        prompt, completion = sum(self._prompts.values()), sum(self._choices.values())
+        return p.Usage(prompt, completion, prompt + completion)
 
 
 def new_request_id(client_id: str | None = None) -> str:

@@ -11,6 +11,9 @@ Two kinds of series:
   across replicas. With Redis unreachable the scrape still answers 200, with `axion:redis_up 0` and no fleet
   series.
 
+With VLLM_METRIC_NAMES (on by default) the request series with a vLLM counterpart are also exported under
+their `vllm:` names, labels and all, so dashboards and autoscaler rules written for vLLM read them unchanged.
+
 Each app has its own `CollectorRegistry`, so several apps in one process (tests) do not collide.
 """
 
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from api.health import queue_stats
 
@@ -47,11 +51,35 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    480.0, 960.0, 1920.0, 7680.0)
 
 
+#: The families exported under vLLM's names as well (the part after the prefix is the same).
+VLLM_FAMILIES = ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds",
+                 "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "prompt_tokens", "generation_tokens", "request_success")
+
+
+class VllmNames(Collector):
+    """The `VLLM_FAMILIES` of a registry again, renamed `axion:` -> `vllm:`."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self) -> Any:
+        wanted = {f"axion:{name}" for name in VLLM_FAMILIES}
+        for family in self.source.collect():
+            if family.name in wanted:
+                family.name = "vllm:" + family.name.removeprefix("axion:")
+                family.samples = [s._replace(name="vllm:" + s.name.removeprefix("axion:")) for s in family.samples]
+                yield family
+
+
 class Metrics:
     """The series of one API replica; `render()` adds the fleet's, read from Redis, and returns the text."""
 
-    def __init__(self) -> None:
+    def __init__(self, vllm_names: bool = True) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.vllm = CollectorRegistry(auto_describe=False) if vllm_names else None
+        if self.vllm is not None:
+            self.vllm.register(VllmNames(r))
         model = ["model_name"]
         self.running = Gauge("axion:num_requests_running", "Requests on this replica a worker has accepted and "
                              "is generating for.", model, registry=r)
@@ -158,7 +186,7 @@ class Metrics:
                     self.w_prefix_hits.labels(*labels).set(w.prefix_cache_hit_tokens)
                 if w.kv_cache_usage is not None:
                     self.w_kv_usage.labels(*labels).set(w.kv_cache_usage)
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + (generate_latest(self.vllm) if self.vllm is not None else b"")
 
 
 class RunTimer:

@@ -100,6 +100,13 @@ class ResponseFormat(msgspec.Struct):
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
+
+
+def usage_options(req: ChatCompletionRequest | CompletionRequest) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage so far in every chunk) a stream request asks for."""
+    opts = req.stream_options
+    return (bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
 
 
 class ChatCompletionRequest(GuidedFields, kw_only=True):

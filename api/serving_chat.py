@@ -16,7 +16,7 @@ from api import protocol as p
 from api.aliases import shown
 from api.errors import APIError
 from api.guided import guided_decoding
-from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
+from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
 
 if TYPE_CHECKING:
     from api.chat_cache import Lease
@@ -99,6 +99,8 @@ class ChatRun(JobRun):
         self._texts: list[list[str]] = [[] for _ in range(n)]
         self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self._finished: dict[int, Finished] = {}
+        self._so_far = UsageSoFar()
+        self._continuous = False
 
     async def close(self) -> None:
         await super().close()
@@ -107,6 +109,7 @@ class ChatRun(JobRun):
             await lease.release()
 
     def _record(self, event: Delta | Finished) -> None:
+        self._so_far.produced(0, event.index, event)
         self._texts[event.index].append(event.text)
         self._logprobs[event.index].extend(event.logprobs or [])
         if isinstance(event, Finished):
@@ -148,7 +151,9 @@ class ChatRun(JobRun):
 
     async def stream(self, accepted: Accepted | None) -> AsyncIterator[bytes]:
         """SSE frames; a failure after the first frame is sent as a `data: {"error": ...}` frame."""
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        include_usage, self._continuous = p.usage_options(self.req)
+        if accepted is not None:
+            self._so_far.accepted(0, accepted.prompt_tokens)
         n = self.req.n or 1
         finished = self._finished
         try:
@@ -169,6 +174,8 @@ class ChatRun(JobRun):
                     err = APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
                     yield b"data: " + err.to_json() + b"\n\n"
                     return
+                if isinstance(event, Accepted):
+                    self._so_far.accepted(0, event.prompt_tokens)
                 if not isinstance(event, Delta | Finished):
                     continue
                 self._record(event)
@@ -197,9 +204,10 @@ class ChatRun(JobRun):
                finish: p.FinishReason | None, include_usage: bool) -> bytes:
         choices = [p.ChunkChoice(index, delta, logprobs, finish)]
         chunk: msgspec.Struct
-        if include_usage:
+        if include_usage or self._continuous:
             chunk = p.ChatCompletionUsageChunk(self.completion_id, "chat.completion.chunk", self.created,
-                                               self.shown_model, choices, None)
+                                               self.shown_model, choices,
+                                               self._so_far.usage() if self._continuous else None)
         else:
             chunk = p.ChatCompletionChunk(self.completion_id, "chat.completion.chunk", self.created,
                                           self.shown_model, choices)

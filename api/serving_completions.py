@@ -17,7 +17,7 @@ from api import protocol as p
 from api import protocol_legacy as lg
 from api.aliases import shown
 from api.errors import APIError
-from api.jobs import ChatContext, JobRun, finished_outcome, usage_of
+from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
 from api.serving_chat import sampling_params
 from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, TokenLogprob
 
@@ -54,10 +54,11 @@ class LegacyLogprobsBuilder:
 
 
 def _by_text(entry: TokenLogprob) -> dict[str, float]:
-    """The alternatives keyed by their text, as the legacy shape has it; tokens that read the same (pieces of a
-    UTF-8 character both shown as U+FFFD) keep the likelier one."""
+    """The alternatives keyed by their text, as the legacy shape has it, and the sampled token always (OpenAI: up
+    to `logprobs` + 1 entries, so `logprobs: 0` still shows it); tokens that read the same (pieces of a UTF-8
+    character both shown as U+FFFD) keep the likelier one."""
     top: dict[str, float] = {}
-    for alt in entry.top_logprobs:
+    for alt in [*entry.top_logprobs, entry]:
         top[alt.token] = max(alt.logprob, top.get(alt.token, alt.logprob))
     return top
 
@@ -165,7 +166,11 @@ class CompletionRun:
             run.outcome = finished_outcome({i: finished[k * self.n + i] for i in range(self.n)})
 
     async def stream(self) -> AsyncIterator[bytes]:
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        include_usage, continuous = p.usage_options(self.req)
+        so_far = UsageSoFar() if continuous else None
+        for k, accepted in enumerate(self.accepted):
+            if so_far is not None and accepted is not None:
+                so_far.accepted(k, accepted.prompt_tokens)
         builders: dict[int, LegacyLogprobsBuilder] = {}
         finished: dict[int, Finished] = {}
         try:
@@ -173,6 +178,8 @@ class CompletionRun:
                 yield self._echo_chunks(k)
             async for k, event in self._merged():
                 if isinstance(event, Accepted):  # a queued prompt's acceptance came after the stream started
+                    if so_far is not None:
+                        so_far.accepted(k, event.prompt_tokens)
                     yield self._echo_chunks(k)
                     continue
                 if isinstance(event, Failed):
@@ -189,8 +196,10 @@ class CompletionRun:
                 finish = event.finish_reason if isinstance(event, Finished) else None
                 if isinstance(event, Finished):
                     finished[index] = event
+                if so_far is not None:
+                    so_far.produced(k, index, event)
                 if event.text or finish or logprobs:
-                    yield self._chunk(index, event.text, logprobs, finish)
+                    yield self._chunk(index, event.text, logprobs, finish, so_far)
             self._record_outcomes(finished)
             if include_usage:
                 usage = p.Usage(sum(f.prompt_tokens for i, f in finished.items() if i % self.n == 0),
@@ -214,7 +223,9 @@ class CompletionRun:
         self._echoed.add(k)
         return b"".join(self._chunk(k * self.n + i, echo, None, None) for i in range(self.n))
 
-    def _chunk(self, index: int, text: str, logprobs: lg.LegacyLogprobs | None, finish: p.FinishReason | None) -> bytes:
+    def _chunk(self, index: int, text: str, logprobs: lg.LegacyLogprobs | None, finish: p.FinishReason | None,
+               so_far: UsageSoFar | None = None) -> bytes:
         choice = lg.CompletionChoice(index, text, logprobs, finish)
-        payload = lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model), [choice])
+        payload = lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model), [choice],
+                                so_far.usage() if so_far is not None else None)
         return b"data: " + _json.encode(payload) + b"\n\n"

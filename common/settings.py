@@ -93,6 +93,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     max_string_chars: PositiveInt = 1_000_000
     model_allowlist: str = ""
     allow_model_paths: bool = False
+    vllm_metric_names: bool = True
     # Fleets (README "Several models"): request names mapped onto served models; who may order hot swaps.
     model_aliases: str = ""
     admin_api_keys: str = ""

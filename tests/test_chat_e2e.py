@@ -85,6 +85,24 @@ def test_stream_without_include_usage_sends_no_usage_chunk(served: Server) -> No
     assert not any('"choices":[]' in line for line in frames)
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(served: Server) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(served.client().chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, n=2, seed=1, stream=True,
+        stream_options=options, extra_body={"ignore_eos": True}))  # type: ignore[arg-type]
+    *running, last = chunks
+    assert last.choices == [] and last.usage is not None
+    assert all(c.usage is not None and c.usage.prompt_tokens == last.usage.prompt_tokens for c in running)
+    counts = [c.usage.completion_tokens for c in running if c.usage is not None]
+    assert counts == sorted(counts) and counts[-1] == last.usage.completion_tokens == 16
+    legacy = list(served.client().completions.create(
+        model=served.model, prompt=["one", "two words"], max_tokens=5, seed=1, stream=True,
+        stream_options={"continuous_usage_stats": True}, extra_body={"ignore_eos": True}))  # type: ignore[arg-type]
+    totals = [c.usage.completion_tokens for c in legacy if c.usage is not None]
+    assert len(totals) == len(legacy) and totals == sorted(totals) and totals[-1] == 10
+    assert legacy[-1].usage is not None and legacy[-1].usage.prompt_tokens > 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_ends_text_before_it(served: Server, stream: bool) -> None:
     messages = [{"role": "user", "content": PROMPTS[0]}]
@@ -180,7 +198,7 @@ def test_prompt_over_context_length_is_400(served: Server) -> None:
     ({"min_p": 1.5}, "min_p"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
      "response_format"),
     ({"temperature": 2.5}, "temperature"),

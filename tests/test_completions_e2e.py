@@ -78,8 +78,14 @@ def test_legacy_logprobs_shape(served: Server) -> None:
     lp = resp.choices[0].logprobs
     assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
-    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(logprob, abs=1e-5)
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(logprob, abs=1e-5)
                for top, logprob in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    sampled = served.client().completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=6, seed=3,
+                                                 logprobs=0).choices[0].logprobs
+    assert sampled is not None and sampled.top_logprobs is not None and sampled.token_logprobs is not None
+    assert [list(top) for top in sampled.top_logprobs] == [[token] for token in sampled.tokens or []]  # OpenAI: +1
+    assert [top[t] for top, t in zip(sampled.top_logprobs, sampled.tokens or [], strict=True)] == \
+        sampled.token_logprobs
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -111,6 +111,11 @@ def test_metrics_count_a_known_load(fleet: Fleet) -> None:
         assert delta(f"axion:{histogram}_count", **model) == n, histogram
     assert delta("axion:inter_token_latency_seconds_count", **model) == n * (k - 1)
     assert delta("axion:cache_misses_total", cache="chat") == 0  # CACHE_CAPACITY=0: the cache is not read
+    # the same series under vLLM's names, for dashboards written for vLLM (VLLM_METRIC_NAMES, on by default)
+    assert delta("vllm:generation_tokens_total", **model) == n * k
+    assert delta("vllm:request_success_total", finished_reason="length", **model) == n
+    assert delta("vllm:time_to_first_token_seconds_count", **model) == n
+    assert not any(name.startswith("vllm:") and "queue_depth" in name for name, _ in after)
     assert _value(after, "axion:num_requests_running", **model) == 0
     assert _value(after, "axion:num_requests_waiting", **model) == 0
     # fleet gauges, read from Redis at scrape time

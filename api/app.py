@@ -20,7 +20,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
-from api import admin, aliases, errors, protocol, serving_embed
+from api import admin, aliases, errors, protocol, serving_embed, serving_rerank
 from api import health as health_views
 from api import protocol_legacy as legacy
 from api.batch_routes import ROUTES as BATCH_ROUTES
@@ -34,7 +34,7 @@ from api.openapi import openapi_config
 from api.registry import WorkerRegistry, model_not_found
 from api.serving_chat import ChatRun
 from api.serving_completions import CompletionRun
-from common import redis_client
+from common import VERSION, redis_client
 from common.protocol import ChatJob, ChatMessage, SamplingParams
 from common.settings import Settings
 
@@ -183,10 +183,22 @@ async def embeddings(request: Request[Any, Any, State], state: State) -> Respons
     return Response(msgspec.json.encode(body), media_type="application/json", headers={"x-axion-cache": cache})
 
 
-@post(["/v1/rerank", "/rerank"], status_code=200)
+@post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200)
 async def rerank(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
-    """Cohere/Jina-shaped rerank, at the paths vLLM and llama.cpp serve it."""
-    return await serving_embed.rerank(_ctx(state), await request.body(), request.headers.get("x-request-id"))
+    """Cohere/Jina-shaped rerank, at the paths vLLM and llama.cpp serve it (`/v2/rerank`: Cohere's v2)."""
+    return await serving_rerank.rerank(_ctx(state), await request.body(), request.headers.get("x-request-id"))
+
+
+@post(["/v1/score", "/score"], status_code=200)
+async def score(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
+    """vLLM's score API, on the rerank workers."""
+    return await serving_rerank.score(_ctx(state), await request.body(), request.headers.get("x-request-id"))
+
+
+@get("/version")
+async def version() -> dict[str, str]:
+    """The server's version, as vLLM answers it."""
+    return {"version": VERSION}
 
 
 @get("/v1/models")
@@ -283,7 +295,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
             if redis is None:
                 await client.aclose()
 
-    handlers = [chat_completions, completions, tokenize, detokenize, embeddings, rerank, list_models, retrieve_model,
+    handlers = [chat_completions, completions, tokenize, detokenize, embeddings, rerank, score, version, list_models,
+                retrieve_model,
                 health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
                 *BATCH_ROUTES]
     return Litestar(

@@ -110,6 +110,7 @@ class RequestGuard:
             parsed = _parse_json(body)
         if isinstance(parsed, dict):
             body = self._resolve_alias(parsed, body)
+            body = await self._fill_model(path, parsed, body, principal, state.registry)
             await self._check_body(path, parsed, principal, state.registry)
         if self._limiter is not None and (principal.rpm > 0 or principal.tpm > 0):
             decision = await self._limiter.take(principal, estimate_tokens(path, parsed, self.settings.max_seq_len))
@@ -133,6 +134,26 @@ class RequestGuard:
             return body
         aliases.requested.set((served, model))
         parsed["model"] = served
+        return msgspec.json.encode(parsed)
+
+    async def _fill_model(self, path: str, parsed: dict[str, Any], body: bytes, principal: Principal,
+                          registry: Any) -> bytes:
+        """A model endpoint's body without `model` gets the one model of the endpoint's kind the caller may use,
+        as vLLM serves its only model: a live worker's, else (chat) the configured one. None: a 404; several: a
+        400 asking to choose."""
+        kind = limits.ENDPOINT_KIND.get(path)
+        if kind is None or "model" in parsed:  # a null model is the decoder's to refuse
+            return body
+        served = sorted({w.model for w in await registry.workers() if w.kind == kind and principal.may_use(w.model)})
+        if not served and kind == "chat" and principal.may_use(self.settings.model_id):
+            served = [self.settings.model_id]
+        if not served:
+            raise APIError(404, f"No {kind} model is served for {path}; name one in 'model'.", param="model",
+                           code="model_not_found")
+        if len(served) > 1:
+            raise APIError(400, f"'model' is required: {len(served)} {kind} models are served "
+                           f"({', '.join(served[:5])}).", param="model", code="missing_required_parameter")
+        parsed["model"] = served[0]
         return msgspec.json.encode(parsed)
 
     async def _check_body(self, path: str, body: dict[str, Any], principal: Principal, registry: Any) -> None:

@@ -19,7 +19,8 @@ PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize"
 
 #: Which kind of worker serves each endpoint (whose heartbeat says the vocabulary size).
 ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/tokenize": "chat",
-                 "/detokenize": "chat", "/v1/embeddings": "embed", "/v1/rerank": "rerank", "/rerank": "rerank"}
+                 "/detokenize": "chat", "/v1/embeddings": "embed", "/v1/rerank": "rerank", "/rerank": "rerank",
+                 "/v2/rerank": "rerank", "/v1/score": "rerank", "/score": "rerank"}
 
 
 def check_sizes(body: dict[str, Any], settings: Settings) -> None:
@@ -28,7 +29,7 @@ def check_sizes(body: dict[str, Any], settings: Settings) -> None:
     if isinstance(messages, list) and len(messages) > settings.max_messages:
         raise APIError(400, f"'messages' holds {len(messages)} messages; at most {settings.max_messages} are "
                        "accepted.", param="messages", code="invalid_value")
-    for field in ("input", "documents", "prompt"):
+    for field in ("input", "documents", "prompt", "text_1", "text_2"):
         items = body.get(field)
         is_token_ids = isinstance(items, list) and all(isinstance(x, int) for x in items)
         if isinstance(items, list) and not is_token_ids and len(items) > settings.max_inputs:

@@ -21,8 +21,11 @@ from api import protocol_legacy as legacy
 from api.admin import LoadRequest, UnloadRequest
 from api.batch_routes import MAX_PAGE, BatchCreate
 from api.guided import MAX_CHOICES
+from api.limits import ENDPOINT_KIND
 from api.protocol import MAX_TOOLS, ROLES, UNSERVED_FIELDS, ChatCompletionRequest
-from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest, RerankRequest
+from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest
+from api.serving_rerank import RerankRequest, ScoreRequest
+from common import VERSION
 from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
 
 REQUEST_BODIES: dict[str, type] = {
@@ -33,6 +36,9 @@ REQUEST_BODIES: dict[str, type] = {
     "/v1/embeddings": EmbeddingRequest,
     "/v1/rerank": RerankRequest,
     "/rerank": RerankRequest,
+    "/v2/rerank": RerankRequest,
+    "/v1/score": ScoreRequest,
+    "/score": ScoreRequest,
     "/admin/models/load": LoadRequest,
     "/admin/models/unload": UnloadRequest,
     "/v1/batches": BatchCreate,
@@ -54,6 +60,7 @@ ERROR_SCHEMA: dict[str, Any] = {
     }},
 }
 
+STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")  # `stream: true` answers server-sent events
 MODEL_ID_PARAMETER: dict[str, Any] = {
     "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]*$", "maxLength": MAX_MODEL_ID_CHARS,
     "description": "A model id; one with an organisation (`org/name`) goes in the path as it is"}
@@ -87,6 +94,10 @@ def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
         for parameter in paths.get(path, {}).get("get", {}).get("parameters", []):
             if parameter.get("name") == "limit":
                 parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
+    for path in STREAMING_PATHS:
+        if "post" in paths.get(path, {}):
+            ok = paths[path]["post"].setdefault("responses", {}).setdefault("200", {"description": "OK"})
+            ok.setdefault("content", {})["text/event-stream"] = {"schema": {}}  # chunks, an error, then [DONE]
     for parameter in paths.get("/v1/models/{model_id}", {}).get("get", {}).get("parameters", []):
         parameter["schema"] = MODEL_ID_PARAMETER
     for path, item in paths.items():
@@ -122,6 +133,12 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     components["EmbeddingRequest"]["properties"]["input"] = _inputs(text, MAX_ITEMS)
     rerank = components["RerankRequest"]["properties"]
     rerank["query"] = {"type": "string", "minLength": 1}
+    score = components["ScoreRequest"]["properties"]
+    score["truncate_prompt_tokens"] = {"type": "null", "description": "Not served: 'truncate: true' cuts to the "
+                                       "model's limit."}
+    score["text_1"] = score["text_2"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1,
+                                                          "maxItems": MAX_ITEMS}],
+                                         "description": "One of either, or lists of one length (pair by pair)."}
     rerank["documents"].update(minItems=1, maxItems=MAX_ITEMS)
     components["Document"]["properties"]["text"] = text
     rerank["documents"]["items"] = {"anyOf": [text, {"$ref": "#/components/schemas/Document"}]}
@@ -135,10 +152,14 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
         {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1},
                                                   "prompt": {"type": "null"}}}]
-    for kind in REQUEST_BODIES.values():
-        model = components[kind.__name__]["properties"].get("model")
+    for path, kind in REQUEST_BODIES.items():
+        component = components[kind.__name__]
+        model = component["properties"].get("model")
         if model is not None:
             model.update(pattern=MODEL_ID_PATTERN, maxLength=MAX_MODEL_ID_CHARS)
+        if path in ENDPOINT_KIND:  # the guard fills in the one model served (`Guard._fill_model`)
+            component["required"] = [name for name in component.get("required", []) if name != "model"]
+            model["description"] = "May be left out when one model of the endpoint's kind is served."
 
 
 #: `validate_messages` in JSON Schema: only assistants call tools, a tool message names its call, and content may
@@ -162,7 +183,7 @@ NOT_NULL: dict[str, Any] = {"not": {"type": "null"}}
 #: `validate_sampling`, `validate_tools` and friends: the rules between fields that JSON Schema can state.
 SAMPLING_RULES: list[dict[str, Any]] = [
     {"if": _given("stream_options", {"type": "object"}), "then": _given("stream", {"const": True})},
-    {"properties": {"logit_bias": {"anyOf": [{"type": "null"}, {"propertyNames": {"pattern": "^-?[0-9]+$"}}]}}},
+    {"properties": {"logit_bias": {"anyOf": [{"type": "null"}, {"propertyNames": {"pattern": "^[0-9]+$"}}]}}},
 ]
 CHAT_RULES: list[dict[str, Any]] = [
     {"if": _given("top_logprobs", {"type": "integer", "minimum": 1}), "then": _given("logprobs", {"const": True})},
@@ -222,4 +243,4 @@ class BodiesJsonPlugin(JsonRenderPlugin):
 
 
 def openapi_config() -> OpenAPIConfig:
-    return OpenAPIConfig(title="Axion", version="0.1.0", render_plugins=[BodiesJsonPlugin(), SwaggerRenderPlugin()])
+    return OpenAPIConfig(title="Axion", version=VERSION, render_plugins=[BodiesJsonPlugin(), SwaggerRenderPlugin()])

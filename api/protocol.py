@@ -235,8 +235,7 @@ def validate_sampling(req: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(400, "'top_k' must be -1 or 0 (off) or a positive integer.", param="top_k",
                        code="invalid_value")
     for key in req.logit_bias or {}:
-        digits = key.removeprefix("-")  # str.isdigit alone passes "²" and "٣", which int() refuses or reads
-        if not (digits.isascii() and digits.isdigit()):
+        if not (key.isascii() and key.isdigit()):  # str.isdigit alone passes "²" and "٣", which int() reads
             raise APIError(400, f"'logit_bias' keys must be token ids; got {key!r}.", param="logit_bias",
                            code="invalid_value")
     if req.stream_options is not None and not req.stream:

@@ -140,7 +140,7 @@ def estimate_tokens(path: str, body: Any, max_seq_len: int) -> int:
     if not isinstance(body, dict):
         return 1
     prompt = 0
-    for field in ("messages", "prompt", "input", "query", "documents", "tokens"):
+    for field in ("messages", "prompt", "input", "query", "documents", "tokens", "text_1", "text_2"):
         prompt += _size(body.get(field))
     output = 0
     if path in GENERATING_PATHS:

@@ -1,4 +1,4 @@
-"""Embeddings (OpenAI) and rerank (Cohere/Jina shape, as vLLM and llama.cpp serve it): types and serving."""
+"""Embeddings (OpenAI): types and serving."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from api.errors import APIError
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.protocol import decode_body
 from common import keys
-from common.protocol import Embedded, EmbedJob, RerankJob, Scored
+from common.protocol import Embedded, EmbedJob
 
 MAX_ITEMS = 2048
 MAX_TEXT_CHARS = 100_000
@@ -27,19 +27,6 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
-    truncate: bool = False
-
-
-class Document(msgspec.Struct):
-    text: str
-
-
-class RerankRequest(msgspec.Struct, kw_only=True):
-    model: str
-    query: str
-    documents: list[str | Document]
-    top_n: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    return_documents: bool = False
     truncate: bool = False
 
 
@@ -124,26 +111,3 @@ def _vector(raw: bytes, encoding_format: str) -> Any:
     if encoding_format == "base64":
         return base64.b64encode(raw).decode()
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
-
-
-async def rerank(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[str, Any]:
-    req = decode_body(body, RerankRequest)
-    if not req.query:
-        raise APIError(400, "'query' must not be empty.", param="query", code="invalid_value")
-    documents = [d if isinstance(d, str) else d.text for d in req.documents]
-    if not documents or len(documents) > MAX_ITEMS:
-        raise APIError(400, f"'documents' must hold 1 to {MAX_ITEMS} items.", param="documents",
-                       code="invalid_value")
-    for i, doc in enumerate(documents):
-        if not doc or len(doc) > MAX_TEXT_CHARS:
-            raise APIError(400, f"Document {i} is empty or too long.", param=f"documents[{i}]", code="invalid_value")
-    request_id = new_request_id(client_id)
-    job = RerankJob(request_id=request_id, model=req.model, query=req.query, documents=documents,
-                    created=time.time(), truncate=req.truncate)
-    answer = await JobRun(ctx, job, stream=False, stream_key=keys.rerank_stream(req.model), kind="rerank").answer()
-    assert isinstance(answer, Scored)
-    ranked = sorted(range(len(documents)), key=lambda i: answer.scores[i], reverse=True)[: req.top_n]
-    results = [{"index": i, "relevance_score": answer.scores[i]}
-               | ({"document": {"text": documents[i]}} if req.return_documents else {}) for i in ranked]
-    return {"id": f"rerank-{request_id}", "model": shown(req.model), "results": results,
-            "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens}}

@@ -1,37 +1,121 @@
 """What schemathesis's generator must know beyond the OpenAPI document (schemathesis.toml loads this file).
 
-JSON Schema cannot say that a named `tool_choice` names one of the request's own `tools`, nor that a text is a
-regex in llguidance's syntax or a grammar; and the rule "one output constraint per request, none beside a forced
-tool call", stated in the schema, made it too large for the generator to expand. A body that breaks only such a
-rule is refused with a 400, so generated bodies name a tool they declare, get a valid pattern and grammar where
-they set one, and keep one output constraint.
+Some rules cannot be stated in one JSON Schema for every model of a fleet: a token id must be inside the model's
+vocabulary and a prompt plus its output inside its context; a named `tool_choice` names one of the request's own
+`tools`; a text is a regex in llguidance's syntax or a grammar; `text_1` pairs with `text_2`. And "one output
+constraint per request, none beside a forced tool call", stated in the schema, made it too large for the generator
+to expand. A body that breaks only such a rule is refused with a 400, so schema-valid bodies are brought inside
+them (ids below 256, which every vocabulary has; short prompts and outputs; a declared tool; a valid pattern);
+schema-violating ones are left as generated.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import schemathesis
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+MODEL_PATHS = (*GENERATION_PATHS, "/tokenize", "/detokenize", "/v1/embeddings")
+SCORE_PATHS = ("/score", "/v1/score")
 CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 VALID_TEXT = {"regex": "[a-z]{1,4}", "grammar": 'start: "a" | "b"', "whitespace_pattern": " ?"}
+SMALLEST_VOCABULARY = 256
+MOST_TOKENS = 8  # per output and per id list: far inside any context
+MOST_CHARS = 100  # per prompt text: a byte-level tokenizer makes at most 4 tokens of a character
+MOST_MESSAGES = 2  # and tools, choices, prompts
 
 
 @schemathesis.hook
-def map_body(context: schemathesis.HookContext, body: Any) -> Any:
-    operation = context.operation
-    if operation is None or operation.path not in GENERATION_PATHS or not isinstance(body, dict):
-        return body
+def map_case(context: schemathesis.HookContext, case: Any) -> Any:
+    """Every body is kept inside the model's vocabulary and context (no field the schema bounds changes, so a
+    violation stays one); a schema-valid one is also brought inside the rules between fields. A negative case
+    that comes out valid is judged as a valid one: hence the first part for all."""
+    meta, body, path = case.meta, case.body, case.operation.path
+    if meta is None or not isinstance(body, dict):
+        return case
+    if path in MODEL_PATHS:
+        _inside_the_context(path, body)
+    if meta.generation.mode.is_positive:
+        _between_fields(path, body)
+    return case
+
+
+def _inside_the_context(path: str, body: dict[str, Any]) -> None:
+    for field in ("prompt", "input", "tokens", "stop_token_ids", "messages"):
+        if field in body:  # texts have no maxLength there but `input`'s: cut them elsewhere only
+            body[field] = _inside_the_model(body[field], cut_texts=field != "input")
+    for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        if isinstance(body.get(field), int | float) and not isinstance(body[field], bool):
+            body[field] = min(body[field], MOST_TOKENS)
+    if path in GENERATION_PATHS and body.get("max_completion_tokens") is None:
+        body.setdefault("max_tokens", MOST_TOKENS)
+    if isinstance(body.get("logit_bias"), dict):
+        body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if not k.isdigit() or
+                              int(k) < SMALLEST_VOCABULARY}
+
+
+def _between_fields(path: str, body: dict[str, Any]) -> None:
+    """What only a schema-valid body may lose: fewer messages, tools, choices and prompts, one constraint."""
+    if path in SCORE_PATHS:
+        _pair_texts(body)
+    if path not in GENERATION_PATHS:
+        return
+    if isinstance(body.get("messages"), list):
+        body["messages"] = body["messages"][:MOST_MESSAGES]
+        for message in body["messages"]:  # the template writes every call and part into the prompt too
+            for field in ("tool_calls", "content"):
+                if isinstance(message, dict) and isinstance(message.get(field), list):
+                    message[field] = message[field][:MOST_MESSAGES]
+    if isinstance(body.get("tools"), list):  # the template writes every tool into the prompt
+        body["tools"] = [_small_tool(tool) for tool in body["tools"][:1]]
+    if isinstance(body.get("prompt"), list) and body["prompt"] and not isinstance(body["prompt"][0], int):
+        body["prompt"] = body["prompt"][:MOST_MESSAGES]
+    for field in ("n", "best_of"):
+        if isinstance(body.get(field), int | float) and not isinstance(body[field], bool):
+            body[field] = min(body[field], MOST_MESSAGES)
     _name_a_declared_tool(body)
     _keep_one_constraint(body)
+    _valid_patterns(body)
+
+
+def _inside_the_model(value: Any, cut_texts: bool) -> Any:
+    """Token ids below the smallest vocabulary and few of them, and short texts, however deep in lists or dicts."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value >= 0 and float(value).is_integer():  # JSON's 7.0 is an integer
+        return type(value)(value % SMALLEST_VOCABULARY)
+    if isinstance(value, str):
+        return value[:MOST_CHARS] if cut_texts else value
+    if isinstance(value, list):
+        ids = value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        return [_inside_the_model(v, cut_texts) for v in (value[:MOST_TOKENS * 4] if ids else value)]
+    if isinstance(value, dict):
+        return {k: _inside_the_model(v, cut_texts) for k, v in value.items()}
+    return value
+
+
+def _small_tool(tool: Any) -> Any:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(function, dict) and len(json.dumps(function)) > MOST_CHARS:
+        tool["function"] = {"name": function.get("name"), "parameters": {"type": "object"}}
+    return tool
+
+
+def _pair_texts(body: dict[str, Any]) -> None:
+    first, second = body.get("text_1"), body.get("text_2")
+    if isinstance(first, list) and isinstance(second, list) and 1 < len(second) != len(first) > 1:
+        body["text_1"] = first[0]
+
+
+def _valid_patterns(body: dict[str, Any]) -> None:
     for field, valid in VALID_TEXT.items():
         if isinstance(body.get(f"guided_{field}"), str):
             body[f"guided_{field}"] = valid
         outputs = body.get("structured_outputs")
         if isinstance(outputs, dict) and isinstance(outputs.get(field), str):
             outputs[field] = valid
-    return body
 
 
 def _name_a_declared_tool(body: dict[str, Any]) -> None:

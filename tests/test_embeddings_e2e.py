@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 
+from common import VERSION
 from common.redis_server import free_port
 from tests.conftest import Proc, Server, axion_env, get_json, wait_ready
 from workers.embed.backends import load_embedding
@@ -34,7 +36,8 @@ def models(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def embedding_server(tiny_model_dir: Path, models: tuple[Path, Path],
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
-    env = axion_env(tiny_model_dir, None, port, EMBEDDING_MODEL=str(models[0]), RERANK_MODEL=str(models[1]))
+    env = axion_env(tiny_model_dir, None, port, EMBEDDING_MODEL=str(models[0]), RERANK_MODEL=str(models[1]),
+                    MODEL_ALIASES=f"reranker={models[1]}")
     proc = Proc(["serve"], env, tmp_path_factory.mktemp("embed-logs") / "serve.log").start()
     server = Server(f"http://127.0.0.1:{port}", str(models[0]), [proc])
     try:
@@ -157,6 +160,53 @@ def test_rerank_scores_equal_torch_sigmoid(embedding_server: Server, models: tup
         for r in results:
             assert abs(r["relevance_score"] - expected[r["index"]]) < 1e-4 and 0 <= r["relevance_score"] <= 1
             assert r["document"]["text"] == docs[r["index"]]
+
+
+def test_rerank_returns_documents_unless_told_not_to_and_serves_cohere_v2(embedding_server: Server,
+                                                                          models: tuple[Path, Path]) -> None:
+    url, docs = embedding_server.base_url, ["sunny and warm", "stocks fell", "rain later"]
+    body = {"model": str(models[1]), "query": "weather", "documents": docs}
+    plain = httpx.post(f"{url}/v1/rerank", json=body, timeout=30).json()["results"]
+    assert all(r["document"]["text"] == docs[r["index"]] for r in plain)  # as vLLM: documents unless told
+    bare = httpx.post(f"{url}/v1/rerank", json=body | {"return_documents": False}, timeout=30).json()["results"]
+    assert all("document" not in r for r in bare) and [r["index"] for r in bare] == [r["index"] for r in plain]
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no cost-map download on import
+    import litellm  # its cohere/ provider calls Cohere's /v2/rerank, as a user of litellm would
+
+    answer = litellm.rerank(model="cohere/reranker", query="weather", documents=docs, top_n=2, api_base=url,
+                            api_key="unused")
+    assert [r["index"] for r in answer.results] == [r["index"] for r in plain][:2]
+    assert [r["relevance_score"] for r in answer.results] == pytest.approx([r["relevance_score"] for r in plain][:2])
+
+
+def test_vllm_score_api_pairs_texts_like_rerank(embedding_server: Server, models: tuple[Path, Path]) -> None:
+    url, docs = embedding_server.base_url, ["sunny and warm", "stocks fell", "rain later"]
+    ranked = httpx.post(f"{url}/rerank", json={"model": "reranker", "query": "weather", "documents": docs},
+                        timeout=30).json()["results"]
+    by_index = {r["index"]: r["relevance_score"] for r in ranked}
+    one_to_many = httpx.post(f"{url}/score", json={"model": "reranker", "text_1": "weather", "text_2": docs},
+                             timeout=30).json()
+    assert one_to_many["object"] == "list" and one_to_many["usage"]["prompt_tokens"] > 0
+    assert [d["score"] for d in one_to_many["data"]] == pytest.approx([by_index[i] for i in range(3)])
+    pairs = httpx.post(f"{url}/v1/score", json={"model": "reranker", "text_1": ["weather", "money", "weather"],
+                                                "text_2": docs}, timeout=30).json()
+    assert [d["index"] for d in pairs["data"]] == [0, 1, 2] and pairs["data"][0]["score"] == pytest.approx(by_index[0])
+    bad = httpx.post(f"{url}/score", json={"model": "reranker", "text_1": ["a", "b"], "text_2": ["x", "y", "z"]},
+                     timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "text_1"
+
+
+def test_requests_without_a_model_go_to_the_one_served(embedding_server: Server) -> None:
+    """As vLLM serves its only model: here one chat, one embedding and one rerank model."""
+    url = embedding_server.base_url
+    chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 3}, timeout=60)
+    assert chat.status_code == 200, chat.text
+    embedded = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"}, timeout=30)
+    assert embedded.status_code == 200 and len(embedded.json()["data"][0]["embedding"]) == 384
+    scored = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=30)
+    assert scored.status_code == 200 and len(scored.json()["results"]) == 2
+    assert httpx.get(f"{url}/version", timeout=5).json() == {"version": VERSION}
 
 
 def _torch_scores(folder: Path, query: str, docs: list[str]) -> list[float]:

@@ -32,10 +32,11 @@ from api.metrics import CONTENT_TYPE, Metrics
 from api.models_view import model_cards
 from api.openapi import openapi_config
 from api.registry import WorkerRegistry, model_not_found
-from api.serving_chat import ChatRun
+from api.serving_chat import ChatRun, chat_messages
 from api.serving_completions import CompletionRun
+from api.template import template_options
 from common import VERSION, redis_client
-from common.protocol import ChatJob, ChatMessage, SamplingParams
+from common.protocol import ChatJob, SamplingParams
 from common.settings import Settings
 
 log = logging.getLogger("axion.api")
@@ -155,10 +156,11 @@ async def tokenize(request: Request[Any, Any, State], state: State) -> legacy.To
                               code="invalid_value")
     if req.messages is not None:
         protocol.validate_messages(req.messages)
-    messages = [ChatMessage(role=m.role, content=protocol.message_text(m), name=m.name) for m in req.messages or []]
+    messages = chat_messages(req.messages or [])
     job = ChatJob(request_id=new_request_id(request.headers.get("x-request-id")), model=req.model, task="tokenize",
                   messages=messages, prompt=req.prompt, params=SamplingParams(), created=time.time(),
-                  add_special_tokens=req.add_special_tokens, add_generation_prompt=req.add_generation_prompt)
+                  tools=msgspec.to_builtins(req.tools) if req.tools else None,
+                  add_special_tokens=req.add_special_tokens, **template_options(req))
     answer = await JobRun(_ctx(state), job, stream=False).answer()
     return legacy.TokenizeResponse(len(answer.tokens), answer.max_model_len, answer.tokens)
 

@@ -138,6 +138,12 @@ class ChatCompletionRequest(GuidedFields, kw_only=True):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat-template options (api/template.py), and `echo`: the answer starts with the last message's text
+    # when that message is the assistant's.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False
     # Known OpenAI fields not implemented yet: refused when set to anything but their neutral value.
     functions: Any = None
     function_call: Any = None

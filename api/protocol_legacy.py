@@ -23,6 +23,7 @@ from api.protocol import (
     StreamOptions,
     Temperature,
     TokenId,
+    ToolDef,
     TopK,
     TopLogprobs,
     TopP,
@@ -30,6 +31,7 @@ from api.protocol import (
     decode_body,
     validate_sampling,
 )
+from api.template import TemplateFields
 
 # ---- legacy completions --------------------------------------------------------------------------------------
 
@@ -139,12 +141,12 @@ class Completion(msgspec.Struct):
 # ---- tokenize / detokenize (vLLM's shapes) ----------------------------------------------------------------------
 
 
-class TokenizeRequest(msgspec.Struct, kw_only=True):
+class TokenizeRequest(TemplateFields, kw_only=True):
     model: str
     prompt: str | None = None
     messages: list[RequestMessage] | None = None
+    tools: list[ToolDef] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
 
 class TokenizeResponse(msgspec.Struct):

@@ -17,6 +17,7 @@ from api.aliases import shown
 from api.errors import APIError
 from api.guided import guided_decoding
 from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
+from api.template import template_options
 
 if TYPE_CHECKING:
     from api.chat_cache import Lease
@@ -67,17 +68,22 @@ def sampling_params(req: p.ChatCompletionRequest | CompletionRequest, logprobs: 
     )
 
 
+def chat_messages(messages: list[p.RequestMessage]) -> list[ChatMessage]:
+    """The messages as the worker's template takes them (for a chat job and for /tokenize alike)."""
+    return [ChatMessage(role=m.role, content=p.message_text(m), name=m.name, tool_call_id=m.tool_call_id,
+                        tool_calls=[ToolCall(c.id, c.function.name, c.function.arguments)
+                                    for c in m.tool_calls] if m.tool_calls else None)
+            for m in messages]
+
+
 def build_job(req: p.ChatCompletionRequest, request_id: str) -> ChatJob:
-    messages = [ChatMessage(role=m.role, content=p.message_text(m), name=m.name, tool_call_id=m.tool_call_id,
-                            tool_calls=[ToolCall(c.id, c.function.name, c.function.arguments)
-                                        for c in m.tool_calls] if m.tool_calls else None)
-                for m in req.messages]
+    messages = chat_messages(req.messages)
     params = sampling_params(req, bool(req.logprobs))
     choice = req.tool_choice
     return ChatJob(request_id=request_id, model=req.model, messages=messages, created=time.time(), n=req.n or 1,
                    params=params, tools=msgspec.to_builtins(req.tools) if req.tools else None,
                    tool_choice=msgspec.to_builtins(choice) if choice is not None else None,
-                   parallel_tool_calls=req.parallel_tool_calls is not False)
+                   parallel_tool_calls=req.parallel_tool_calls is not False, **template_options(req))
 
 
 class ChatRun(JobRun):
@@ -100,6 +106,8 @@ class ChatRun(JobRun):
         self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self._finished: dict[int, Finished] = {}
         self._so_far = UsageSoFar()
+        last = req.messages[-1]  # `echo`: the answer goes on from the assistant's last message, shown with it
+        self._echo = p.message_text(last) if req.echo and last.role == "assistant" else ""
         self._continuous = False
 
     async def close(self) -> None:
@@ -120,7 +128,7 @@ class ChatRun(JobRun):
         self.completed = True
         finished = self._finished
         self.outcome = finished_outcome(finished)
-        choices = [p.Choice(i, _message("".join(self._texts[i]), finished[i].tool_calls),
+        choices = [p.Choice(i, _message(self._echo + "".join(self._texts[i]), finished[i].tool_calls),
                             p.ChoiceLogprobs(self._logprobs[i]) if self.req.logprobs else None,
                             finished[i].finish_reason)
                    for i in range(len(self._texts))]
@@ -158,7 +166,7 @@ class ChatRun(JobRun):
         finished = self._finished
         try:
             for i in range(n):
-                yield self._frame(i, p.ChoiceDelta(role="assistant", content=""), None, None, include_usage)
+                yield self._frame(i, p.ChoiceDelta(role="assistant", content=self._echo), None, None, include_usage)
             while len(finished) < n:
                 try:
                     event = await self.next_event(self.ctx.settings.sse_keepalive_s)

@@ -129,7 +129,9 @@ class ChatJob(msgspec.Struct, kw_only=True):
     parallel_tool_calls: bool = True
     task: Literal["generate", "tokenize", "detokenize"] = "generate"
     add_special_tokens: bool = True  # tokenize of a raw prompt
-    add_generation_prompt: bool = True  # tokenize of chat messages
+    add_generation_prompt: bool = True  # the template opens the assistant's turn after the messages
+    continue_final_message: bool = False  # ... or leaves the last message open, for the model to go on with it
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template (enable_thinking, ...)
     deadline: float | None = None  # epoch seconds: a worker skips the job (504) once it has passed
     v: int = JOB_VERSION
 

@@ -2,7 +2,8 @@
 
 Some rules cannot be stated in one JSON Schema for every model of a fleet: a token id must be inside the model's
 vocabulary and a prompt plus its output inside its context; a named `tool_choice` names one of the request's own
-`tools`; a text is a regex in llguidance's syntax or a grammar; `text_1` pairs with `text_2`. And "one output
+`tools`; a text is a regex in llguidance's syntax or a grammar; `text_1` pairs with `text_2`; a template does not
+both open a turn and continue the last message. And "one output
 constraint per request, none beside a forced tool call", stated in the schema, made it too large for the generator
 to expand. A body that breaks only such a rule is refused with a 400, so schema-valid bodies are brought inside
 them (ids below 256, which every vocabulary has; short prompts and outputs; a declared tool; a valid pattern);
@@ -12,9 +13,14 @@ schema-violating ones are left as generated.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import schemathesis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `st run` puts its own folder first, not the checkout
+from api.template import RESERVED
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 MODEL_PATHS = (*GENERATION_PATHS, "/tokenize", "/detokenize", "/v1/embeddings")
@@ -60,6 +66,10 @@ def _between_fields(path: str, body: dict[str, Any]) -> None:
     """What only a schema-valid body may lose: fewer messages, tools, choices and prompts, one constraint."""
     if path in SCORE_PATHS:
         _pair_texts(body)
+    if body.get("continue_final_message") is True:  # it leaves the last message open: no new turn
+        body["add_generation_prompt"] = False
+    if isinstance(body.get("chat_template_kwargs"), dict):
+        body["chat_template_kwargs"] = {k: v for k, v in body["chat_template_kwargs"].items() if k not in RESERVED}
     if path not in GENERATION_PATHS:
         return
     if isinstance(body.get("messages"), list):

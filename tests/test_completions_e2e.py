@@ -128,6 +128,41 @@ def test_tokenize_and_detokenize(served: Server) -> None:
     assert back == {"prompt": PROMPTS[1]}
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_template_options_reach_the_template(served: Server) -> None:
+    """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs, in /tokenize and in chat;
+    /tokenize counts tools as the chat request's prompt_tokens does."""
+    _, tok = _model(served.model)
+    url, model = served.base_url, served.model
+
+    def tokens(**fields: object) -> list[int]:
+        resp = httpx.post(f"{url}/tokenize", json={"model": model, **fields}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["tokens"]
+
+    ask = [{"role": "user", "content": "weather in Oslo?"}]
+    with_tools = tokens(messages=ask, tools=[WEATHER])
+    chat = served.client().chat.completions.create(model=model, messages=ask, tools=[WEATHER], max_tokens=1)
+    assert chat.usage is not None and len(with_tools) == chat.usage.prompt_tokens > len(tokens(messages=ask))
+    draft = [*ask, {"role": "assistant", "content": "It is"}]
+    assert tokens(messages=draft, add_generation_prompt=False, continue_final_message=True) == \
+        tok.apply_chat_template(draft, continue_final_message=True, return_dict=False)
+    assert tokens(messages=ask, add_generation_prompt=False) == tok.apply_chat_template(ask, return_dict=False)
+    assert tokens(messages=ask, chat_template_kwargs={"bos_token": ""}) == tokens(messages=ask)[1:]  # a variable
+    went_on = served.client().chat.completions.create(
+        model=model, messages=draft, max_tokens=4, seed=1,  # type: ignore[arg-type]
+        extra_body={"add_generation_prompt": False, "continue_final_message": True, "echo": True})
+    assert (went_on.choices[0].message.content or "").startswith("It is")
+    for fields, param in (({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+                          ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools")):
+        bad = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": draft, "max_tokens": 2,
+                                                             **fields}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+
+
 @pytest.mark.parametrize(("path", "body", "status", "param"), [
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
     ("/tokenize", {}, 400, "prompt"),

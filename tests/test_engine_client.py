@@ -61,7 +61,15 @@ def test_requests_send_only_what_is_set_and_lacks_are_named() -> None:
     path, body = build_request(_job(), "engine-model")
     assert path == "/v1/chat/completions" and body["model"] == "engine-model"
     assert body["stream_options"] == {"include_usage": True}
-    assert not {"n", "top_k", "seed", "stop", "logit_bias"} & body.keys()
+    assert not {"n", "top_k", "seed", "stop", "logit_bias", "add_generation_prompt", "chat_template_kwargs"} & \
+        body.keys()
+    _, body = build_request(_job(continue_final_message=True, add_generation_prompt=False,
+                                 chat_template_kwargs={"enable_thinking": False},
+                                 params=SamplingParams(guided=GuidedDecoding(kind="choice", choices=["a", "b"]))), "m")
+    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+    assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["guided_choice"] == ["a", "b"]
+    _, body = build_request(_job(params=SamplingParams(guided=GuidedDecoding(kind="regex", text="[a-z]+"))), "m")
+    assert body["guided_regex"] == "[a-z]+" and "response_format" not in body
     path, body = build_request(_job(prompt="Once", messages=[]), "m")
     assert path == "/v1/completions" and body["prompt"] == "Once"
     wide = _job(n=2, params=SamplingParams(guided=GuidedDecoding(kind="json_object"), presence_penalty=0.5))

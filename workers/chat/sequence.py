@@ -237,7 +237,9 @@ def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Fa
     messages = [_template_message(m, tokenizer) for m in job.messages]
     try:
         ids = tokenizer.apply_chat_template(messages, tools=job.tools or None, tokenize=True, return_dict=False,
-                                            add_generation_prompt=job.add_generation_prompt)
+                                            add_generation_prompt=job.add_generation_prompt,
+                                            continue_final_message=job.continue_final_message,
+                                            **(job.chat_template_kwargs or {}))
     except Exception as exc:  # a template that refuses these messages (roles, order) is the client's 400
         return Failed(status=400, message=f"The chat template rejected the messages: {exc}",
                       param="messages", code="invalid_messages")

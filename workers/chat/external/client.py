@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from common.protocol import ChatJob, ChatMessage, Failed, TokenLogprob, TopLogprob
+from common.protocol import ChatJob, ChatMessage, Failed, GuidedDecoding, TokenLogprob, TopLogprob
 
 # Request features an engine may lack, as EXTERNAL_ENGINE_LACKS names them.
 FEATURES = ("n", "response_format", "logprobs", "echo", "tools", "penalties", "extra_sampling")
@@ -83,6 +83,19 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _constraint(guided: GuidedDecoding) -> dict[str, Any]:
+    """The output constraint in the engine's request: OpenAI's response_format for JSON, vLLM's guided_* else."""
+    if guided.kind in ("regex", "grammar"):
+        return {f"guided_{guided.kind}": guided.text}
+    if guided.kind == "choice":
+        return {"guided_choice": guided.choices}
+    schema = {"name": "schema", "strict": guided.strict, "schema": guided.schema or {}}
+    fmt: dict[str, Any] = {"type": "json_object"} if guided.kind == "json_object" else {
+        "type": "json_schema", "json_schema": schema}
+    return {"response_format": fmt} | ({"guided_whitespace_pattern": guided.whitespace}
+                                       if guided.whitespace is not None else {})
+
+
 def build_request(job: ChatJob, model: str) -> tuple[str, dict[str, Any]]:
     """The engine path and JSON body for a job: chat messages go to /v1/chat/completions, raw prompts to
     /v1/completions. Only fields with non-default values are sent, as strict engines refuse unknown ones."""
@@ -99,9 +112,7 @@ def build_request(job: ChatJob, model: str) -> tuple[str, dict[str, Any]]:
     }
     body |= {k: v for k, v in optional.items() if v is not None}
     if p.guided is not None:
-        body["response_format"] = ({"type": "json_object"} if p.guided.kind == "json_object" else
-                                   {"type": "json_schema", "json_schema": {"name": "schema", "strict": p.guided.strict,
-                                                                           "schema": p.guided.schema or {}}})
+        body |= _constraint(p.guided)
     if job.prompt is not None or job.prompt_ids is not None:
         body["prompt"] = job.prompt if job.prompt is not None else job.prompt_ids
         if job.echo:
@@ -110,6 +121,10 @@ def build_request(job: ChatJob, model: str) -> tuple[str, dict[str, Any]]:
             body["logprobs"] = max(1, p.top_logprobs)
         return "/v1/completions", body
     body["messages"] = [_message(m) for m in job.messages]
+    template = {"add_generation_prompt": job.add_generation_prompt if not job.add_generation_prompt else None,
+                "continue_final_message": job.continue_final_message or None,
+                "chat_template_kwargs": job.chat_template_kwargs or None}
+    body |= {k: v for k, v in template.items() if v is not None}  # vLLM's names; an engine without them refuses
     if p.logprobs:
         body |= {"logprobs": True, "top_logprobs": p.top_logprobs}
     if job.tools:

@@ -22,9 +22,10 @@ from api.admin import LoadRequest, UnloadRequest
 from api.batch_routes import MAX_PAGE, BatchCreate
 from api.guided import MAX_CHOICES
 from api.limits import ENDPOINT_KIND
-from api.protocol import MAX_TOOLS, ROLES, UNSERVED_FIELDS, ChatCompletionRequest
+from api.protocol import MAX_TOOLS, ROLES, ChatCompletionRequest
 from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest
 from api.serving_rerank import RerankRequest, ScoreRequest
+from api.unserved import CHAT_UNSERVED, VLLM_UNSERVED
 from common import VERSION
 from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
 
@@ -127,8 +128,11 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     chat = components["ChatCompletionRequest"]["properties"]
     chat["messages"]["minItems"] = 1
     chat["tools"]["maxItems"] = MAX_TOOLS
-    for name, neutral in UNSERVED_FIELDS.items():  # OpenAI fields not served: only their neutral values pass
+    for name, neutral in CHAT_UNSERVED.items():  # fields not served: only their neutral values pass
         chat[name] = {"enum": list(neutral)}
+    for fields in (chat, components["CompletionRequest"]["properties"]):
+        for name, neutral in VLLM_UNSERVED.items():
+            fields[name] = {"enum": list(neutral)}
     text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
     components["EmbeddingRequest"]["properties"]["input"] = _inputs(text, MAX_ITEMS)
     rerank = components["RerankRequest"]["properties"]

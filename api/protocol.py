@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 import msgspec
 
 from api.errors import APIError, from_decode_error
-from api.guided import GuidedFields
+from api.unserved import CHAT_UNSERVED, VLLM_UNSERVED, VllmFields, refuse_unserved
 from common.protocol import TokenLogprob
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def usage_options(req: ChatCompletionRequest | CompletionRequest) -> tuple[bool,
     return (bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
 
 
-class ChatCompletionRequest(GuidedFields, kw_only=True):
+class ChatCompletionRequest(VllmFields, kw_only=True):
     model: str
     messages: list[RequestMessage]
     temperature: Temperature | None = None
@@ -151,12 +151,9 @@ class ChatCompletionRequest(GuidedFields, kw_only=True):
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    add_special_tokens: Any = None
 
 
-UNSERVED_FIELDS: dict[str, Any] = {
-    "functions": (None, []), "function_call": (None, "none"),
-    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
-}
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
     """Decode and validate a request body; every problem is an APIError(400) naming the field."""
@@ -166,11 +163,7 @@ def decode_chat_request(body: bytes) -> ChatCompletionRequest:
 
 
 def validate_chat_request(req: ChatCompletionRequest) -> None:
-    for name, neutral in UNSERVED_FIELDS.items():
-        value = getattr(req, name)
-        if not any((value == v and type(value) is type(v)) or (value is None and v is None) for v in neutral):
-            raise APIError(400, f"'{name}' is not supported by this server yet.", param=name,
-                           code="unsupported_parameter")
+    refuse_unserved(req, CHAT_UNSERVED | VLLM_UNSERVED)
     if not req.model.strip():
         raise APIError(400, "'model' must be a non-empty string.", param="model", code="invalid_value")
     validate_messages(req.messages)

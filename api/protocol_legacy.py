@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 import msgspec
 
 from api.errors import APIError
-from api.guided import GuidedFields
 from api.protocol import (
     MAX_STOP_SEQUENCES,
     Bias,
@@ -32,10 +31,11 @@ from api.protocol import (
     validate_sampling,
 )
 from api.template import TemplateFields
+from api.unserved import VLLM_UNSERVED, VllmFields, refuse_unserved
 
 # ---- legacy completions --------------------------------------------------------------------------------------
 
-class CompletionRequest(GuidedFields, kw_only=True):
+class CompletionRequest(VllmFields, kw_only=True):
     model: str
     # A string, a list of strings, token ids, or a list of token-id lists (msgspec allows one list type in a
     # union, so the shape is checked by `completion_prompts`).
@@ -62,6 +62,7 @@ class CompletionRequest(GuidedFields, kw_only=True):
     ignore_eos: bool | None = None
     repetition_penalty: RepetitionPenalty | None = None
     stop_token_ids: list[TokenId] | None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS (and the like) around a text prompt
 
     @property
     def top_logprobs(self) -> int:
@@ -77,6 +78,7 @@ MAX_PROMPTS = 64
 
 def decode_completion_request(body: bytes) -> CompletionRequest:
     req = decode_body(body, CompletionRequest)
+    refuse_unserved(req, VLLM_UNSERVED)
     prompts = completion_prompts(req)
     if not prompts or len(prompts) > MAX_PROMPTS or any(p == "" for p in prompts):
         raise APIError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} non-empty prompts.", param="prompt",

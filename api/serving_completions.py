@@ -30,7 +30,8 @@ def build_jobs(req: lg.CompletionRequest, request_id: str) -> list[ChatJob]:
     return [ChatJob(request_id=request_id if len(prompts) == 1 else f"{request_id}-{k}", model=req.model,
                     messages=[], params=params, created=time.time(), n=req.n or 1, echo=bool(req.echo),
                     prompt=prompt if isinstance(prompt, str) else None,
-                    prompt_ids=None if isinstance(prompt, str) else prompt)
+                    prompt_ids=None if isinstance(prompt, str) else prompt,
+                    add_special_tokens=req.add_special_tokens)
             for k, prompt in enumerate(prompts)]
 
 

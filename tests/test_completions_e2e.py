@@ -128,6 +128,20 @@ def test_tokenize_and_detokenize(served: Server) -> None:
     assert back == {"prompt": PROMPTS[1]}
 
 
+def test_add_special_tokens_and_unserved_extras(served: Server) -> None:
+    def prompt_tokens(**extra: object) -> int:
+        resp = served.client().completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=1,
+                                                  extra_body=extra)
+        assert resp.usage is not None
+        return resp.usage.prompt_tokens
+
+    assert prompt_tokens(add_special_tokens=False) == prompt_tokens() - 1  # the BOS the tokenizer adds
+    with pytest.raises(openai.BadRequestError) as caught:
+        served.client().completions.create(model=served.model, prompt="x", max_tokens=1,
+                                           extra_body={"prompt_logprobs": 1})
+    assert caught.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
+
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 

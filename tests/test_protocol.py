@@ -58,7 +58,19 @@ def test_a_json_schema_format_without_a_schema_asks_for_any_json_object() -> Non
     assert guided is not None and guided.kind == "json_object"
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("use_beam_search", True), ("prompt_logprobs", 1), ("include_stop_str_in_output", True), ("bad_words", ["x"]),
+    ("allowed_token_ids", [1]), ("skip_special_tokens", False), ("chat_template", "{{ x }}"), ("priority", 3),
+    ("add_special_tokens", True), ("length_penalty", 2.0)])
+def test_vllm_extras_not_served_are_named_in_a_400(field: str, value: object) -> None:
+    with pytest.raises(APIError) as info:
+        decode_chat_request(body(**{field: value}))
+    assert info.value.status == 400 and info.value.param == field and info.value.code == "unsupported_parameter"
+
+
 def test_neutral_values_of_unimplemented_fields_are_accepted() -> None:
+    decode_chat_request(body(use_beam_search=False, skip_special_tokens=True, bad_words=[], priority=0,
+                             length_penalty=1.0, add_special_tokens=False, include_stop_str_in_output=False))
     decode_chat_request(body(tools=[], response_format={"type": "text"}, tool_choice="none", modalities=["text"]))
 
 

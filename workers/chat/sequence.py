@@ -233,7 +233,7 @@ def _prompt_ids(job: ChatJob, tokenizer: Any, vocab_size: int) -> list[int] | Fa
                           message=f"Prompt token ids must be in 0..{vocab_size - 1} and not empty.")
         return list(job.prompt_ids)
     if job.prompt is not None:
-        return [int(t) for t in tokenizer(job.prompt)["input_ids"]]
+        return [int(t) for t in tokenizer(job.prompt, add_special_tokens=job.add_special_tokens)["input_ids"]]
     messages = [_template_message(m, tokenizer) for m in job.messages]
     try:
         ids = tokenizer.apply_chat_template(messages, tools=job.tools or None, tokenize=True, return_dict=False,

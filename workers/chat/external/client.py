@@ -115,6 +115,8 @@ def build_request(job: ChatJob, model: str) -> tuple[str, dict[str, Any]]:
         body |= _constraint(p.guided)
     if job.prompt is not None or job.prompt_ids is not None:
         body["prompt"] = job.prompt if job.prompt is not None else job.prompt_ids
+        if not job.add_special_tokens:
+            body["add_special_tokens"] = False
         if job.echo:
             body["echo"] = True
         if p.logprobs:

@@ -127,8 +127,9 @@ def replay(completion: p.ChatCompletion, include_usage: bool) -> Iterator[bytes]
     for choice in completion.choices:
         yield frame(p.ChunkChoice(choice.index, p.ChoiceDelta(role="assistant", content=""), None, None))
         message = choice.message
-        if message.content:
-            yield frame(p.ChunkChoice(choice.index, p.ChoiceDelta(content=message.content), choice.logprobs, None))
+        if message.content or message.reasoning_content:
+            delta = p.ChoiceDelta(content=message.content or None, reasoning_content=message.reasoning_content)
+            yield frame(p.ChunkChoice(choice.index, delta, choice.logprobs, None))
         if message.tool_calls:
             calls = [p.DeltaToolCall(i, c.id, c.function) for i, c in enumerate(message.tool_calls)]
             yield frame(p.ChunkChoice(choice.index, p.ChoiceDelta(tool_calls=calls), None, choice.finish_reason))

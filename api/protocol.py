@@ -296,6 +296,7 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
     content: str | None
     tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None
 
 
 class ChoiceLogprobs(msgspec.Struct):
@@ -330,6 +331,7 @@ class ChoiceDelta(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(msgspec.Struct):

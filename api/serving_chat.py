@@ -17,6 +17,7 @@ from api.aliases import shown
 from api.errors import APIError
 from api.guided import guided_decoding
 from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
+from api.reasoning import ReasoningSplitter, split
 from api.template import template_options
 
 if TYPE_CHECKING:
@@ -29,18 +30,20 @@ from common.protocol import (
     Delta,
     Failed,
     Finished,
+    ReasoningMode,
     SamplingParams,
     TokenLogprob,
     ToolCall,
 )
 
 
-def _message(text: str, calls: list[ToolCall] | None) -> p.AssistantMessage:
-    """OpenAI's assistant message: with tool calls, `content` is null unless the model also wrote text."""
+def _message(text: str, calls: list[ToolCall] | None, reasoning: str | None = None) -> p.AssistantMessage:
+    """OpenAI's assistant message: with tool calls, `content` is null unless the model also wrote text; the
+    reasoning apart, as vLLM's `reasoning_content`."""
     if not calls:
-        return p.AssistantMessage("assistant", text)
+        return p.AssistantMessage("assistant", text, reasoning_content=reasoning)
     return p.AssistantMessage("assistant", text or None,
-                              [p.ToolCallOut(c.id, p.FunctionCall(c.name, c.arguments)) for c in calls])
+                              [p.ToolCallOut(c.id, p.FunctionCall(c.name, c.arguments)) for c in calls], reasoning)
 
 _json = msgspec.json.Encoder()
 
@@ -109,6 +112,8 @@ class ChatRun(JobRun):
         last = req.messages[-1]  # `echo`: the answer goes on from the assistant's last message, shown with it
         self._echo = p.message_text(last) if req.echo and last.role == "assistant" else ""
         self._continuous = False
+        self._mode: ReasoningMode = "none"
+        self._splitters: dict[int, ReasoningSplitter] = {}
 
     async def close(self) -> None:
         await super().close()
@@ -128,7 +133,8 @@ class ChatRun(JobRun):
         self.completed = True
         finished = self._finished
         self.outcome = finished_outcome(finished)
-        choices = [p.Choice(i, _message(self._echo + "".join(self._texts[i]), finished[i].tool_calls),
+        answers = [split(self._mode, "".join(texts)) for texts in self._texts]
+        choices = [p.Choice(i, _message(self._echo + answers[i][1], finished[i].tool_calls, answers[i][0]),
                             p.ChoiceLogprobs(self._logprobs[i]) if self.req.logprobs else None,
                             finished[i].finish_reason)
                    for i in range(len(self._texts))]
@@ -138,7 +144,22 @@ class ChatRun(JobRun):
             await self.on_complete(completion)
         return completion
 
+    def _accepted(self, event: Accepted) -> None:
+        self._so_far.accepted(0, event.prompt_tokens)
+        if self.ctx.settings.reasoning_parser == "auto":
+            self._mode = event.reasoning
+
+    def _split(self, event: Delta | Finished) -> tuple[str, str]:
+        """(reasoning, content) of the event's text, the choice's held text too when it is the last."""
+        splitter = self._splitters.setdefault(event.index, ReasoningSplitter(self._mode))
+        reasoning, content = splitter.feed(event.text)
+        if isinstance(event, Finished):
+            rest = splitter.flush()
+            reasoning, content = reasoning + rest[0], content + rest[1]
+        return reasoning, content
+
     async def complete(self, accepted: Accepted) -> p.ChatCompletion:
+        self._accepted(accepted)
         n = self.req.n or 1
         try:
             while len(self._finished) < n:
@@ -151,6 +172,8 @@ class ChatRun(JobRun):
                     self.outcome = f"failed {event.status} {event.code}"
                     raise APIError(event.status, event.message, type=event.type, param=event.param,
                                    code=event.code)
+                if isinstance(event, Accepted):
+                    self._accepted(event)
                 if isinstance(event, Delta | Finished):
                     self._record(event)
             return await self._done()
@@ -161,7 +184,7 @@ class ChatRun(JobRun):
         """SSE frames; a failure after the first frame is sent as a `data: {"error": ...}` frame."""
         include_usage, self._continuous = p.usage_options(self.req)
         if accepted is not None:
-            self._so_far.accepted(0, accepted.prompt_tokens)
+            self._accepted(accepted)
         n = self.req.n or 1
         finished = self._finished
         try:
@@ -183,22 +206,25 @@ class ChatRun(JobRun):
                     yield b"data: " + err.to_json() + b"\n\n"
                     return
                 if isinstance(event, Accepted):
-                    self._so_far.accepted(0, event.prompt_tokens)
+                    self._accepted(event)
                 if not isinstance(event, Delta | Finished):
                     continue
                 self._record(event)
                 logprobs = p.ChoiceLogprobs(event.logprobs) if event.logprobs else None
                 finish = event.finish_reason if isinstance(event, Finished) else None
                 calls = event.tool_calls if isinstance(event, Finished) else None
-                if event.text and calls:  # content before the calls, then the calls with the finish reason
-                    yield self._frame(event.index, p.ChoiceDelta(content=event.text), logprobs, None, include_usage)
+                reasoning, text = self._split(event)
+                if (text or reasoning) and calls:  # text before the calls, then the calls with the finish reason
+                    yield self._frame(event.index, p.ChoiceDelta(content=text or None,
+                                                                 reasoning_content=reasoning or None),
+                                      logprobs, None, include_usage)
                     logprobs = None
                 if calls:
                     delta = p.ChoiceDelta(tool_calls=[p.DeltaToolCall(i, c.id, p.FunctionCall(c.name, c.arguments))
                                                       for i, c in enumerate(calls)])
                     yield self._frame(event.index, delta, logprobs, finish, include_usage)
-                elif event.text or logprobs or finish:
-                    delta = p.ChoiceDelta(content=event.text) if event.text else p.ChoiceDelta()
+                elif text or reasoning or logprobs or finish:
+                    delta = p.ChoiceDelta(content=text or None, reasoning_content=reasoning or None)
                     yield self._frame(event.index, delta, logprobs, finish, include_usage)
             completion = await self._done()
             if include_usage:

@@ -72,6 +72,9 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     tool_call_id: str | None = None  # a `tool` turn: which call it answers
 
 
+#: `tagged`: the output may open with <think>...</think> (Qwen3); `open`: the template opened <think> in the prompt,
+#: so the output starts inside it (DeepSeek-R1); `none`: no reasoning to separate.
+ReasoningMode = Literal["none", "tagged", "open"]
 GuidedKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 
 
@@ -156,6 +159,7 @@ class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
 
     prompt_tokens: int
     prompt_text: str | None = None  # the prompt as text, for legacy completions with `echo`
+    reasoning: ReasoningMode = "none"  # how the output holds the model's reasoning (api/reasoning.py splits it)
 
 
 class Delta(msgspec.Struct, tag_field="event", tag="delta", kw_only=True):

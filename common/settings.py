@@ -94,6 +94,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     model_allowlist: str = ""
     allow_model_paths: bool = False
     vllm_metric_names: bool = True
+    reasoning_parser: Literal["auto", "none"] = "auto"
     # Fleets (README "Several models"): request names mapped onto served models; who may order hot swaps.
     model_aliases: str = ""
     admin_api_keys: str = ""

@@ -94,7 +94,7 @@ class ChatEngine(Prefill, DecodeAhead):
     def add(self, seq: Sequence) -> Accepted:
         """Queue a prepared request: choice 0 and its siblings."""
         self.pending.extend([seq, *seq.siblings])
-        return Accepted(prompt_tokens=len(seq.prompt_ids), prompt_text=seq.echo_text)
+        return Accepted(prompt_tokens=len(seq.prompt_ids), prompt_text=seq.echo_text, reasoning=seq.reasoning)
 
     def cancel(self, request_id: str) -> None:
         for seq in self.rows + self.pending:

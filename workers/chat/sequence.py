@@ -24,6 +24,7 @@ from common.protocol import (
     Event,
     Failed,
     Finished,
+    ReasoningMode,
     SamplingParams,
     Tokenized,
     TokenLogprob,
@@ -71,6 +72,7 @@ class Sequence:
     # The token being sampled: the log-softmax of its raw logits (native), or its entry as the engine computed it.
     pending_logprobs: torch.Tensor | TokenLogprob | None = None
     echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
+    reasoning: ReasoningMode = "none"  # sent with `accepted`: where the output's reasoning is (`reasoning_mode`)
     matcher: Matcher | None = None  # structured output: which tokens may come next
     tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
     resume: list[int] = field(default_factory=list)  # tokens a crashed worker generated: replayed, not sampled
@@ -172,9 +174,22 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
         for i in range(job.n)
     ]
     choices[0].siblings = choices[1:]
+    choices[0].reasoning = reasoning_mode(job, tokenizer, prompt_ids)
     if job.echo:
         choices[0].echo_text = job.prompt if job.prompt is not None else tokenizer.decode(prompt_ids)
     return choices[0]
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def reasoning_mode(job: ChatJob, tokenizer: Any, prompt_ids: list[int]) -> ReasoningMode:
+    """Where a chat answer's reasoning is, told by the model's chat template: it writes <think> (Qwen3, DeepSeek-R1)
+    and either leaves it open at the end of the prompt or lets the model open it."""
+    if job.prompt is not None or job.prompt_ids is not None or THINK_OPEN not in (tokenizer.chat_template or ""):
+        return "none"
+    tail = tokenizer.decode(prompt_ids[-16:]).rstrip()
+    return "open" if tail.endswith(THINK_OPEN) else "tagged"
 
 
 def eos_token_ids(tokenizer: Any, *configs: Any) -> list[int]:

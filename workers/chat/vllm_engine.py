@@ -175,7 +175,7 @@ class VllmBackend:
         choices = [seq, *seq.siblings]
         self.rows += choices
         self._unstarted += choices
-        return Accepted(prompt_tokens=len(seq.prompt_ids), prompt_text=seq.echo_text)
+        return Accepted(prompt_tokens=len(seq.prompt_ids), prompt_text=seq.echo_text, reasoning=seq.reasoning)
 
     def cancel(self, request_id: str) -> None:
         for seq in self.rows:

@@ -1,0 +1,94 @@
+"""Reasoning apart from the answer (`reasoning_content`) for templates that write <think>: the splitter on its own,
+the worker's reading of the template, and the official SDK against a served model whose template thinks."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from api.reasoning import ReasoningSplitter, split
+from common.protocol import ChatJob, ChatMessage, SamplingParams
+from common.redis_server import free_port
+from tests.conftest import Proc, Server, axion_env, wait_ready
+from workers.chat.sequence import reasoning_mode
+
+#: Qwen3's way: the model opens <think> itself; `enable_thinking: false` writes an empty block into the prompt.
+THINKS = ("{%- if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+          "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+#: DeepSeek-R1's way: the prompt ends inside <think>.
+OPENS = "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
+
+
+def _feed(mode: str, pieces: list[str]) -> tuple[str, str]:
+    splitter, reasoning, content = ReasoningSplitter(mode), "", ""  # type: ignore[arg-type]
+    for piece in [*pieces, None]:
+        r, c = splitter.feed(piece) if piece is not None else splitter.flush()
+        reasoning, content = reasoning + r, content + c
+    return reasoning, content
+
+
+def test_the_splitter_holds_only_what_may_be_a_tag() -> None:
+    text = "<think>\nlet me see</think>\n\nThe answer."
+    for cut in range(len(text) + 1):  # every place a piece may end
+        assert _feed("tagged", [text[:cut], text[cut:]]) == ("\nlet me see", "The answer."), cut
+    assert _feed("tagged", list(text)) == ("\nlet me see", "The answer.")
+    assert split("open", "hmm</think>ok") == ("hmm", "ok") and split("open", "cut short") == ("cut short", "")
+    assert split("tagged", "plain <think> later") == (None, "plain <think> later")
+    assert split("none", "<think>x</think>y") == (None, "<think>x</think>y")
+
+
+def _with_template(source: Path, target: Path, extra: str) -> Path:
+    shutil.copytree(source, target)
+    template = target / "chat_template.jinja"
+    template.write_text(template.read_text() + extra)
+    return target
+
+
+def test_the_worker_reads_the_mode_from_the_template(tiny_model_dir: Path, tmp_path: Path) -> None:
+    job = ChatJob(request_id="r", model="m", messages=[ChatMessage("user", "hi")], params=SamplingParams(),
+                  created=0.0)
+    for extra, mode in (("", "none"), (THINKS, "tagged"), (OPENS, "open")):
+        folder = _with_template(tiny_model_dir, tmp_path / mode, extra)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                      return_dict=False)
+        assert reasoning_mode(job, tok, ids) == mode
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = _with_template(tiny_model_dir, tmp_path_factory.mktemp("think") / "thinker", THINKS)
+    port = free_port()
+    env = axion_env(folder, None, port, MAX_SEQ_LEN="512", SERVE_EMBEDDINGS="false")
+    proc = Proc(["serve"], env, tmp_path_factory.mktemp("think-logs") / "serve.log").start()
+    server = Server(f"http://127.0.0.1:{port}", str(folder), [proc])
+    try:
+        wait_ready(server.base_url, [proc])
+        yield server
+    finally:
+        proc.stop()
+
+
+def test_reasoning_content_through_the_sdk(thinking: Server) -> None:
+    """The output is forced into a thinking shape (the weights are random); the server must split it."""
+    client, ask = thinking.client(), [{"role": "user", "content": "Think first."}]
+    shape = {"guided_regex": "<think>[a-z]{3}</think>[a-z]{2}"}
+    whole = client.chat.completions.create(model=thinking.model, messages=ask, max_tokens=40, seed=1,  # type: ignore[arg-type]
+                                           extra_body=shape)
+    message = whole.choices[0].message
+    reasoning = getattr(message, "reasoning_content", None)
+    assert reasoning is not None and len(reasoning) == 3 and len(message.content or "") == 2
+    chunks = list(client.chat.completions.create(model=thinking.model, messages=ask, max_tokens=40, seed=1,  # type: ignore[arg-type]
+                                                 extra_body=shape, stream=True))
+    streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (streamed, content) == (reasoning, message.content)
+    plain = client.chat.completions.create(model=thinking.model, messages=ask, max_tokens=10, seed=1,  # type: ignore[arg-type]
+                                           extra_body={"guided_regex": "[a-z]{4}",
+                                                       "chat_template_kwargs": {"enable_thinking": False}})
+    assert getattr(plain.choices[0].message, "reasoning_content", None) is None
+    assert len(plain.choices[0].message.content or "") == 4

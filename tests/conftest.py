@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -132,21 +133,27 @@ class Server:
         return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`axion serve` exactly as a user runs it: REDIS_URL unset, so it starts its own embedded Redis."""
+@contextlib.contextmanager
+def serving(model_dir: Path, logs: Path, **extra: str) -> Iterator[Server]:
+    """`axion serve` of one chat model (no embedding workers) with `extra` settings, ready; it must exit cleanly."""
     port = free_port()
-    logs = tmp_path_factory.mktemp("logs")
-    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="1024", SSE_KEEPALIVE_S="0.2", MAX_BATCH_SIZE="2",
-                    SERVE_EMBEDDINGS="false")
+    env = axion_env(model_dir, None, port, **({"SERVE_EMBEDDINGS": "false"} | extra))
     proc = Proc(["serve"], env, logs / "serve.log").start()
-    server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
+    server = Server(f"http://127.0.0.1:{port}", str(model_dir), [proc])
     try:
         wait_ready(server.base_url, [proc])
         yield server
     finally:
         code = proc.stop()
         assert code == 0, f"axion serve exited with {code}:\n{proc.log()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`axion serve` exactly as a user runs it: REDIS_URL unset, so it starts its own embedded Redis."""
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("logs"), MAX_SEQ_LEN="1024", SSE_KEEPALIVE_S="0.2",
+                 MAX_BATCH_SIZE="2") as server:
+        yield server
 
 
 def enqueue_orphan(r: Any, stream: str, job: Any, delivered: int = 1) -> bytes:

@@ -12,8 +12,7 @@ from transformers import AutoTokenizer
 
 from api.reasoning import ReasoningSplitter, split
 from common.protocol import ChatJob, ChatMessage, SamplingParams
-from common.redis_server import free_port
-from tests.conftest import Proc, Server, axion_env, wait_ready
+from tests.conftest import Server, serving
 from workers.chat.sequence import reasoning_mode
 
 #: Qwen3's way: the model opens <think> itself; `enable_thinking: false` writes an empty block into the prompt.
@@ -62,15 +61,8 @@ def test_the_worker_reads_the_mode_from_the_template(tiny_model_dir: Path, tmp_p
 @pytest.fixture(scope="module")
 def thinking(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = _with_template(tiny_model_dir, tmp_path_factory.mktemp("think") / "thinker", THINKS)
-    port = free_port()
-    env = axion_env(folder, None, port, MAX_SEQ_LEN="512", SERVE_EMBEDDINGS="false")
-    proc = Proc(["serve"], env, tmp_path_factory.mktemp("think-logs") / "serve.log").start()
-    server = Server(f"http://127.0.0.1:{port}", str(folder), [proc])
-    try:
-        wait_ready(server.base_url, [proc])
+    with serving(folder, tmp_path_factory.mktemp("think-logs"), MAX_SEQ_LEN="512") as server:
         yield server
-    finally:
-        proc.stop()
 
 
 def test_reasoning_content_through_the_sdk(thinking: Server) -> None:

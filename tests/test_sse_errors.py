@@ -8,23 +8,15 @@ from pathlib import Path
 import openai
 import pytest
 
-from common.redis_server import free_port
-from tests.conftest import Proc, Server, axion_env, wait_ready
+from tests.conftest import Server, serving
 
 
 @pytest.fixture(scope="module")
 def impatient(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`axion serve` whose requests time out after 1.5 s."""
-    port = free_port()
-    env = axion_env(tiny_model_dir, None, port, MAX_SEQ_LEN="4096", REQUEST_TIMEOUT_S="1.5",
-                    SERVE_EMBEDDINGS="false")
-    proc = Proc(["serve"], env, tmp_path_factory.mktemp("impatient") / "serve.log").start()
-    server = Server(f"http://127.0.0.1:{port}", str(tiny_model_dir), [proc])
-    try:
-        wait_ready(server.base_url, [proc])
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("impatient"), MAX_SEQ_LEN="4096",
+                 REQUEST_TIMEOUT_S="1.5") as server:
         yield server
-    finally:
-        proc.stop()
 
 
 def test_mid_stream_timeout_is_an_error_frame(impatient: Server) -> None:

@@ -22,7 +22,8 @@ from api.errors import APIError
 from api.openapi import REQUEST_BODIES
 from api.ratelimit import RateLimiter, estimate_tokens, format_reset
 from api.registry import WorkerRegistry
-from api.serving_embed import EmbeddingRequest, RerankRequest
+from api.serving_embed import EmbeddingRequest
+from api.serving_rerank import RerankRequest
 from common import keys
 from common.model_ids import load_problem, model_id_problem
 from common.protocol import WorkerInfo, encode

@@ -16,14 +16,14 @@ CHAT_UNSERVED: dict[str, tuple[Any, ...]] = {
     "add_special_tokens": (None, False),
 }
 
-#: vLLM's request extras not served, with their defaults (what they mean when unset).
+#: vLLM's request extras not served, with their defaults (what they mean when unset; JSON's 1 and 1.0 both).
 VLLM_UNSERVED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "include_stop_str_in_output": (None, False),
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0, 1), "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
     "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,), "logits_processors": (None,),
-    "priority": (None, 0), "vllm_xargs": (None,),
+    "priority": (None, 0, 0.0), "vllm_xargs": (None,),
 }
 
 

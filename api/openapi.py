@@ -129,10 +129,10 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     chat["messages"]["minItems"] = 1
     chat["tools"]["maxItems"] = MAX_TOOLS
     for name, neutral in CHAT_UNSERVED.items():  # fields not served: only their neutral values pass
-        chat[name] = {"enum": _distinct(neutral)}
+        chat[name] = {"enum": list(neutral)}
     for fields in (chat, components["CompletionRequest"]["properties"]):
         for name, neutral in VLLM_UNSERVED.items():
-            fields[name] = {"enum": _distinct(neutral)}
+            fields[name] = {"enum": list(neutral)}
     text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
     components["EmbeddingRequest"]["properties"]["input"] = _inputs(text, MAX_ITEMS)
     rerank = components["RerankRequest"]["properties"]
@@ -224,16 +224,6 @@ def _add_constraint_fields(components: dict[str, Any]) -> None:
     components["StructuredOutputs"]["oneOf"] = [
         {"required": [kind], "properties": unset | {kind: {"const": True} if kind == "json_object" else NOT_NULL}}
         for kind in STRUCTURED_KINDS]
-
-
-def _distinct(values: tuple[Any, ...]) -> list[Any]:
-    """An enum's values once each: JSON Schema holds 1 and 1.0 for the same value."""
-    numbers = (int, float)
-    out: list[Any] = []
-    for value in values:
-        if not any(type(value) in numbers and type(seen) in numbers and value == seen for seen in out):
-            out.append(value)
-    return out
 
 
 def _inputs(text: dict[str, Any], most: int) -> dict[str, Any]:

@@ -16,14 +16,14 @@ CHAT_UNSERVED: dict[str, tuple[Any, ...]] = {
     "add_special_tokens": (None, False),
 }
 
-#: vLLM's request extras not served, with their defaults (what they mean when unset; JSON's 1 and 1.0 both).
+#: vLLM's request extras not served, with their defaults (what they mean when unset).
 VLLM_UNSERVED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (None, False), "length_penalty": (None, 1.0, 1), "include_stop_str_in_output": (None, False),
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
     "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,), "logits_processors": (None,),
-    "priority": (None, 0, 0.0), "vllm_xargs": (None,),
+    "priority": (None, 0), "vllm_xargs": (None,),
 }
 
 
@@ -53,6 +53,12 @@ def refuse_unserved(req: Any, table: dict[str, tuple[Any, ...]]) -> None:
     """400 for the first field of `table` set to anything but one of its neutral values."""
     for name, neutral in table.items():
         value = getattr(req, name)
-        if not any((value == v and type(value) is type(v)) or (value is None and v is None) for v in neutral):
+        if not any(_same(value, v) for v in neutral):
             raise APIError(400, f"'{name}' is not supported by this server.", param=name,
                            code="unsupported_parameter")
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """Equal and of one JSON type: JSON's 1 and 1.0 are one number, but `true` is not 1 nor `[]` null."""
+    numbers = (int, float)
+    return value == neutral and (type(value) is type(neutral) or (type(value) in numbers and type(neutral) in numbers))

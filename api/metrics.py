@@ -51,22 +51,15 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    480.0, 960.0, 1920.0, 7680.0)
 
 
-#: The families exported under vLLM's names as well (the part after the prefix is the same).
-VLLM_FAMILIES = ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds",
-                 "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-                 "prompt_tokens", "generation_tokens", "request_success")
-
-
 class VllmNames(Collector):
-    """The `VLLM_FAMILIES` of a registry again, renamed `axion:` -> `vllm:`."""
+    """Series already collected under `axion:` names, again as `vllm:` (the part after the prefix is vLLM's)."""
 
-    def __init__(self, source: CollectorRegistry) -> None:
-        self.source = source
+    def __init__(self, sources: list[Collector]) -> None:
+        self.sources = sources
 
     def collect(self) -> Any:
-        wanted = {f"axion:{name}" for name in VLLM_FAMILIES}
-        for family in self.source.collect():
-            if family.name in wanted:
+        for source in self.sources:
+            for family in source.collect():
                 family.name = "vllm:" + family.name.removeprefix("axion:")
                 family.samples = [s._replace(name="vllm:" + s.name.removeprefix("axion:")) for s in family.samples]
                 yield family
@@ -77,9 +70,6 @@ class Metrics:
 
     def __init__(self, vllm_names: bool = True) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.vllm = CollectorRegistry(auto_describe=False) if vllm_names else None
-        if self.vllm is not None:
-            self.vllm.register(VllmNames(r))
         model = ["model_name"]
         self.running = Gauge("axion:num_requests_running", "Requests on this replica a worker has accepted and "
                              "is generating for.", model, registry=r)
@@ -99,6 +89,11 @@ class Metrics:
                                          "(all choices).", model, registry=r)
         self.success = Counter("axion:request_success_total", "Finished requests, by the finish reason of their "
                                "first choice.", [*model, "finished_reason"], registry=r)
+        self.vllm: CollectorRegistry | None = None  # the request series with a vLLM counterpart, as vLLM names them
+        if vllm_names:
+            self.vllm = CollectorRegistry(auto_describe=False)
+            self.vllm.register(VllmNames([self.running, self.waiting, self.ttft, self.itl, self.e2e, self.queue_time,
+                                          self.prompt_tokens, self.generation_tokens, self.success]))
         self.cache_hits = Counter("axion:cache_hits_total", "Response cache hits on this replica (chat: "
                                   "requests; embed: requests answered wholly from the cache).", ["cache"],
                                   registry=r)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -101,6 +101,20 @@ def lark_grammar(text: str) -> str:
         raise ValueError(f"invalid grammar: {exc}") from None
 
 
+def constraint_source(guided: GuidedDecoding) -> tuple[Literal["json", "regex", "grammar"], Any]:
+    """A request's output constraint as llguidance (ours, and vLLM's guidance backend) takes it: a JSON schema with
+    our options, a regex, or a Lark grammar; the kind is vLLM's `StructuredOutputsParams` field for it."""
+    if guided.kind in ("json_object", "json_schema"):
+        if guided.kind == "json_schema" and not isinstance(guided.schema or {}, dict):
+            raise ValueError("a JSON schema must be an object")
+        return "json", json_constraint(guided.kind, guided.schema, guided.strict, guided.whitespace)
+    if guided.kind == "regex":
+        return "regex", guided.text or ""
+    if guided.kind == "choice":
+        return "grammar", choice_grammar(guided.choices or [])
+    return "grammar", lark_grammar(guided.text or "")
+
+
 class GrammarCompiler:
     """One per tokenizer: holds llguidance's view of the vocabulary and caches grammars by key.
 
@@ -125,29 +139,15 @@ class GrammarCompiler:
 
     # ---- grammar kinds -------------------------------------------------------------------------------
     def guided(self, guided: GuidedDecoding) -> Grammar:
-        """The grammar of a request's output constraint, whichever field it came from."""
-        if guided.kind == "json_object":
-            return self.json_object(guided.whitespace)
-        if guided.kind == "json_schema":
-            return self.json_schema(guided.schema or {}, strict=guided.strict, whitespace=guided.whitespace)
-        if guided.kind == "regex":
-            return self.regex(guided.text or "")
-        if guided.kind == "choice":
-            return self.lark(choice_grammar(guided.choices or []))
-        return self.lark(lark_grammar(guided.text or ""))
+        """The grammar of a request's output constraint, whichever field it came from (`constraint_source`)."""
+        kind, source = constraint_source(guided)
+        if kind == "json":
+            return self.json(source)
+        return self.regex(source) if kind == "regex" else self.lark(source)
 
-    def json_schema(self, schema: dict, strict: bool = True, whitespace: str | None = None) -> Grammar:
-        """``response_format: {"type": "json_schema"}`` (see `json_constraint`)."""
-        if not isinstance(schema, dict):
-            raise ValueError("a JSON schema must be an object")
-        constraint = json_constraint("json_schema", schema, strict, whitespace)
+    def json(self, constraint: dict[str, Any]) -> Grammar:
+        """A JSON schema with llguidance's options inside (`json_constraint`)."""
         key = "schema:" + json.dumps(constraint, sort_keys=True)
-        return self._get(key, lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
-
-    def json_object(self, whitespace: str | None = None) -> Grammar:
-        """``response_format: {"type": "json_object"}``: any JSON value whose top level is an object."""
-        constraint = json_constraint("json_object", whitespace=whitespace)
-        key = "json_object:" + json.dumps(constraint, sort_keys=True)
         return self._get(key, lambda: self._llg.LLMatcher.grammar_from_json_schema(constraint))
 
     def regex(self, pattern: str) -> Grammar:

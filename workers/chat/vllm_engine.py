@@ -34,7 +34,7 @@ from common.protocol import Accepted, ChatJob, Event, Failed, Tokenized, TokenLo
 from common.settings import Settings
 from workers.chat import tools
 from workers.chat.backend import Publish
-from workers.chat.grammar import GrammarCompiler, choice_grammar, json_constraint, lark_grammar
+from workers.chat.grammar import GrammarCompiler, constraint_source
 from workers.chat.logprobs import TokenBytes
 from workers.chat.sequence import Sequence, advance, eos_token_ids, finish, prepare, replay, tokenize
 
@@ -88,12 +88,8 @@ def structured_params(job: ChatJob, seq: Sequence) -> StructuredOutputsParams | 
     guided = job.params.guided
     if guided is None:
         return None
-    if guided.kind == "regex":
-        return StructuredOutputsParams(regex=guided.text)
-    if guided.kind in ("choice", "grammar"):
-        return StructuredOutputsParams(grammar=choice_grammar(guided.choices or []) if guided.kind == "choice"
-                                       else lark_grammar(guided.text or ""))
-    return StructuredOutputsParams(json=json_constraint(guided.kind, guided.schema, guided.strict, guided.whitespace))
+    kind, source = constraint_source(guided)
+    return StructuredOutputsParams(**{kind: source})
 
 
 def engine_params(seq: Sequence, structured: StructuredOutputsParams | None) -> EngineParams:

@@ -54,12 +54,17 @@ def _texts(req: EmbeddingRequest) -> list[str]:
     else:
         raise APIError(400, "'input' must be a non-empty string or a list of strings.", param="input",
                        code="invalid_value")
-    if len(texts) > MAX_ITEMS:
-        raise APIError(400, f"'input' holds at most {MAX_ITEMS} items.", param="input", code="invalid_value")
+    return checked_texts(texts, "input")
+
+
+def checked_texts(texts: list[str], param: str) -> list[str]:
+    """`texts` as given: 1 to MAX_ITEMS of them, none empty or over MAX_TEXT_CHARS (embeddings, rerank, score)."""
+    if not texts or len(texts) > MAX_ITEMS:
+        raise APIError(400, f"'{param}' must hold 1 to {MAX_ITEMS} items.", param=param, code="invalid_value")
     for i, text in enumerate(texts):
         if not text or len(text) > MAX_TEXT_CHARS:
-            raise APIError(400, f"Input {i} is empty or longer than {MAX_TEXT_CHARS} characters.",
-                           param=f"input[{i}]", code="invalid_value")
+            raise APIError(400, f"Text {i} of '{param}' is empty or longer than {MAX_TEXT_CHARS} characters.",
+                           param=f"{param}[{i}]", code="invalid_value")
     return texts
 
 

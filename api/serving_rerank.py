@@ -13,7 +13,7 @@ from api.aliases import shown
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.protocol import decode_body
-from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS
+from api.serving_embed import checked_texts
 from common import keys
 from common.protocol import RerankJob, Scored
 
@@ -48,7 +48,7 @@ async def rerank(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[s
     req = decode_body(body, RerankRequest)
     if not req.query:
         raise APIError(400, "'query' must not be empty.", param="query", code="invalid_value")
-    documents = _texts([d if isinstance(d, str) else d.text for d in req.documents], "documents")
+    documents = checked_texts([d if isinstance(d, str) else d.text for d in req.documents], "documents")
     request_id = new_request_id(client_id)
     (answer,) = await _score(ctx, req.model, [(req.query, documents)], req.truncate, request_id)
     ranked = sorted(range(len(documents)), key=lambda i: answer.scores[i], reverse=True)[: req.top_n]
@@ -63,8 +63,8 @@ async def score(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[st
     if req.truncate_prompt_tokens is not None:
         raise APIError(400, "'truncate_prompt_tokens' is not supported; 'truncate: true' cuts to the model's limit.",
                        param="truncate_prompt_tokens", code="unsupported_parameter")
-    firsts = _texts([req.text_1] if isinstance(req.text_1, str) else req.text_1, "text_1")
-    seconds = _texts([req.text_2] if isinstance(req.text_2, str) else req.text_2, "text_2")
+    firsts = checked_texts([req.text_1] if isinstance(req.text_1, str) else req.text_1, "text_1")
+    seconds = checked_texts([req.text_2] if isinstance(req.text_2, str) else req.text_2, "text_2")
     if len(firsts) == 1:
         groups = [(firsts[0], seconds)]
     elif len(firsts) == len(seconds) or len(seconds) == 1:
@@ -79,16 +79,6 @@ async def score(ctx: ChatContext, body: bytes, client_id: str | None) -> dict[st
     return {"id": f"score-{request_id}", "object": "list", "created": int(time.time()), "model": shown(req.model),
             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
-
-
-def _texts(texts: list[str], param: str) -> list[str]:
-    if not texts or len(texts) > MAX_ITEMS:
-        raise APIError(400, f"'{param}' must hold 1 to {MAX_ITEMS} items.", param=param, code="invalid_value")
-    for i, text in enumerate(texts):
-        if not text or len(text) > MAX_TEXT_CHARS:
-            raise APIError(400, f"Text {i} of '{param}' is empty or longer than {MAX_TEXT_CHARS} characters.",
-                           param=f"{param}[{i}]", code="invalid_value")
-    return texts
 
 
 async def _score(ctx: ChatContext, model: str, groups: list[tuple[str, list[str]]], truncate: bool,

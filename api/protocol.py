@@ -144,7 +144,7 @@ class ChatCompletionRequest(VllmFields, kw_only=True):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     echo: bool = False
-    # Known OpenAI fields not implemented yet: refused when set to anything but their neutral value.
+    # Fields not served (api/unserved.py CHAT_UNSERVED): refused when set to anything but their neutral value.
     functions: Any = None
     function_call: Any = None
     audio: Any = None

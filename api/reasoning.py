@@ -5,9 +5,7 @@ still turn out to be a tag."""
 
 from __future__ import annotations
 
-from common.protocol import ReasoningMode
-
-OPEN, CLOSE = "<think>", "</think>"
+from common.protocol import THINK_CLOSE, THINK_OPEN, ReasoningMode
 
 
 class ReasoningSplitter:
@@ -23,19 +21,19 @@ class ReasoningSplitter:
         reasoning, content = "", ""
         if self.state == "start":
             head = self._held.lstrip()
-            if head.startswith(OPEN):
-                self.state, self._held = "reasoning", head[len(OPEN):]
-            elif OPEN.startswith(head):
+            if head.startswith(THINK_OPEN):
+                self.state, self._held = "reasoning", head[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(head):
                 return "", ""  # maybe the tag, still arriving
             else:
                 self.state = "content"
         if self.state == "reasoning":
-            end = self._held.find(CLOSE)
+            end = self._held.find(THINK_CLOSE)
             if end < 0:
-                keep = _partial_tag(self._held, CLOSE)
+                keep = _partial_tag(self._held, THINK_CLOSE)
                 reasoning, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
                 return reasoning, ""
-            reasoning, self._held = self._held[:end], self._held[end + len(CLOSE):]
+            reasoning, self._held = self._held[:end], self._held[end + len(THINK_CLOSE):]
             self.state, self._after_close = "content", True
         if self._after_close:
             self._held = self._held.lstrip("\n")

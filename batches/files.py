@@ -66,7 +66,7 @@ def not_found(file_id: str) -> APIError:
 def split_upload(data: bytes) -> list[bytes]:
     """An upload as stored: its lines as sent (blank ones too, so line numbers and the content stay the file's).
     Lines are checked when a batch names the file (`check_lines`), as OpenAI does: the upload takes any bytes."""
-    return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n") if data else []
+    return data.removesuffix(b"\n").split(b"\n") if data else []
 
 
 def check_lines(raws: list[bytes], endpoint: str, max_lines: int) -> tuple[list[BatchLine], list[dict[str, Any]]]:

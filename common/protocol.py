@@ -75,6 +75,7 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
 #: `tagged`: the output may open with <think>...</think> (Qwen3); `open`: the template opened <think> in the prompt,
 #: so the output starts inside it (DeepSeek-R1); `none`: no reasoning to separate.
 ReasoningMode = Literal["none", "tagged", "open"]
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 GuidedKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 
 

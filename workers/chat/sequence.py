@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from common.protocol import (
     MAX_SCHEMA_NODES,
+    THINK_OPEN,
     ChatJob,
     ChatMessage,
     Delta,
@@ -178,9 +179,6 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
     if job.echo:
         choices[0].echo_text = job.prompt if job.prompt is not None else tokenizer.decode(prompt_ids)
     return choices[0]
-
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def reasoning_mode(job: ChatJob, tokenizer: Any, prompt_ids: list[int]) -> ReasoningMode:

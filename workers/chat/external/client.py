@@ -123,7 +123,7 @@ def build_request(job: ChatJob, model: str) -> tuple[str, dict[str, Any]]:
             body["logprobs"] = max(1, p.top_logprobs)
         return "/v1/completions", body
     body["messages"] = [_message(m) for m in job.messages]
-    template = {"add_generation_prompt": job.add_generation_prompt if not job.add_generation_prompt else None,
+    template = {"add_generation_prompt": False if not job.add_generation_prompt else None,
                 "continue_final_message": job.continue_final_message or None,
                 "chat_template_kwargs": job.chat_template_kwargs or None}
     body |= {k: v for k, v in template.items() if v is not None}  # vLLM's names; an engine without them refuses

@@ -20,12 +20,12 @@ from typing import Any
 import schemathesis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `st run` puts its own folder first, not the checkout
+from api.openapi import GUIDED_FIELDS
 from api.template import RESERVED
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 MODEL_PATHS = (*GENERATION_PATHS, "/tokenize", "/detokenize", "/v1/embeddings")
 SCORE_PATHS = ("/score", "/v1/score")
-CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 VALID_TEXT = {"regex": "[a-z]{1,4}", "grammar": 'start: "a" | "b"', "whitespace_pattern": " ?"}
 SMALLEST_VOCABULARY = 256
 MOST_TOKENS = 8  # per output and per id list: far inside any context
@@ -140,7 +140,7 @@ def _keep_one_constraint(body: dict[str, Any]) -> None:
     fmt = body.get("response_format")
     forced = body.get("tool_choice") == "required" or isinstance(body.get("tool_choice"), dict)
     kept = forced or (isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
-    for field in CONSTRAINTS:
+    for field in GUIDED_FIELDS:
         if body.get(field) is not None:
             if kept:
                 del body[field]

@@ -148,7 +148,6 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
     rerank["documents"]["items"] = {"anyOf": [text, {"$ref": "#/components/schemas/Document"}]}
     completion = components["CompletionRequest"]["properties"]
     completion["prompt"] = _inputs({"type": "string", "minLength": 1}, legacy.MAX_PROMPTS)
-    completion["max_tokens"]["minimum"] = 1
     completion["suffix"] = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}
     completion["best_of"] = {"type": "null", "description": "Not served: only a best_of equal to n is accepted."}
     completion["min_tokens"]["description"] = chat["min_tokens"]["description"] = "Capped by max_tokens."
@@ -188,6 +187,8 @@ NOT_NULL: dict[str, Any] = {"not": {"type": "null"}}
 SAMPLING_RULES: list[dict[str, Any]] = [
     {"if": _given("stream_options", {"type": "object"}), "then": _given("stream", {"const": True})},
     {"properties": {"logit_bias": {"anyOf": [{"type": "null"}, {"propertyNames": {"pattern": "^[0-9]+$"}}]}}},
+    {"not": {"required": ["prompt_logprobs", "stream"],
+             "properties": {"prompt_logprobs": NOT_NULL, "stream": {"const": True}}}},
 ]
 CHAT_RULES: list[dict[str, Any]] = [
     {"if": _given("top_logprobs", {"type": "integer", "minimum": 1}), "then": _given("logprobs", {"const": True})},
@@ -195,7 +196,7 @@ CHAT_RULES: list[dict[str, Any]] = [
      "then": _given("tools", {"type": "array", "minItems": 1})},
 ]
 COMPLETION_RULES: list[dict[str, Any]] = [
-    {"not": {"required": ["echo", "logprobs"], "properties": {"echo": {"const": True}, "logprobs": NOT_NULL}}},
+    {"if": _given("max_tokens", {"const": 0}), "then": _given("echo", {"const": True})},
 ]
 
 

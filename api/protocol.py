@@ -237,6 +237,9 @@ def validate_sampling(req: ChatCompletionRequest | CompletionRequest) -> None:
         if not (key.isascii() and key.isdigit()):  # str.isdigit alone passes "²" and "٣", which int() reads
             raise APIError(400, f"'logit_bias' keys must be token ids; got {key!r}.", param="logit_bias",
                            code="invalid_value")
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(400, "'prompt_logprobs' is not available when 'stream' is true.", param="prompt_logprobs",
+                       code="invalid_value")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                        code="invalid_value")
@@ -246,6 +249,15 @@ def stop_list(req: ChatCompletionRequest | CompletionRequest) -> list[str]:
     if req.stop is None:
         return []
     return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+
+def prompt_scoring(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """Alternatives per prompt position the answer shows (None: the prompt is not scored): vLLM's
+    `prompt_logprobs`, or legacy `echo` with `logprobs` (the echoed prompt then carries its logprobs)."""
+    wanted = req.prompt_logprobs
+    if not isinstance(req, ChatCompletionRequest) and req.echo and req.logprobs is not None:
+        wanted = max(wanted or 0, req.logprobs)
+    return wanted
 
 
 def output_limit(req: ChatCompletionRequest | CompletionRequest) -> int | None:
@@ -303,6 +315,17 @@ class ChoiceLogprobs(msgspec.Struct):
     content: list[TokenLogprob]
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's entry for one token at one prompt position (`prompt_logprobs`)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+VllmPromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class Choice(msgspec.Struct):
     index: int
     message: AssistantMessage
@@ -318,6 +341,7 @@ class ChatCompletion(msgspec.Struct):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: VllmPromptLogprobs | None = None  # vLLM's, when asked
 
 
 class DeltaToolCall(msgspec.Struct):

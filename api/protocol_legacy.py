@@ -27,6 +27,7 @@ from api.protocol import (
     TopLogprobs,
     TopP,
     Usage,
+    VllmPromptLogprobs,
     decode_body,
     validate_sampling,
 )
@@ -88,11 +89,9 @@ def decode_completion_request(body: bytes) -> CompletionRequest:
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise APIError(400, "'best_of' other than 'n' is not supported.", param="best_of",
                        code="unsupported_parameter")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "'echo' together with 'logprobs' (prompt logprobs) is not supported yet.",
-                       param="echo", code="unsupported_parameter")
-    if req.max_tokens == 0:
-        raise APIError(400, "'max_tokens' must be at least 1.", param="max_tokens", code="invalid_value")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "'max_tokens' 0 (score the prompt only) needs 'echo'; else it must be at least 1.",
+                       param="max_tokens", code="invalid_value")
     validate_sampling(req)
     return req
 
@@ -118,16 +117,17 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
 
 class LegacyLogprobs(msgspec.Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token, which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(msgspec.Struct):
+class CompletionChoice(msgspec.Struct, omit_defaults=True):
     index: int
     text: str
     logprobs: LegacyLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: VllmPromptLogprobs | None = None  # vLLM's, when asked
 
 
 class Completion(msgspec.Struct):

@@ -17,6 +17,7 @@ from api.aliases import shown
 from api.errors import APIError
 from api.guided import guided_decoding
 from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
+from api.prompt_logprobs import vllm_shape
 from api.reasoning import ReasoningSplitter, split
 from api.template import template_options
 
@@ -30,6 +31,7 @@ from common.protocol import (
     Delta,
     Failed,
     Finished,
+    PromptLogprobs,
     ReasoningMode,
     SamplingParams,
     TokenLogprob,
@@ -67,6 +69,7 @@ def sampling_params(req: p.ChatCompletionRequest | CompletionRequest, logprobs: 
         stop_token_ids=list(req.stop_token_ids or []),
         logprobs=logprobs,
         top_logprobs=req.top_logprobs or 0,
+        prompt_logprobs=p.prompt_scoring(req),
         guided=guided_decoding(req, isinstance(req, p.ChatCompletionRequest) and p.forces_tool(req)),
     )
 
@@ -114,6 +117,7 @@ class ChatRun(JobRun):
         self._continuous = False
         self._mode: ReasoningMode = "none"
         self._splitters: dict[int, ReasoningSplitter] = {}
+        self._prompt_scores: PromptLogprobs | None = None
 
     async def close(self) -> None:
         await super().close()
@@ -138,8 +142,10 @@ class ChatRun(JobRun):
                             p.ChoiceLogprobs(self._logprobs[i]) if self.req.logprobs else None,
                             finished[i].finish_reason)
                    for i in range(len(self._texts))]
+        scores = self._prompt_scores
         completion = p.ChatCompletion(self.completion_id, "chat.completion", self.created, self.shown_model, choices,
-                                      usage_of(*finished.values()))
+                                      usage_of(*finished.values()),
+                                      prompt_logprobs=vllm_shape(scores) if scores is not None else None)
         if self.on_complete is not None:
             await self.on_complete(completion)
         return completion
@@ -174,6 +180,8 @@ class ChatRun(JobRun):
                                    code=event.code)
                 if isinstance(event, Accepted):
                     self._accepted(event)
+                if isinstance(event, PromptLogprobs) and self._prompt_scores is None:
+                    self._prompt_scores = event
                 if isinstance(event, Delta | Finished):
                     self._record(event)
             return await self._done()

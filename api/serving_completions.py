@@ -18,8 +18,9 @@ from api import protocol_legacy as lg
 from api.aliases import shown
 from api.errors import APIError
 from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
+from api.prompt_logprobs import joined, legacy_shape, vllm_shape
 from api.serving_chat import sampling_params
-from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, TokenLogprob
+from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, PromptLogprobs, TokenLogprob
 
 _json = msgspec.json.Encoder()
 
@@ -27,6 +28,8 @@ _json = msgspec.json.Encoder()
 def build_jobs(req: lg.CompletionRequest, request_id: str) -> list[ChatJob]:
     prompts = lg.completion_prompts(req)
     params = sampling_params(req, req.logprobs is not None)
+    if params.max_tokens == 0:  # score the prompt only: one token is made, and dropped (`CompletionRun`)
+        params.max_tokens = 1
     return [ChatJob(request_id=request_id if len(prompts) == 1 else f"{request_id}-{k}", model=req.model,
                     messages=[], params=params, created=time.time(), n=req.n or 1, echo=bool(req.echo),
                     prompt=prompt if isinstance(prompt, str) else None,
@@ -76,6 +79,9 @@ class CompletionRun:
         self.created = int(time.time())
         self.accepted: list[Accepted | None] = []
         self._echoed: set[int] = set()
+        self.prompt_scores: dict[int, PromptLogprobs] = {}  # per prompt, the first its workers sent
+        self.echo_scored = bool(req.echo) and req.logprobs is not None  # the echoed prompt carries logprobs
+        self.scores_only = bool(req.echo) and req.max_tokens == 0  # the generated token is dropped
 
     async def start(self) -> None:
         results = await asyncio.gather(*(run.start() for run in self.runs), return_exceptions=True)
@@ -139,8 +145,11 @@ class CompletionRun:
             async for k, event in self._merged():
                 if isinstance(event, Failed):
                     raise APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
+                if isinstance(event, PromptLogprobs):
+                    self.prompt_scores.setdefault(k, event)
                 if not isinstance(event, Delta | Finished):
                     continue
+                event = self._kept(event)
                 index = k * self.n + event.index
                 texts.setdefault(index, [self._echo(k)]).append(event.text)
                 if self.req.logprobs is not None:
@@ -153,12 +162,33 @@ class CompletionRun:
             self._record_outcomes(finished)
         finally:
             await self.close()
-        choices = [lg.CompletionChoice(i, "".join(texts.get(i, [])), builders[i].out if i in builders else None,
-                                      finished[i].finish_reason) for i in sorted(finished)]
+        choices = [lg.CompletionChoice(i, "".join(texts.get(i, [])), self._logprobs(i // self.n, builders.get(i)),
+                                      finished[i].finish_reason, self._vllm_prompt_logprobs(i // self.n))
+                   for i in sorted(finished)]
         per_prompt = [usage_of(*[finished[k * self.n + i] for i in range(self.n)]) for k in range(len(self.runs))]
         usage = p.Usage(sum(u.prompt_tokens for u in per_prompt), sum(u.completion_tokens for u in per_prompt),
                         sum(u.total_tokens for u in per_prompt))
         return lg.Completion(self.completion_id, "text_completion", self.created, shown(self.req.model), choices, usage)
+
+    def _kept(self, event: Delta | Finished) -> Delta | Finished:
+        """The event as the client sees it: with `max_tokens` 0 the generated token is dropped."""
+        if not self.scores_only:
+            return event
+        if isinstance(event, Delta):
+            return Delta(seq=event.seq, text="", completion_tokens=0, index=event.index)
+        return Finished(seq=event.seq, text="", finish_reason="length", prompt_tokens=event.prompt_tokens,
+                        completion_tokens=0, cached_tokens=event.cached_tokens, index=event.index)
+
+    def _logprobs(self, k: int, builder: LegacyLogprobsBuilder | None) -> lg.LegacyLogprobs | None:
+        """A choice's legacy logprobs: the echoed prompt's, then its own tokens'."""
+        if builder is None:
+            return None
+        scores = self.prompt_scores.get(k) if self.echo_scored else None
+        return builder.out if scores is None else joined(legacy_shape(scores), builder.out)
+
+    def _vllm_prompt_logprobs(self, k: int) -> p.VllmPromptLogprobs | None:
+        scores = self.prompt_scores.get(k)
+        return vllm_shape(scores) if scores is not None and self.req.prompt_logprobs is not None else None
 
     def _record_outcomes(self, finished: dict[int, Finished]) -> None:
         """Each prompt's line in the request log says how it ended (it said "client went away" for every legacy
@@ -183,12 +213,18 @@ class CompletionRun:
                         so_far.accepted(k, event.prompt_tokens)
                     yield self._echo_chunks(k)
                     continue
+                if isinstance(event, PromptLogprobs):
+                    self.prompt_scores.setdefault(k, event)
+                    yield self._echo_chunks(k)
+                    continue
                 if isinstance(event, Failed):
                     err = APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
                     yield b"data: " + err.to_json() + b"\n\n"
                     return
                 if not isinstance(event, Delta | Finished):
                     continue
+                yield self._echo_chunks(k, unscored=True)
+                event = self._kept(event)
                 index = k * self.n + event.index
                 logprobs = None
                 if self.req.logprobs is not None:
@@ -216,13 +252,16 @@ class CompletionRun:
         finally:
             await self.close()
 
-    def _echo_chunks(self, k: int) -> bytes:
-        """The prompt's text first, once per choice, when `echo` asks for it (and the worker has sent it)."""
+    def _echo_chunks(self, k: int, unscored: bool = False) -> bytes:
+        """The prompt's text first, once per choice, when `echo` asks for it (and the worker has sent it), with its
+        logprobs when asked (sent before the first token; `unscored`: a token came first, send it without)."""
         echo = self._echo(k)
-        if not echo or k in self._echoed:
+        scores = self.prompt_scores.get(k) if self.echo_scored else None
+        if not echo or k in self._echoed or (self.echo_scored and scores is None and not unscored):
             return b""
         self._echoed.add(k)
-        return b"".join(self._chunk(k * self.n + i, echo, None, None) for i in range(self.n))
+        logprobs = legacy_shape(scores) if scores is not None else None
+        return b"".join(self._chunk(k * self.n + i, echo, logprobs, None) for i in range(self.n))
 
     def _chunk(self, index: int, text: str, logprobs: lg.LegacyLogprobs | None, finish: p.FinishReason | None,
                so_far: UsageSoFar | None = None) -> bytes:

@@ -3,7 +3,9 @@ gets an answer that ignored what it asked for. OpenAI's (chat only) and vLLM's e
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from api.errors import APIError
 from api.guided import GuidedFields
@@ -20,7 +22,7 @@ CHAT_UNSERVED: dict[str, tuple[Any, ...]] = {
 VLLM_UNSERVED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False), "length_penalty": (None, 1.0), "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
+    "truncate_prompt_tokens": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
     "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,), "logits_processors": (None,),
     "priority": (None, 0), "vllm_xargs": (None,),
@@ -36,7 +38,7 @@ class VllmFields(GuidedFields, kw_only=True):
     skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
     truncate_prompt_tokens: Any = None
-    prompt_logprobs: Any = None
+    prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None  # served: the prompt's logprobs too
     allowed_token_ids: Any = None
     bad_words: Any = None
     return_tokens_as_token_ids: Any = None

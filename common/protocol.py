@@ -112,6 +112,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # score the prompt too: this many alternatives per position (None: don't)
     guided: GuidedDecoding | None = None
 
 
@@ -153,6 +154,30 @@ class TokenLogprob(msgspec.Struct):
     logprob: float
     bytes: list[int]
     top_logprobs: list[TopLogprob]
+
+
+class RankedToken(msgspec.Struct):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class PromptTokenLogprob(msgspec.Struct, kw_only=True):
+    """One prompt token's log probability given the tokens before it, its rank among all (1: the likeliest), and
+    the likeliest tokens at its position; the first token, which nothing predicts, has none."""
+
+    token_id: int
+    token: str
+    logprob: float | None = None
+    rank: int | None = None
+    top: list[RankedToken] = msgspec.field(default_factory=list)
+
+
+class PromptLogprobs(msgspec.Struct, tag_field="event", tag="prompt_logprobs", kw_only=True):
+    """The prompt scored (`prompt_logprobs`, legacy `echo` with `logprobs`): sent before the request's first
+    token; a worker that resumes a job may send it again (readers keep the first)."""
+
+    tokens: list[PromptTokenLogprob]
 
 
 class Accepted(msgspec.Struct, tag_field="event", tag="accepted", kw_only=True):
@@ -256,7 +281,7 @@ class Tokenized(msgspec.Struct, tag_field="event", tag="tokenized", kw_only=True
     max_model_len: int = 0
 
 
-Event = Accepted | Delta | Finished | Failed | Tokenized | Embedded | Scored
+Event = Accepted | PromptLogprobs | Delta | Finished | Failed | Tokenized | Embedded | Scored
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

@@ -24,6 +24,7 @@ import redis
 from common import keys
 from common.redis_server import EmbeddedRedis, free_port
 from tests.conftest import Proc, Server, axion_env, get_json, wait_ready
+from tests.test_prompt_logprobs_e2e import prompt_ids, reference
 from tests.test_recovery_e2e import _stream
 
 ENV = {"HEARTBEAT_TTL_S": "1.5", "VISIBILITY_TIMEOUT_S": "2", "MAX_BATCH_SIZE": "8", "CONCURRENT_REQUESTS": "32",
@@ -188,6 +189,20 @@ def test_stop_string_ends_the_text_before_it(fleet: Fleet) -> None:
     resp = greedy(fleet, "a stop test", tokens=24, stop=[stop])
     assert resp.choices[0].finish_reason == "stop"
     assert resp.choices[0].message.content == text[:text.index(stop)]
+
+
+def test_prompt_logprobs_match_the_models_logits(fleet: Fleet) -> None:
+    ids = prompt_ids(fleet.model)
+    expected, _ = reference(fleet.model, ids)
+    resp = fleet.client().completions.create(model=fleet.model, prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                             temperature=0, extra_body={"prompt_logprobs": 1})
+    choice = resp.model_dump()["choices"][0]
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=2e-2)
+    scores = choice["prompt_logprobs"]
+    assert scores[0] is None and len(scores) == len(ids)
+    assert [s[str(t)]["logprob"] for s, t in zip(scores[1:], ids[1:], strict=True)] == pytest.approx(expected,
+                                                                                                    abs=2e-2)
 
 
 def _body(fleet: Fleet, i: int, tokens: int, stream: bool = True) -> dict[str, Any]:

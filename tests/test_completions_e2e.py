@@ -95,7 +95,9 @@ def test_legacy_logprobs_shape(served: Server) -> None:
     ({"prompt": [[]]}, "prompt"),
     ({"prompt": [99999]}, "prompt"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
 ])
 def test_bad_completion_requests(served: Server, body: dict, param: str) -> None:
@@ -138,8 +140,8 @@ def test_add_special_tokens_and_unserved_extras(served: Server) -> None:
     assert prompt_tokens(add_special_tokens=False) == prompt_tokens() - 1  # the BOS the tokenizer adds
     with pytest.raises(openai.BadRequestError) as caught:
         served.client().completions.create(model=served.model, prompt="x", max_tokens=1,
-                                           extra_body={"prompt_logprobs": 1})
-    assert caught.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
+                                           extra_body={"bad_words": ["x"]})
+    assert caught.value.body["param"] == "bad_words"  # type: ignore[index]
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

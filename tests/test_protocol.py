@@ -59,7 +59,7 @@ def test_a_json_schema_format_without_a_schema_asks_for_any_json_object() -> Non
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("use_beam_search", True), ("prompt_logprobs", 1), ("include_stop_str_in_output", True), ("bad_words", ["x"]),
+    ("use_beam_search", True), ("include_stop_str_in_output", True), ("bad_words", ["x"]),
     ("allowed_token_ids", [1]), ("skip_special_tokens", False), ("chat_template", "{{ x }}"), ("priority", 3),
     ("add_special_tokens", True), ("length_penalty", 2.0)])
 def test_vllm_extras_not_served_are_named_in_a_400(field: str, value: object) -> None:

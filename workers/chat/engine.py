@@ -26,6 +26,7 @@ from workers.chat.kv import pad_left
 from workers.chat.logprobs import TokenBytes
 from workers.chat.prefill import Prefill
 from workers.chat.prefix_cache import PrefixCache
+from workers.chat.prompt_scores import score_prompt
 from workers.chat.sampling import banned_ids, needs_processing, process_row, sample_row, token_seed
 from workers.chat.sequence import Sequence, advance, eos_token_ids, prepare, tokenize
 
@@ -110,6 +111,11 @@ class ChatEngine(Prefill, DecodeAhead):
     def prefill_step(self) -> list[tuple[Sequence, Event]]:
         """Spend the prompt-token budget; a sequence whose prompt is done gets its first token (an event)."""
         events: list[tuple[Sequence, Event]] = []
+        for seq in self.pending:
+            if seq.scores_prompt and not seq.cancelled:  # before its first token, as readers expect
+                seq.scores_prompt = False
+                events.append((seq, score_prompt(self.model, seq.prompt_ids, seq.params.prompt_logprobs or 0,
+                                                 self.token_bytes, self.device)))
         if self.pending:
             self._prefill(events)
             self._drop_finished()

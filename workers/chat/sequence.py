@@ -73,6 +73,7 @@ class Sequence:
     # The token being sampled: the log-softmax of its raw logits (native), or its entry as the engine computed it.
     pending_logprobs: torch.Tensor | TokenLogprob | None = None
     echo_text: str | None = None  # legacy completions with `echo`: the prompt as text, sent with `accepted`
+    scores_prompt: bool = False  # its prompt's logprobs are still to be sent (`prompt_logprobs`; choice 0 only)
     reasoning: ReasoningMode = "none"  # sent with `accepted`: where the output's reasoning is (`reasoning_mode`)
     matcher: Matcher | None = None  # structured output: which tokens may come next
     tool_format: tools.ToolFormat | None = None  # set when the output may hold tool calls to parse
@@ -176,6 +177,7 @@ def prepare(job: ChatJob, tokenizer: Any, max_seq_len: int, vocab_size: int, dev
     ]
     choices[0].siblings = choices[1:]
     choices[0].reasoning = reasoning_mode(job, tokenizer, prompt_ids)
+    choices[0].scores_prompt = params.prompt_logprobs is not None
     if job.echo:
         choices[0].echo_text = job.prompt if job.prompt is not None else tokenizer.decode(prompt_ids)
     return choices[0]

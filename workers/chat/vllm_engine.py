@@ -16,7 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -36,6 +36,7 @@ from workers.chat import tools
 from workers.chat.backend import Publish
 from workers.chat.grammar import GrammarCompiler, constraint_source
 from workers.chat.logprobs import TokenBytes
+from workers.chat.prompt_scores import from_engine
 from workers.chat.sequence import Sequence, advance, eos_token_ids, finish, prepare, replay, tokenize
 
 log = logging.getLogger("axion.worker.vllm")
@@ -75,6 +76,7 @@ class Choice:
 
     structured: StructuredOutputsParams | None
     engine_id: str | None = None
+    prompt_scores: list[Any] = field(default_factory=list)  # vLLM's prompt logprobs, one part per prefill chunk
 
 
 def structured_params(job: ChatJob, seq: Sequence) -> StructuredOutputsParams | None:
@@ -102,7 +104,8 @@ def engine_params(seq: Sequence, structured: StructuredOutputsParams | None) -> 
         repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
         stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
         logprobs=p.top_logprobs if p.logprobs else None, detokenize=False, skip_special_tokens=False,
-        output_kind=RequestOutputKind.DELTA, structured_outputs=structured)
+        prompt_logprobs=p.prompt_logprobs if seq.scores_prompt else None, output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured)
 
 
 class VllmBackend:
@@ -259,6 +262,7 @@ class VllmBackend:
             self.figures.prompt_tokens += out.prefill_stats.num_prompt_tokens
             self.figures.computed_tokens += out.prefill_stats.num_computed_tokens
             seq.cached_tokens = min(out.prefill_stats.num_cached_tokens, len(seq.prompt_ids))
+        self._score_prompt(seq, out, events)
         logprobs = out.new_logprobs
         for k, token in enumerate(out.new_token_ids):
             if logprobs is not None:
@@ -278,6 +282,18 @@ class VllmBackend:
                                            message=f"The engine ended the output early ({ended}).")))
         if seq.finish_reason is not None:
             self._release(seq, running=ended is None)
+
+    def _score_prompt(self, seq: Sequence, out: Any, events: list[tuple[Sequence, Event]]) -> None:
+        """Gather the prompt's logprobs over vLLM's prefill chunks; sent whole before the first token, ahead of
+        the step's other events (a sibling's first token included)."""
+        choice: Choice = seq.handle
+        if out.new_prompt_logprobs_tensors is not None:
+            choice.prompt_scores.append(out.new_prompt_logprobs_tensors)
+        if seq.scores_prompt and (out.new_token_ids or out.finish_reason is not None):
+            seq.scores_prompt = False
+            scores = from_engine(seq.prompt_ids, choice.prompt_scores, seq.params.prompt_logprobs or 0,
+                                 self.token_bytes)
+            events.insert(0, (seq, scores))
 
     def _advance(self, seq: Sequence, token: int) -> Event:
         return advance(seq, token, self.eos_ids, self.max_seq_len, self.token_bytes)

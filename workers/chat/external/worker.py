@@ -202,6 +202,10 @@ class ExternalChatWorker(StreamWorker):
             return Failed(status=400, code="unsupported_parameter", param=lacked[0],
                           message=f"'{lacked[0]}' is not supported by this model's engine "
                                   f"(EXTERNAL_ENGINE_LACKS); leave it out or use a natively served model.")
+        if job.task == "generate" and job.params.prompt_logprobs is not None:
+            return Failed(status=400, code="unsupported_parameter", param="prompt_logprobs",
+                          message="Prompt logprobs ('prompt_logprobs', or 'echo' with 'logprobs') are not relayed "
+                                  "from an external engine; use a natively served model.")
         if job.task != "generate" and self.tokenizer is None:
             return Failed(status=400, code="unsupported_task",
                           message="Tokenizing needs the model's tokenizer, which this worker could not load.")

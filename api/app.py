@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from litestar import Litestar, Request, Response, get, head, post, route
+from litestar import Litestar, Request, Response, delete, get, head, post, route
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
@@ -20,7 +20,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
-from api import admin, aliases, errors, protocol, serving_embed, serving_rerank
+from api import admin, aliases, errors, protocol, serving_embed, serving_rerank, serving_responses
 from api import health as health_views
 from api import protocol_legacy as legacy
 from api.batch_routes import ROUTES as BATCH_ROUTES
@@ -76,12 +76,18 @@ async def chat_completions(request: Request[Any, Any, State], state: State) -> R
         metrics.cache_misses.labels("chat").inc()
     save = functools.partial(cache.save, decision.key) if decision.write and decision.key else None
     run = ChatRun(_ctx(state), req, request_id, on_complete=save, lease=lease, timeout_s=timeout_s)
+    return await _answer(request, run, headers)
+
+
+async def _answer(request: Request[Any, Any, State], run: ChatRun | serving_responses.ResponsesRun,
+                  headers: dict[str, str]) -> Response[Any]:
+    """Start a run, then stream its frames or send its whole answer (either stops when the client leaves)."""
     accepted = await _echoing_request_id(_unless_client_leaves(request, run.start(), run.close), headers)
-    if req.stream:
+    if run.streaming:
         return Stream(run.stream(accepted), media_type="text/event-stream", headers=SSE_HEADERS | headers,
                       background=BackgroundTask(run.close))
-    completion = await _unless_client_leaves(request, run.complete(accepted), run.close)
-    return Response(msgspec.json.encode(completion), media_type="application/json", headers=headers)
+    answer = await _unless_client_leaves(request, run.complete(accepted), run.close)
+    return Response(msgspec.json.encode(answer), media_type="application/json", headers=headers)
 
 
 def _request_timeout(request: Request[Any, Any, State], cap: float) -> float:
@@ -145,6 +151,32 @@ async def _echoing_request_id(start: Awaitable[T], headers: dict[str, str]) -> T
     except errors.APIError as exc:
         exc.headers.update(headers)
         raise
+
+
+@post("/v1/responses", status_code=200)
+async def create_response(request: Request[Any, Any, State], state: State) -> Response[Any]:
+    """OpenAI's Responses API: one chat job, answered as a `response` or as `response.*` events; stored in Redis."""
+    client_id = request.headers.get("x-request-id")
+    timeout_s = _request_timeout(request, _ctx(state).settings.request_timeout_s)
+    run = await serving_responses.prepare(_ctx(state), await request.body(), new_request_id(client_id), timeout_s)
+    return await _answer(request, run, {"X-Request-Id": client_id or run.request_id})
+
+
+@get("/v1/responses/{response_id:str}")
+async def retrieve_response(response_id: str, state: State) -> Response[Any]:
+    stored = await _response_store(state).load(response_id)
+    return Response(msgspec.json.encode(stored.response), media_type="application/json")
+
+
+@delete("/v1/responses/{response_id:str}", status_code=200)
+async def delete_response(response_id: str, state: State) -> Response[Any]:
+    deleted = await _response_store(state).delete(response_id)
+    return Response(msgspec.json.encode(deleted), media_type="application/json")
+
+
+def _response_store(state: State) -> serving_responses.ResponseStore:
+    ctx = _ctx(state)
+    return serving_responses.ResponseStore(ctx.redis, ctx.settings.response_store_ttl_s)
 
 
 @post("/tokenize", status_code=200)
@@ -297,8 +329,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
             if redis is None:
                 await client.aclose()
 
-    handlers = [chat_completions, completions, tokenize, detokenize, embeddings, rerank, score, version, list_models,
-                retrieve_model,
+    handlers = [chat_completions, completions, create_response, retrieve_response, delete_response, tokenize,
+                detokenize, embeddings, rerank, score, version, list_models, retrieve_model,
                 health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
                 *BATCH_ROUTES]
     return Litestar(

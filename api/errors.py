@@ -88,6 +88,10 @@ def from_decode_error(exc: msgspec.DecodeError) -> APIError:
     if " - at `$." in text:
         text, _, path = text.rpartition(" - at `$.")
         param = path.rstrip("`").replace("[...]", "")
+    if text.startswith("Object contains unknown field `"):  # a struct that forbids unknown fields: OpenAI's answer
+        field = text.removeprefix("Object contains unknown field `").rstrip("`")
+        name = f"{param}.{field}" if param else field
+        return APIError(400, f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
     if isinstance(exc, msgspec.ValidationError):
         message = f"Invalid value for '{param}': {text}" if param else text
     else:

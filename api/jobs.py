@@ -217,6 +217,19 @@ class JobRun:
                 self.timer.accepted()
             return event
 
+    async def answer_event(self) -> Event:
+        """The next event of an answer sent whole; a timeout, or the worker's failure, as the APIError to send."""
+        try:
+            event = await self.next_event()
+        except TimeoutError:
+            self.outcome = "timed out"
+            raise self._timeout_error() from None
+        if isinstance(event, Failed):
+            self.outcome = f"failed {event.status} {event.code}"
+            raise APIError(event.status, event.message, type=event.type, param=event.param, code=event.code)
+        assert event is not None  # next_event without `wait` returns one or raises
+        return event
+
     async def close(self) -> None:
         if self.sub is not None and not self.completed:  # the client left or timed out: stop the work
             await self._flag_cancelled()

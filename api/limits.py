@@ -18,9 +18,9 @@ from common.settings import Settings
 PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize"})
 
 #: Which kind of worker serves each endpoint (whose heartbeat says the vocabulary size).
-ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/tokenize": "chat",
-                 "/detokenize": "chat", "/v1/embeddings": "embed", "/v1/rerank": "rerank", "/rerank": "rerank",
-                 "/v2/rerank": "rerank", "/v1/score": "rerank", "/score": "rerank"}
+ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/responses": "chat",
+                 "/tokenize": "chat", "/detokenize": "chat", "/v1/embeddings": "embed", "/v1/rerank": "rerank",
+                 "/rerank": "rerank", "/v2/rerank": "rerank", "/v1/score": "rerank", "/score": "rerank"}
 
 
 def check_sizes(body: dict[str, Any], settings: Settings) -> None:

@@ -23,6 +23,7 @@ from api.batch_routes import MAX_PAGE, BatchCreate
 from api.guided import MAX_CHOICES
 from api.limits import ENDPOINT_KIND
 from api.protocol import MAX_TOOLS, ROLES, ChatCompletionRequest
+from api.protocol_responses import RESPONSES_UNSERVED, InputItem, ResponsesRequest
 from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest
 from api.serving_rerank import RerankRequest, ScoreRequest
 from api.unserved import CHAT_UNSERVED, VLLM_UNSERVED
@@ -32,6 +33,7 @@ from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
 REQUEST_BODIES: dict[str, type] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": legacy.CompletionRequest,
+    "/v1/responses": ResponsesRequest,
     "/tokenize": legacy.TokenizeRequest,
     "/detokenize": legacy.DetokenizeRequest,
     "/v1/embeddings": EmbeddingRequest,
@@ -61,7 +63,8 @@ ERROR_SCHEMA: dict[str, Any] = {
     }},
 }
 
-STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")  # `stream: true` answers server-sent events
+#: `stream: true` answers server-sent events.
+STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MODEL_ID_PARAMETER: dict[str, Any] = {
     "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]*$", "maxLength": MAX_MODEL_ID_CHARS,
     "description": "A model id; one with an organisation (`org/name`) goes in the path as it is"}
@@ -76,9 +79,11 @@ ADMIN_ERRORS = {"403": "The key is not one of ADMIN_API_KEYS"}
 def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
     """A copy of Litestar's OpenAPI document with request bodies and the error envelope filled in."""
     doc = copy.deepcopy(schema)
-    bodies, components = msgspec.json.schema_components(list(REQUEST_BODIES.values()),
-                                                        ref_template="#/components/schemas/{name}")
+    schemas_, components = msgspec.json.schema_components([*REQUEST_BODIES.values(), list[InputItem]],
+                                                          ref_template="#/components/schemas/{name}")
+    *bodies, items = schemas_
     _add_checked_rules(components)
+    _add_response_items(components, items)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name, component in components.items():
         schemas.setdefault(name, component)
@@ -109,6 +114,23 @@ def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
                     operation["responses"][status] = {
                         "description": text, "content": {"application/json": {"schema": error_ref}}}
     return doc
+
+
+def _add_response_items(components: dict[str, Any], items: dict[str, Any]) -> None:
+    """The Responses API's `input`: text, or items as `input_items` reads them (a message may leave out `type`)."""
+    items["items"].pop("discriminator", None)
+    items["minItems"] = 1
+    components["InputMessage"]["required"] = [f for f in components["InputMessage"]["required"] if f != "type"]
+    fields = components["ResponsesRequest"]["properties"]
+    fields["input"] = {"anyOf": [{"type": "string"}, items]}
+    fields["tools"]["maxItems"] = MAX_TOOLS
+    for name, neutral in RESPONSES_UNSERVED.items():  # fields not served: only their neutral values pass
+        fields[name] = {"enum": list(neutral)}
+    components["TextConfig"]["properties"]["verbosity"] = {"enum": [None, "medium"]}
+    components["ResponseTool"]["properties"]["name"] = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    components["ResponsesRequest"]["allOf"] = [
+        {"if": _given("tool_choice", {"allOf": [NOT_NULL, {"not": {"enum": ["none", "auto"]}}]}),
+         "then": _given("tools", {"type": "array", "minItems": 1})}]
 
 
 def _add_checked_rules(components: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from common import keys
 
 WINDOW_MS = 60_000
 CHARS_PER_TOKEN = 4
-GENERATING_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATING_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 RATE_LIMIT_HEADERS = [f"x-ratelimit-{what}-{dim}" for what in ("limit", "remaining", "reset")
                       for dim in ("requests", "tokens")]
 
@@ -140,11 +140,12 @@ def estimate_tokens(path: str, body: Any, max_seq_len: int) -> int:
     if not isinstance(body, dict):
         return 1
     prompt = 0
-    for field in ("messages", "prompt", "input", "query", "documents", "tokens", "text_1", "text_2"):
+    for field in ("messages", "prompt", "input", "instructions", "query", "documents", "tokens", "text_1", "text_2"):
         prompt += _size(body.get(field))
     output = 0
     if path in GENERATING_PATHS:
-        limit = _int(body.get("max_completion_tokens")) or _int(body.get("max_tokens"))
+        limit = (_int(body.get("max_completion_tokens")) or _int(body.get("max_tokens"))
+                 or _int(body.get("max_output_tokens")))
         if limit is None:
             limit = 16 if path == "/v1/completions" else max(0, max_seq_len - prompt)
         output = limit * max(1, _int(body.get("n")) or 1, _int(body.get("best_of")) or 1)

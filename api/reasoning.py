@@ -5,7 +5,13 @@ still turn out to be a tag."""
 
 from __future__ import annotations
 
-from common.protocol import THINK_CLOSE, THINK_OPEN, ReasoningMode
+from common.protocol import THINK_CLOSE, THINK_OPEN, Accepted, ReasoningMode
+from common.settings import Settings
+
+
+def reasoning_mode(settings: Settings, accepted: Accepted) -> ReasoningMode:
+    """Where the answer's reasoning is: as the worker read it from the template, unless REASONING_PARSER=none."""
+    return accepted.reasoning if settings.reasoning_parser == "auto" else "none"
 
 
 class ReasoningSplitter:

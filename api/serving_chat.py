@@ -18,7 +18,7 @@ from api.errors import APIError
 from api.guided import guided_decoding
 from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
 from api.prompt_logprobs import vllm_shape
-from api.reasoning import ReasoningSplitter, split
+from api.reasoning import ReasoningSplitter, reasoning_mode, split
 from api.template import template_options
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ class ChatRun(JobRun):
 
     def _accepted(self, event: Accepted) -> None:
         self._so_far.accepted(0, event.prompt_tokens)
-        if self.ctx.settings.reasoning_parser == "auto":
-            self._mode = event.reasoning
+        self._mode = reasoning_mode(self.ctx.settings, event)
 
     def _split(self, event: Delta | Finished) -> tuple[str, str]:
         """(reasoning, content) of the event's text, the choice's held text too when it is the last."""
@@ -169,15 +168,7 @@ class ChatRun(JobRun):
         n = self.req.n or 1
         try:
             while len(self._finished) < n:
-                try:
-                    event = await self.next_event()
-                except TimeoutError:
-                    self.outcome = "timed out"
-                    raise self._timeout_error() from None
-                if isinstance(event, Failed):
-                    self.outcome = f"failed {event.status} {event.code}"
-                    raise APIError(event.status, event.message, type=event.type, param=event.param,
-                                   code=event.code)
+                event = await self.answer_event()
                 if isinstance(event, Accepted):
                     self._accepted(event)
                 if isinstance(event, PromptLogprobs) and self._prompt_scores is None:

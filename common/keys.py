@@ -118,6 +118,12 @@ def cancel_flag(request_id: str) -> str:
     return f"{PREFIX}:cancel:{{{request_id}}}"
 
 
+def response(response_id: str) -> str:
+    """A stored Responses API answer and the conversation it ended (JSON, with RESPONSE_STORE_TTL_S): read by
+    every API replica for `previous_response_id` and `GET /v1/responses/{id}`."""
+    return f"{PREFIX}:response:{{{response_id}}}"
+
+
 def progress(request_id: str, index: int) -> str:
     """List of the token ids choice `index` of a request has generated so far (short-lived): a worker that
     reclaims the job from a crashed one resumes from them instead of starting over."""

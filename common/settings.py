@@ -95,6 +95,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
     allow_model_paths: bool = False
     vllm_metric_names: bool = True
     reasoning_parser: Literal["auto", "none"] = "auto"
+    response_store_ttl_s: PositiveFloat = 30 * 86400.0  # stored Responses API answers (OpenAI keeps them 30 days)
     # Fleets (README "Several models"): request names mapped onto served models; who may order hot swaps.
     model_aliases: str = ""
     admin_api_keys: str = ""

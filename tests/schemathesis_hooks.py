@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `st run` puts it
 from api.openapi import GUIDED_FIELDS
 from api.template import RESERVED
 
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MODEL_PATHS = (*GENERATION_PATHS, "/tokenize", "/detokenize", "/v1/embeddings")
 SCORE_PATHS = ("/score", "/v1/score")
 VALID_TEXT = {"regex": "[a-z]{1,4}", "grammar": 'start: "a" | "b"', "whitespace_pattern": " ?"}
@@ -50,12 +50,16 @@ def map_case(context: schemathesis.HookContext, case: Any) -> Any:
 
 def _inside_the_context(path: str, body: dict[str, Any]) -> None:
     for field in ("prompt", "input", "tokens", "stop_token_ids", "messages"):
-        if field in body:  # texts have no maxLength there but `input`'s: cut them elsewhere only
-            body[field] = _inside_the_model(body[field], cut_texts=field != "input")
-    for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        if field in body:  # texts have no maxLength there but embeddings' `input`: cut them elsewhere only
+            body[field] = _inside_the_model(body[field], cut_texts=field != "input" or path == "/v1/responses")
+    for field in ("max_tokens", "max_completion_tokens", "min_tokens", "max_output_tokens"):
         if isinstance(body.get(field), int | float) and not isinstance(body[field], bool):
             body[field] = min(body[field], MOST_TOKENS)
-    if path in GENERATION_PATHS and body.get("max_completion_tokens") is None:
+    if path == "/v1/responses":
+        body.setdefault("max_output_tokens", MOST_TOKENS)
+        if isinstance(body.get("instructions"), str):
+            body["instructions"] = body["instructions"][:MOST_CHARS]
+    elif path in GENERATION_PATHS and body.get("max_completion_tokens") is None:
         body.setdefault("max_tokens", MOST_TOKENS)
     if isinstance(body.get("logit_bias"), dict):
         body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if not k.isdigit() or
@@ -70,6 +74,9 @@ def _between_fields(path: str, body: dict[str, Any]) -> None:
         body["add_generation_prompt"] = False
     if isinstance(body.get("chat_template_kwargs"), dict):
         body["chat_template_kwargs"] = {k: v for k, v in body["chat_template_kwargs"].items() if k not in RESERVED}
+    if path == "/v1/responses":
+        _response_rules(body)
+        return
     if path not in GENERATION_PATHS:
         return
     if isinstance(body.get("messages"), list):
@@ -126,6 +133,30 @@ def _valid_patterns(body: dict[str, Any]) -> None:
         outputs = body.get("structured_outputs")
         if isinstance(outputs, dict) and isinstance(outputs.get(field), str):
             outputs[field] = valid
+
+
+def _response_rules(body: dict[str, Any]) -> None:
+    """The Responses API's: few input items, one small tool, a named choice naming it, no format beside it, and
+    no `previous_response_id` (an id the generator makes up names no stored response: a 400, as OpenAI answers)."""
+    body.pop("previous_response_id", None)
+    if isinstance(body.get("input"), list):  # and one that prompts: earlier reasoning alone is no prompt
+        body["input"] = body["input"][:MOST_MESSAGES]
+        if all(isinstance(item, dict) and item.get("type") == "reasoning" for item in body["input"]):
+            body["input"] = "hi"
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        body["tools"] = [{"type": "function", "name": t.get("name"), "parameters": {"type": "object"}}
+                         for t in tools[:1] if isinstance(t, dict)]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and body.get("tools"):
+        body["tool_choice"] = {**choice, "name": body["tools"][0]["name"]}
+    forced = choice == "required" or isinstance(choice, dict)
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if forced and isinstance(text, dict):
+        body["text"] = {k: v for k, v in text.items() if k != "format"}
+    elif isinstance(fmt, dict) and fmt.get("schema") is not None:  # small, as the tools' (numbers past 64 bits
+        fmt["schema"] = {"type": "object"}  # in a made-up schema are what the grammar compiler refuses)
 
 
 def _name_a_declared_tool(body: dict[str, Any]) -> None:

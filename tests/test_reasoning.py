@@ -58,11 +58,17 @@ def test_the_worker_reads_the_mode_from_the_template(tiny_model_dir: Path, tmp_p
         assert reasoning_mode(job, tok, ids) == mode
 
 
+def serving_with_template(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                          extra: str) -> Iterator[Server]:
+    """`axion serve` of the tiny model with `extra` appended to its chat template."""
+    folder = _with_template(tiny_model_dir, tmp_path_factory.mktemp("template") / "model", extra)
+    with serving(folder, tmp_path_factory.mktemp("template-logs"), MAX_SEQ_LEN="512") as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def thinking(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = _with_template(tiny_model_dir, tmp_path_factory.mktemp("think") / "thinker", THINKS)
-    with serving(folder, tmp_path_factory.mktemp("think-logs"), MAX_SEQ_LEN="512") as server:
-        yield server
+    yield from serving_with_template(tiny_model_dir, tmp_path_factory, THINKS)
 
 
 def test_reasoning_content_through_the_sdk(thinking: Server) -> None:

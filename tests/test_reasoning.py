@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 from api.reasoning import ReasoningSplitter, split
 from common.protocol import ChatJob, ChatMessage, SamplingParams
 from tests.conftest import Server, serving
+from workers.chat.external.client import Piece
+from workers.chat.external.relay import Choice as RelayChoice
 from workers.chat.sequence import reasoning_mode
 
 #: Qwen3's way: the model opens <think> itself; `enable_thinking: false` writes an empty block into the prompt.
@@ -90,3 +92,16 @@ def test_reasoning_content_through_the_sdk(thinking: Server) -> None:
                                                        "chat_template_kwargs": {"enable_thinking": False}})
     assert getattr(plain.choices[0].message, "reasoning_content", None) is None
     assert len(plain.choices[0].message.content or "") == 4
+
+
+def test_reasoning_an_external_engine_sends_apart_is_put_back_for_the_splitter() -> None:
+    """vLLM serving with a reasoning parser streams `reasoning_content` beside `content`: the relay writes it back
+    between the tags the template's mode expects, so the API splits it as it does the native engine's."""
+    for mode, opened in (("tagged", "<think>"), ("open", "")):
+        choice = RelayChoice(0, reasoning=mode)  # type: ignore[arg-type]
+        deltas = [choice.add(Piece(0, reasoning="ab")), choice.add(Piece(0, reasoning="cd")),
+                  choice.add(Piece(0, text="Hi"))]
+        text = "".join(d.text for d in deltas if d is not None)
+        assert text == opened + "abcd</think>Hi"
+        assert [d.seq for d in deltas if d is not None] == [len(opened) + 1, len(opened) + 3, len(text) - 1]
+        assert split(mode, text) == ("abcd", "Hi")  # type: ignore[arg-type]

@@ -47,6 +47,7 @@ class Piece:
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    reasoning: str = ""  # what an engine with a reasoning parser sends apart (vLLM: `reasoning_content`)
 
 
 @dataclass
@@ -178,7 +179,8 @@ def parse_chunk(chunk: dict[str, Any]) -> tuple[list[Piece], Usage | None]:
         text = delta.get("content") if "delta" in choice else choice.get("text")
         pieces.append(Piece(index=int(choice.get("index", 0)), text=text or "",
                             finish_reason=choice.get("finish_reason"), tool_calls=delta.get("tool_calls") or [],
-                            logprobs=_logprobs(choice.get("logprobs"))))
+                            logprobs=_logprobs(choice.get("logprobs")),
+                            reasoning=delta.get("reasoning_content") or delta.get("reasoning") or ""))
     usage = chunk.get("usage")
     if isinstance(usage, dict) and "completion_tokens" in usage:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0

@@ -16,7 +16,18 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import keys
-from common.protocol import Accepted, ChatJob, Delta, Event, Finished, ToolCall, encode
+from common.protocol import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    Accepted,
+    ChatJob,
+    Delta,
+    Event,
+    Finished,
+    ReasoningMode,
+    ToolCall,
+    encode,
+)
 from workers.chat.external.client import EngineClient, EngineError, Piece, Usage, unavailable
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls"}
@@ -32,6 +43,20 @@ class Choice:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
+    reasoning: ReasoningMode = "none"  # where the API looks for the reasoning in the text (`Accepted.reasoning`)
+    thinking: bool = False  # inside reasoning the engine sent apart
+
+    def _tagged(self, piece: Piece) -> str:
+        """The piece's text, with reasoning an engine sent apart put back where the API's splitter finds it:
+        between <think> (unless the prompt opened it) and </think>."""
+        text = ""
+        if piece.reasoning:
+            if not self.thinking:
+                text, self.thinking = ("" if self.reasoning == "open" else THINK_OPEN), True
+            text += piece.reasoning
+        if piece.text and self.thinking:
+            text, self.thinking = text + THINK_CLOSE, False
+        return text + piece.text
 
     def completion_tokens(self) -> int:
         return self.tokens or self.pieces
@@ -48,14 +73,15 @@ class Choice:
             self.finish_reason = FINISH_REASONS.get(piece.finish_reason, "stop")
         if piece.logprobs:
             self.tokens += len(piece.logprobs)
-        if not piece.text:
+        text = self._tagged(piece)
+        if not text:
             return None
-        start, self.chars = self.chars, self.chars + len(piece.text)
+        start, self.chars = self.chars, self.chars + len(text)
         self.pieces += 1
-        self.text.append(piece.text)
+        self.text.append(text)
         if self.chars <= self.skip:
             return None
-        new = piece.text[max(0, self.skip - start):]
+        new = text[max(0, self.skip - start):]
         return Delta(seq=self.chars - 1, text=new, completion_tokens=self.completion_tokens(), index=self.index,
                      logprobs=piece.logprobs)
 
@@ -69,12 +95,13 @@ class Relay:
     """Stream `job` from the engine and publish its events on the job's reply channel."""
 
     def __init__(self, redis: aioredis.Redis, client: EngineClient, job: ChatJob, *, prompt_tokens: int,
-                 skip: list[int], ttl_s: int, token_counter: Any = None) -> None:
+                 skip: list[int], ttl_s: int, token_counter: Any = None, reasoning: ReasoningMode = "none") -> None:
         self.redis = redis
         self.client = client
         self.job = job
         self.prompt_tokens = prompt_tokens
-        self.choices = [Choice(i, skip=skip[i] if i < len(skip) else 0) for i in range(job.n)]
+        self.reasoning = reasoning
+        self.choices = [Choice(i, skip=skip[i] if i < len(skip) else 0, reasoning=reasoning) for i in range(job.n)]
         self.ttl_s = ttl_s
         self.count_tokens = token_counter  # text -> tokens, for choices of n>1 (usage covers them all)
         self.usage: Usage | None = None
@@ -103,7 +130,7 @@ class Relay:
         pipe = self.redis.pipeline(transaction=False)
         if not self.accepted:
             self.accepted = True
-            pipe.publish(channel, encode(Accepted(prompt_tokens=self.prompt_tokens)))
+            pipe.publish(channel, encode(Accepted(prompt_tokens=self.prompt_tokens, reasoning=self.reasoning)))
         for delta in deltas:
             key = keys.engine_progress(self.job.request_id, delta.index)
             pipe.rpush(key, delta.seq + 1)

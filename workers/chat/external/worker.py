@@ -23,7 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from common import keys
-from common.protocol import ChatJob, Failed, decode_job, encode
+from common.protocol import ChatJob, Failed, ReasoningMode, decode_job, encode
 from common.settings import Settings
 from workers.chat.external.client import EngineClient, EngineError, lacked_features
 from workers.chat.external.native import NativeFallback
@@ -141,12 +141,13 @@ class ExternalChatWorker(StreamWorker):
         if refusal is not None or job.task != "generate":
             await self._finish(entry_id, job, [refusal or self._tokenize(job)])
             return
-        prompt = self._prompt_tokens(job)
+        prompt = self._prompt(job)
         if isinstance(prompt, Failed):
             await self._finish(entry_id, job, [prompt])
             return
-        relay = Relay(self.redis, self.client, job, prompt_tokens=prompt, skip=[int(p or 0) for p in progress],
-                      ttl_s=int(self.settings.request_timeout_s) + 60, token_counter=self._counter())
+        relay = Relay(self.redis, self.client, job, prompt_tokens=prompt[0], skip=[int(p or 0) for p in progress],
+                      ttl_s=int(self.settings.request_timeout_s) + 60, token_counter=self._counter(),
+                      reasoning=prompt[1])
         running = asyncio.create_task(relay.run())
         while True:  # the cancel flag is polled; the deadline is waited for exactly
             wait_s = CANCEL_POLL_S if job.deadline is None else min(CANCEL_POLL_S, max(0.0, job.deadline - time.time()))
@@ -216,12 +217,13 @@ class ExternalChatWorker(StreamWorker):
 
         return tokenize(job, self.tokenizer, self.max_seq_len, self.vocab_size)
 
-    def _prompt_tokens(self, job: ChatJob) -> int | Failed:
+    def _prompt(self, job: ChatJob) -> tuple[int, ReasoningMode] | Failed:
         """The prompt's length by the local tokenizer (the engine's usage corrects it at the end), refused when
-        it leaves no room to generate, as the native worker does; 0 when no tokenizer could be loaded."""
+        it leaves no room to generate, as the native worker does; 0 when no tokenizer could be loaded. And where
+        the answer's reasoning is, read from the template as the native worker reads it."""
         if self.tokenizer is None:
-            return 0
-        from workers.chat.sequence import _prompt_ids
+            return 0, "none"
+        from workers.chat.sequence import _prompt_ids, reasoning_mode
 
         ids = _prompt_ids(job, self.tokenizer, self.vocab_size)
         if isinstance(ids, Failed):
@@ -233,7 +235,7 @@ class ExternalChatWorker(StreamWorker):
                           message=(f"This model's maximum context length is {self.max_seq_len} tokens. However, "
                                    f"you requested {len(ids) + (wanted or 0)} tokens ({len(ids)} in the "
                                    f"messages, {wanted or 0} in the completion)."))
-        return len(ids)
+        return len(ids), reasoning_mode(job, self.tokenizer, ids)
 
     def _counter(self) -> Callable[[str], int] | None:
         tokenizer = self.tokenizer

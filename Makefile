@@ -8,6 +8,7 @@ serve:
 test:
 	@scripts/install.sh test
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest
 
 install:

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,9 +23,9 @@ from litestar.response import Stream
 from api import admin, aliases, errors, protocol, serving_embed, serving_rerank, serving_responses
 from api import health as health_views
 from api import protocol_legacy as legacy
-from api.batch_routes import ROUTES as BATCH_ROUTES
 from api.chat_cache import ChatCache, as_fresh, replay_stream
 from api.cluster_hub import create_hub
+from api.extension import Extension
 from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.metrics import CONTENT_TYPE, Metrics
@@ -307,7 +307,9 @@ def _allow(path: str, allow: str) -> HTTPRouteHandler:
     return route(path, http_method=["OPTIONS"], include_in_schema=False, name=f"options {path}")(options)
 
 
-def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Litestar:
+def create_app(settings: Settings, redis: aioredis.Redis | None = None,
+               extensions: Sequence[Extension] = ()) -> Litestar:
+    """The API's app, with the routes of `extensions` (the Batch API, handed in by `axion/app.py`)."""
     metrics = Metrics(settings.vllm_metric_names)  # one registry per app: apps in one process do not collide
 
     @contextlib.asynccontextmanager
@@ -332,7 +334,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
     handlers = [chat_completions, completions, create_response, retrieve_response, delete_response, tokenize,
                 detokenize, embeddings, rerank, score, version, list_models, retrieve_model,
                 health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
-                *BATCH_ROUTES]
+                *(handler for ext in extensions for handler in ext.handlers)]
     return Litestar(
         route_handlers=[*options_handlers(handlers), *handlers],  # OPTIONS first: Litestar then adds none
         lifespan=[lifespan],
@@ -345,6 +347,6 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> Lites
             HTTPException: errors.handle_http_exception,
             Exception: errors.handle_unexpected,
         },
-        openapi_config=openapi_config(),
+        openapi_config=openapi_config(extensions),
         logging_config=None,
     )

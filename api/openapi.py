@@ -10,6 +10,7 @@ real contract.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -19,7 +20,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
 from api import protocol_legacy as legacy
 from api.admin import LoadRequest, UnloadRequest
-from api.batch_routes import MAX_PAGE, BatchCreate
+from api.extension import Extension
 from api.guided import MAX_CHOICES
 from api.limits import ENDPOINT_KIND
 from api.protocol import MAX_TOOLS, ROLES, ChatCompletionRequest
@@ -44,14 +45,7 @@ REQUEST_BODIES: dict[str, type] = {
     "/score": ScoreRequest,
     "/admin/models/load": LoadRequest,
     "/admin/models/unload": UnloadRequest,
-    "/v1/batches": BatchCreate,
 }
-UPLOAD_BODY: dict[str, Any] = {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": "JSONL: one {custom_id, method, url, body} request per line"},
-                   "purpose": {"enum": ["batch"]}}}}}
-
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
@@ -76,10 +70,11 @@ ERRORS = {"400": "Invalid request: `param` names the field", "401": "Missing or 
 ADMIN_ERRORS = {"403": "The key is not one of ADMIN_API_KEYS"}
 
 
-def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
+def add_request_bodies(schema: dict[str, Any], extensions: Sequence[Extension] = ()) -> dict[str, Any]:
     """A copy of Litestar's OpenAPI document with request bodies and the error envelope filled in."""
     doc = copy.deepcopy(schema)
-    schemas_, components = msgspec.json.schema_components([*REQUEST_BODIES.values(), list[InputItem]],
+    request_bodies = {**REQUEST_BODIES, **{p: t for ext in extensions for p, t in ext.bodies.items()}}
+    schemas_, components = msgspec.json.schema_components([*request_bodies.values(), list[InputItem]],
                                                           ref_template="#/components/schemas/{name}")
     *bodies, items = schemas_
     _add_checked_rules(components)
@@ -90,16 +85,18 @@ def add_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
     schemas["ErrorResponse"] = ERROR_SCHEMA
     error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
     paths = doc.get("paths", {})
-    for path, body in zip(REQUEST_BODIES, bodies, strict=True):
+    for path, body in zip(request_bodies, bodies, strict=True):
         operation = paths.get(path, {}).get("post")
         if operation is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    if "post" in paths.get("/v1/files", {}):
-        paths["/v1/files"]["post"]["requestBody"] = {"required": True, "content": UPLOAD_BODY}
-    for path in ("/v1/files", "/v1/batches"):
-        for parameter in paths.get(path, {}).get("get", {}).get("parameters", []):
-            if parameter.get("name") == "limit":
-                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
+    for ext in extensions:
+        for path, content in ext.uploads.items():
+            if "post" in paths.get(path, {}):
+                paths[path]["post"]["requestBody"] = {"required": True, "content": content}
+        for path, most in ext.page_limits.items():
+            for parameter in paths.get(path, {}).get("get", {}).get("parameters", []):
+                if parameter.get("name") == "limit":
+                    parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": most}
     for path in STREAMING_PATHS:
         if "post" in paths.get(path, {}):
             ok = paths[path]["post"].setdefault("responses", {}).setdefault("200", {"description": "OK"})
@@ -259,15 +256,17 @@ def _inputs(text: dict[str, Any], most: int) -> dict[str, Any]:
 class BodiesJsonPlugin(JsonRenderPlugin):
     """Litestar's JSON renderer, after `add_request_bodies` (computed once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extensions: Sequence[Extension] = ()) -> None:
         super().__init__()
+        self._extensions = extensions
         self._rendered: bytes | None = None
 
     def render(self, request: Request, openapi_schema: dict[str, Any]) -> bytes:
         if self._rendered is None:
-            self._rendered = self.render_json(request, add_request_bodies(openapi_schema))
+            self._rendered = self.render_json(request, add_request_bodies(openapi_schema, self._extensions))
         return self._rendered
 
 
-def openapi_config() -> OpenAPIConfig:
-    return OpenAPIConfig(title="Axion", version=VERSION, render_plugins=[BodiesJsonPlugin(), SwaggerRenderPlugin()])
+def openapi_config(extensions: Sequence[Extension] = ()) -> OpenAPIConfig:
+    return OpenAPIConfig(title="Axion", version=VERSION,
+                         render_plugins=[BodiesJsonPlugin(extensions), SwaggerRenderPlugin()])

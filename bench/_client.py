@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m common.cli serve` (API + one worker + embedded Redis) as a child process, up until `stop`."""
+    """`python -m axion.cli serve` (API + one worker + embedded Redis) as a child process, up until `stop`."""
 
     def __init__(self, model_dir: Path, max_batch_size: int, max_seq_len: int, start_timeout_s: float = 300.0,
                  device: str = "cpu") -> None:
@@ -64,7 +64,7 @@ class Server:
         return env
 
     def __enter__(self) -> Server:
-        self.proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve"], cwd=ROOT, env=self._env(),
+        self.proc = subprocess.Popen([sys.executable, "-m", "axion.cli", "serve"], cwd=ROOT, env=self._env(),
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -127,7 +127,7 @@ class Server:
                 cmd, times = " ".join(proc.cmdline()), proc.cpu_times()
             except psutil.Error:
                 continue
-            role = next((r for r in ("worker", "api") if cmd.endswith(f"common.cli {r}")), None)
+            role = next((r for r in ("worker", "api") if cmd.endswith(f"axion.cli {r}")), None)
             role = role or ("redis" if "redis" in cmd else "api")  # `serve` itself (the supervisor): count as api
             totals[role] += times.user + times.system
         return totals

@@ -74,8 +74,8 @@ def _timed(server: Any, texts: list[str], warmup: list[str], clients: int, round
 
 
 def run(args: argparse.Namespace, rounds: int = 10) -> dict[str, Any]:
-    from workers.devmodels import build_tiny_llama
-    from workers.embed.devmodels import build_tiny_cross_encoder, export_minilm_onnx, minilm_dir
+    from devtools.chat_models import build_tiny_llama
+    from devtools.embed_models import build_tiny_cross_encoder, export_minilm_onnx, minilm_dir
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="peer-embed-") as tmp:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.devmodels import CORPUS
+from devtools.chat_models import CORPUS
 
 # Plain lower-case words: every tokenizer encodes them in one or two tokens, so lengths are easy to hit.
 WORDS: list[str] = sorted({w.lower() for w in re.findall(r"[A-Za-z]{3,}", CORPUS)})

@@ -50,7 +50,7 @@ class PeerServer:
                     "SERVE_EMBEDDINGS": "false", "ALLOW_MODEL_PATHS": "true", "DTYPE": dtype,
                     "BACKEND": self.system.removeprefix("axion-"),
                     "VLLM_ENGINE_ARGS": json.dumps({"enforce_eager": True} if self.enforce_eager else {})}
-            return [sys.executable, "-m", "common.cli", "serve"], env
+            return [sys.executable, "-m", "axion.cli", "serve"], env
         if self.system == "vllm":
             argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_id,
                     "--served-model-name", self.model_id, "--host", "127.0.0.1", "--port", str(self.port),

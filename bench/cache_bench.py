@@ -100,9 +100,9 @@ class CacheServer(Server):
     def api_process(self) -> psutil.Process:
         assert self.proc is not None
         for child in psutil.Process(self.proc.pid).children(recursive=True):
-            if " ".join(child.cmdline()).endswith("common.cli api"):
+            if " ".join(child.cmdline()).endswith("axion.cli api"):
                 return child
-        raise RuntimeError("no `common.cli api` child of axion serve")
+        raise RuntimeError("no `axion.cli api` child of axion serve")
 
 
 def _health(base_url: str) -> dict[str, Any]:
@@ -248,13 +248,13 @@ def report(args: argparse.Namespace, model: str, pairs: list[dict[str, dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     with tempfile.TemporaryDirectory(prefix="cache_bench-") as tmp, EmbeddedRedis() as store:
         chat_dir = (args.chat_model or build_tiny_llama(Path(tmp) / "chat")).resolve()
         embed_dirs = None
         if args.endpoint == "embeddings":
-            from workers.embed.devmodels import build_tiny_cross_encoder, export_minilm_onnx
+            from devtools.embed_models import build_tiny_cross_encoder, export_minilm_onnx
 
             embed_dirs = ((args.embedding_model or export_minilm_onnx(Path(tmp) / "minilm-onnx")).resolve(),
                           build_tiny_cross_encoder(Path(tmp) / "rerank"))
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
         finally:
             bare.stop()
-        name = "all-MiniLM-L6-v2 (ONNX, fastembed, CPU)" if embed_dirs else "tiny random Llama (workers/devmodels)"
+        name = "all-MiniLM-L6-v2 (ONNX, fastembed, CPU)" if embed_dirs else "tiny random Llama (devtools/chat_models)"
         result = report(args, name, pairs)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

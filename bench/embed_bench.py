@@ -215,8 +215,8 @@ def report(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="embed_bench-") as tmp:
-        from workers.devmodels import build_tiny_llama
-        from workers.embed.devmodels import build_tiny_cross_encoder, export_minilm_onnx
+        from devtools.chat_models import build_tiny_llama
+        from devtools.embed_models import build_tiny_cross_encoder, export_minilm_onnx
 
         model_dir = args.model or export_minilm_onnx(Path(tmp) / "minilm-onnx")
         model_dir = Path(model_dir).resolve()

@@ -159,7 +159,7 @@ def header(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_model:
-        from workers.devmodels import build_tiny_llama
+        from devtools.chat_models import build_tiny_llama
 
         size, out_dir = args.write_model
         print(build_tiny_llama(out_dir, **SIZES[size]))

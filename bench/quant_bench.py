@@ -57,7 +57,7 @@ def _get(url: str) -> dict[str, Any]:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "axion.cli", *args], cwd=ROOT, env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_model(size: str, out_dir: str) -> None:
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     path = build_tiny_llama(out_dir, **SIZES[size])
     print(f"wrote the {size} benchmark model to {path}")

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `workers` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve_bench import MEDIUM
-from workers.devmodels import BOS, EOT, PAD, SPECIAL_TOKENS, _train_tokenizer
+from devtools.chat_models import BOS, EOT, PAD, SPECIAL_TOKENS, _train_tokenizer
 
 SAMPLE_PROMPTS = ["Once upon a time, in a small village by the sea,", "Write a Python function that adds two integers.",
                   "Return the number of", "Hello there, how are you today?"]

@@ -27,7 +27,7 @@ os.environ["DTYPE"] = "float32"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real all-MiniLM-L6-v2 weights exported to ONNX (served by fastembed); once per session (~5 s)."""
-    from workers.embed.devmodels import export_minilm_onnx
+    from devtools.embed_models import export_minilm_onnx
 
     return export_minilm_onnx(tmp_path_factory.mktemp("minilm") / "minilm-onnx")
 
@@ -57,7 +57,7 @@ class Proc:
 
     def start(self) -> Proc:
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", *self.args], env=self.env,
+        self.process = subprocess.Popen([sys.executable, "-m", "axion.cli", *self.args], env=self.env,
                                         stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
         return self
 

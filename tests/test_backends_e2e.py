@@ -286,7 +286,7 @@ def test_hot_swap_loads_and_unloads_the_backend(fleet: Fleet) -> None:
     worker_id = next(w["id"] for w in fleet.chat_workers() if w["pid"] == victim.process.pid)
 
     def models(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "common.cli", "models", *args, "--timeout", "240"],
+        return subprocess.run([sys.executable, "-m", "axion.cli", "models", *args, "--timeout", "240"],
                               env=fleet.env, capture_output=True, text=True, timeout=300)
 
     before = engine_processes(victim.process.pid)

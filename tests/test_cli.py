@@ -14,7 +14,7 @@ from common.redis_server import EmbeddedRedis, find_redis_server
 
 def test_dev_tiny_model_builds_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "m"
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "dev", "tiny-model", str(out), "--layers", "1"],
+    proc = subprocess.run([sys.executable, "-m", "axion.cli", "dev", "tiny-model", str(out), "--layers", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     from transformers import AutoConfig, AutoTokenizer

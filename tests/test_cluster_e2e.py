@@ -204,7 +204,7 @@ def test_processes_detect_the_cluster_and_spread_their_keys(fleet: ClusterFleet)
     assert "sharded pub/sub on 3 node(s)" in fleet.apis[0].log()
     stream = keys.chat_stream(fleet.model_dir)
     assert cluster.holders(stream) == [cluster.owner(stream)]  # the workers' consumer group made it there
-    status = subprocess.run([sys.executable, "-m", "common.cli", "status", "--json"], capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "axion.cli", "status", "--json"], capture_output=True,
                             text=True, timeout=30, cwd=REPO, env=fleet.env(free_port())).stdout
     data = json.loads(status)
     assert [w["model"] for w in data["workers"]] == [fleet.model_dir] * 2

@@ -22,7 +22,7 @@ WIDE = {"hidden_size": 512, "num_layers": 2, "num_heads": 8, "num_kv_heads": 4, 
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("cpu-linear") / "wide", **WIDE)
 

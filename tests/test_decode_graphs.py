@@ -18,11 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.protocol import ChatJob, ChatMessage, Event, Finished, SamplingParams
+from devtools.families import FAMILIES, build_family_model
 from tests.test_sliding_window import PROMPTS as LONG_PROMPTS
 from tests.test_sliding_window import WINDOW, _engine_outputs, _generate
 from workers.chat.engine import ChatEngine, Sequence
 from workers.chat.loader import load_causal_lm
-from workers.devfamilies import FAMILIES, build_family_model
 
 PROMPTS = ["Hello there", "Tell me a story about the sea and the stars", "x", "What is two plus two? Be brief.",
            "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "Weather report"]
@@ -390,7 +390,7 @@ class KernelCount(TorchDispatchMode):
 def test_a_join_copies_every_layer_at_once(tmp_path: Path) -> None:
     """Joining a held batch (graph prefill, the prefix cache's copy, the write into free slots) moves the keys and
     values of every layer with one kernel each time, not one per layer per tensor: on a GPU each is a launch."""
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     folder = build_tiny_llama(tmp_path / "deep", num_layers=6)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.embed_models import build_tiny_cross_encoder, export_minilm_onnx, minilm_dir
 from workers.embed.backends import load_embedding, load_reranker
-from workers.embed.devmodels import build_tiny_cross_encoder, export_minilm_onnx, minilm_dir
 
 
 @pytest.fixture(scope="module")

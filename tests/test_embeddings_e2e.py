@@ -19,9 +19,9 @@ import pytest
 
 from common import VERSION
 from common.redis_server import free_port
+from devtools.embed_models import build_tiny_cross_encoder, minilm_dir
 from tests.conftest import Proc, Server, axion_env, get_json, wait_ready
 from workers.embed.backends import load_embedding
-from workers.embed.devmodels import build_tiny_cross_encoder, minilm_dir
 
 SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.",
              "Cats sleep most of the day.", "A kitten naps on the sofa."]

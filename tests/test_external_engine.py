@@ -41,7 +41,7 @@ from workers.chat.external import guard as guard_module
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
 # Another Axion as a spawned engine: REDIS_URL dropped so it starts its own Redis (it must not join our stream).
 AXION_ENGINE_CMD = (f"env -u REDIS_URL SERVER_HOST={{host}} SERVER_PORT={{port}} MODEL_NAME={{model}} "
-                    f"SERVE_EMBEDDINGS=false MAX_SEQ_LEN=1024 {sys.executable} -m common.cli serve")
+                    f"SERVE_EMBEDDINGS=false MAX_SEQ_LEN=1024 {sys.executable} -m axion.cli serve")
 
 
 def greedy(server: Server, max_tokens: int = 24, timeout: float | None = None,
@@ -253,7 +253,7 @@ def test_spawned_engine_restarts_after_a_crash_mid_request(spawned: Server, serv
     front = spawned.procs[0].process.pid
     assert chat_worker_info(spawned)["backend"] == "external"
     assert greedy(spawned).choices[0].message.content == greedy(served).choices[0].message.content
-    engine = next(p for p in engine_tree(front) if "common.cli" in " ".join(p.cmdline()) and "serve" in p.cmdline())
+    engine = next(p for p in engine_tree(front) if "axion.cli" in " ".join(p.cmdline()) and "serve" in p.cmdline())
     stream = spawned.client().chat.completions.create(model=spawned.model, messages=MESSAGES, temperature=0,
                                                       max_tokens=900, stream=True,
                                                       extra_body={"ignore_eos": True})

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from common.redis_server import EmbeddedRedis, free_port
+from devtools.families import FAMILIES
 from tests.conftest import REPO, Proc, Server, axion_env, get_json, wait_ready
-from workers.devfamilies import FAMILIES
 
 PLANTED = [{"role": "user", "content": "Hello there, how are you today?"}]  # answered with a few tokens, then a stop
 OTHER = [{"role": "system", "content": "You are a terse assistant."},
@@ -31,7 +31,7 @@ EVERY_4 = "llama-every-4"  # the llama folder again, with STREAM_INTERVAL=4
 
 @pytest.fixture(scope="module")
 def family_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from workers.devfamilies import build_family_model
+    from devtools.families import build_family_model
 
     root = tmp_path_factory.mktemp("families")
     port = free_port()
@@ -57,8 +57,8 @@ def family_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _qwen3_gguf(root: Path) -> Path:
     """A tiny Qwen3 (head_dim 128, as every Qwen3 has) as a Q8_0 GGUF file alone in its folder: config, weights,
     tokenizer and chat template all come from the file."""
-    from workers.devfamilies import build_family_model
-    from workers.devgguf import write_qwen3_gguf
+    from devtools.families import build_family_model
+    from devtools.gguf_models import write_qwen3_gguf
 
     source = build_family_model("qwen3", root / "qwen3-128", head_dim=128)
     (root / "gguf").mkdir()

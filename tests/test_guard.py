@@ -9,7 +9,7 @@ import pytest
 from litestar import get
 from litestar.testing import TestClient
 
-from api.app import create_app
+from axion.app import create_app
 from common.redis_server import EmbeddedRedis
 from common.settings import load_settings
 

@@ -64,7 +64,7 @@ def tensor_bytes(path: str) -> int:
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     models = tmp_path_factory.mktemp("fleet-models")
     a = str(tiny_model_dir)
@@ -216,7 +216,7 @@ def test_hot_swap_drains_in_flight_stream_then_serves_then_unloads(fleet: Fleet)
     swapped = next(w for w in health["workers"] if w["id"] == worker_b)  # same process, same id, new model
     assert swapped["model"] == fleet.c and swapped["memory"]["params_bytes"] == tensor_bytes(fleet.c)
 
-    unload = subprocess.run([sys.executable, "-m", "common.cli", "models", "unload", fleet.c, "--timeout", "60"],
+    unload = subprocess.run([sys.executable, "-m", "axion.cli", "models", "unload", fleet.c, "--timeout", "60"],
                             env=fleet.env, cwd=REPO, capture_output=True, text=True, timeout=90)
     assert unload.returncode == 0, unload.stderr
     assert fleet.c not in listed(api)
@@ -224,7 +224,7 @@ def test_hot_swap_drains_in_flight_stream_then_serves_then_unloads(fleet: Fleet)
         greedy(api, fleet.c)
     assert err.value.body == {"message": f"The model '{fleet.c}' does not exist.", "type": "invalid_request_error",
                               "param": "model", "code": "model_not_found"}
-    idle = subprocess.run([sys.executable, "-m", "common.cli", "models", "list", "--json"], env=fleet.env, cwd=REPO,
+    idle = subprocess.run([sys.executable, "-m", "axion.cli", "models", "list", "--json"], env=fleet.env, cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert f'"worker_id": "{worker_b}"' in idle.stdout and '"model": "(idle)"' in idle.stdout
 
@@ -232,10 +232,10 @@ def test_hot_swap_drains_in_flight_stream_then_serves_then_unloads(fleet: Fleet)
 def test_an_idle_chat_worker_loads_a_rerank_model(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> None:
     """After the unload above worker 2 is idle: `axion models load --kind rerank` (no --worker) picks it, and the
     same process now serves a cross-encoder on fastembed."""
-    from workers.embed.devmodels import build_tiny_cross_encoder
+    from devtools.embed_models import build_tiny_cross_encoder
 
     reranker = str(build_tiny_cross_encoder(tmp_path_factory.mktemp("fleet-rerank") / "cross-encoder"))
-    load = subprocess.run([sys.executable, "-m", "common.cli", "models", "load", reranker, "--kind", "rerank",
+    load = subprocess.run([sys.executable, "-m", "axion.cli", "models", "load", reranker, "--kind", "rerank",
                            "--timeout", "60"], env=fleet.env, cwd=REPO, capture_output=True, text=True, timeout=90)
     assert load.returncode == 0, load.stderr
     card = listed(fleet.api)[reranker]

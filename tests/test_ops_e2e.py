@@ -51,7 +51,7 @@ class Fleet:
         pytest.fail(f"fleet not ready:\n{self.api.log()[-2000:]}\n{self.worker.log()[-2000:]}")
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "common.cli", *args], env=self.env, cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "axion.cli", *args], env=self.env, cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
 
     def cli_json(self, *args: str) -> object:
@@ -221,7 +221,7 @@ def test_ops_cli_status_queues_and_dead_letters(fleet: Fleet) -> None:
 
 
 def test_queues_watch_refreshes_until_ctrl_c(fleet: Fleet) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "queues", "--watch", "0.2"], env=fleet.env,
+    proc = subprocess.Popen([sys.executable, "-m", "axion.cli", "queues", "--watch", "0.2"], env=fleet.env,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)

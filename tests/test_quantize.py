@@ -19,7 +19,7 @@ SCALED_MEDIUM = {"hidden_size": 128, "num_layers": 8, "num_heads": 8, "num_kv_he
 
 @pytest.fixture(scope="module")
 def scaled_medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.devmodels import build_tiny_llama
+    from devtools.chat_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("quant") / "scaled-medium", **SCALED_MEDIUM)
 

@@ -111,7 +111,7 @@ def test_static_and_stored_keys_serve_requests(fleet: Fleet) -> None:
 
 def run_keys(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"REDIS_URL": fleet.redis_url, "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "common.cli", "keys", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "axion.cli", "keys", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -40,7 +40,7 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 
 
 def test_bad_value_exits_2_with_one_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "api"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([sys.executable, "-m", "axion.cli", "api"], capture_output=True, text=True, timeout=60,
                           env={"MAX_SEQ_LEN": "lots", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from common.protocol import ChatJob, ChatMessage, SamplingParams
+from devtools.families import FAMILIES, build_family_model
 from workers.chat.engine import ChatEngine
 from workers.chat.loader import load_causal_lm
-from workers.devfamilies import FAMILIES, build_family_model
 
 PROMPTS = ["Once upon a time, in a small village by the sea, there lived an old fisherman and his daughter.",
            "Hello there, how are you today? I am fine, thank you."]

@@ -56,8 +56,8 @@ def test_the_fast_decoder_gives_what_decode_gives(tiny_model_dir) -> None:  # ty
 
     from transformers import AutoTokenizer
 
+    from devtools.embed_models import minilm_dir
     from workers.chat.text import fast_decoder
-    from workers.embed.devmodels import minilm_dir
 
     rng = random.Random(0)
     minilm = AutoTokenizer.from_pretrained(minilm_dir())
@@ -81,8 +81,8 @@ def test_incremental_decoding_gives_the_whole_decode_at_every_token(tiny_model_d
 
     from transformers import AutoTokenizer
 
+    from devtools.embed_models import minilm_dir
     from workers.chat.text import IncrementalDecoder
-    from workers.embed.devmodels import minilm_dir
 
     rng = random.Random(1)
     sentence = "Héllo, wörld! Ünïcode 日本語 and emoji 🙂🙂 — it's playing ##ing ok. " * 3

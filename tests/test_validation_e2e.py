@@ -127,7 +127,7 @@ def test_model_ids_are_checked(served: Server, http: httpx.Client) -> None:
 
 
 def _worker(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "common.cli", "worker"], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "axion.cli", "worker"], cwd=REPO, capture_output=True, text=True,
                           timeout=60, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **env})
 
 

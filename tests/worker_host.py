@@ -1,4 +1,4 @@
-"""Run several real chat workers (`serve_worker`: built as `axion worker` builds them) in this one process:
+"""Run several real chat workers (`serve_chat_worker`: built as `axion worker` builds them) in this one process:
 `python -m tests.worker_host SPEC [SPEC ...]`, where each SPEC is a model folder, or a JSON object of settings
 (environment variable names, e.g. {"MODEL_NAME": "/m", "QUANTIZATION": "int8", "SERVED_MODEL_NAME": "m-int8"})
 laid over the environment's.
@@ -16,9 +16,9 @@ import json
 import os
 import sys
 
-from common.cli import setup_logging
+from axion.cli import setup_logging
 from common.settings import Settings, load_settings
-from workers.chat.worker import serve_worker
+from workers.loading import serve_chat_worker
 
 
 def settings_for(spec: str) -> Settings:
@@ -27,7 +27,7 @@ def settings_for(spec: str) -> Settings:
 
 
 async def serve_all(specs: list[str]) -> None:
-    await asyncio.gather(*(serve_worker(settings_for(spec)) for spec in specs))
+    await asyncio.gather(*(serve_chat_worker(settings_for(spec)) for spec in specs))
 
 
 if __name__ == "__main__":

@@ -220,3 +220,17 @@ def open_worker(settings: Settings, redis: aioredis.Redis, kind: Kind, model: st
         worker = open_embed(settings, redis, kind, model)
     freeze_heap()
     return worker
+
+
+async def serve_chat_worker(settings: Settings) -> None:
+    """One native chat worker for MODEL_NAME, built as `axion worker` builds it but without the hot-swap host, so
+    several can share one process (tests/worker_host.py)."""
+    from common import redis_client
+    from workers import model_thread
+
+    redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
+    try:
+        worker = await model_thread.run(open_chat, settings, redis, settings.model_name, settings.served_model_name)
+        await worker.run()
+    finally:
+        await redis.aclose()

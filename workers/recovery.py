@@ -18,7 +18,8 @@ from redis.exceptions import ResponseError
 from common import keys
 from common.protocol import Failed, encode
 from common.redis_cluster import publish
-from workers.stream_worker import Entry
+
+Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: its id and its fields
 
 log = logging.getLogger("axion.worker.recovery")
 

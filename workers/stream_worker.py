@@ -27,11 +27,11 @@ from common import heartbeat as heartbeat_keys
 from common import keys
 from common.protocol import WorkerInfo
 from common.settings import Settings
+from workers.recovery import Entry, dead_letter, refresh_own, take_over
 
 log = logging.getLogger("axion.worker")
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: its id and its fields
 GATHER_GAP_MS = 3  # an idle worker that got a job keeps reading while the next arrives within this gap
 #: Entry ids read from the batch stream carry this prefix, so `ack` and the heartbeat know their stream.
 BATCH_TAG = b"batch:"
@@ -144,7 +144,6 @@ class StreamWorker:
         process = psutil.Process()
         process.cpu_percent()  # the first call only starts the measurement
         last = (time.monotonic(), self.info.decoded_tokens, self.info.jobs_done)
-        from workers.recovery import refresh_own
 
         while True:
             self.refresh_stats()
@@ -172,7 +171,6 @@ class StreamWorker:
     async def take_over_due(self, count: int) -> tuple[list[Entry], list[int]]:
         """Every VISIBILITY_TIMEOUT_S / 3, up to `count` jobs of workers that stopped before answering them,
         with how often each has been delivered (see workers/recovery.py)."""
-        from workers.recovery import take_over
 
         now = time.monotonic()
         if count <= 0 or now - self._last_takeover < self.settings.visibility_timeout_s / 3:
@@ -189,7 +187,6 @@ class StreamWorker:
                          request_id: str, model: str, delivered: int) -> bool:
         """A job delivered more than MAX_DELIVERIES times goes to the dead-letter stream, its client is told,
         and the entry is acknowledged; True when that happened."""
-        from workers.recovery import dead_letter
 
         if delivered <= self.settings.max_deliveries:
             return False

@@ -13,11 +13,10 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 
-from common import keys, redis_client
+from common import keys
 from common.protocol import ChatJob, Event, Failed, Tokenized, decode_job, encode
 from common.redis_cluster import is_cluster, publish
 from common.settings import Settings
-from workers import model_thread
 from workers.chat.backend import ChatBackend
 from workers.chat.sequence import Sequence
 from workers.chat.step_publish import hold_back, queue_step
@@ -204,18 +203,4 @@ class ChatWorker(StreamWorker):
                 await self._admit_batch()
 
 
-async def serve_worker(settings: Settings) -> None:
-    """One native chat worker for MODEL_NAME, built as `axion worker` builds it (`workers/loading.py`) but without
-    the hot-swap host, so several can share one process (tests/worker_host.py)."""
-    from workers import loading
-
-    redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
-    try:
-        worker = await model_thread.run(loading.open_chat, settings, redis, settings.model_name,
-                                         settings.served_model_name)
-        await worker.run()
-    finally:
-        await redis.aclose()
-
-
-__all__ = ["ChatWorker", "serve_worker"]
+__all__ = ["ChatWorker"]

@@ -1,5 +1,5 @@
 """Start a chat worker on the external engine when the backend choice says so; otherwise, or when the engine
-cannot start, say why, so the caller serves the model natively (`run_worker` in common/cli.py)."""
+cannot start, say why, so the caller serves the model natively (`run_worker` in axion/cli.py)."""
 
 from __future__ import annotations
 

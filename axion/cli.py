@@ -2,7 +2,7 @@
 `status`, `queues`, `dead-letters` (the fleet as Redis holds it: `common/ops.py`).
 
 `dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis;
-`models list|load|unload` swaps models on running workers (`common/models_cli.py`).
+`models list|load|unload` swaps models on running workers (`axion/models_cli.py`).
 
 Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
 only its own half.
@@ -50,8 +50,8 @@ def dump_stacks_on_sigusr1() -> None:
 def run_api(settings: Settings) -> int:
     import uvicorn
 
-    from api.app import create_app
     from api.server import protocol_for
+    from axion.app import create_app
 
     # uvicorn re-raises the captured SIGTERM/SIGINT once its graceful shutdown is done; with these handlers in
     # place that re-raise is a no-op, so a drained API exits 0 instead of dying by the signal.
@@ -150,7 +150,7 @@ def run_serve(settings: Settings) -> int:
             optional_kind = kind in ("embed", "rerank") or role == "batch-worker"
             if kind in ("embed", "rerank") and not settings.serve_embeddings:
                 continue
-            child = subprocess.Popen([sys.executable, "-m", "common.cli", role], preexec_fn=die_with_parent,
+            child = subprocess.Popen([sys.executable, "-m", "axion.cli", role], preexec_fn=die_with_parent,
                                      env=env | ({"WORKER_KIND": kind} if kind else {}))
             children.append(child)
             (optional if optional_kind else required).append(child)
@@ -187,7 +187,7 @@ def run_dev(argv: list[str]) -> int:
     if not argv or argv[0] != "tiny-model":
         print("usage: axion dev tiny-model DIR [--hidden-size N --layers N ...]", file=sys.stderr)
         return 2
-    from workers.devmodels import main as build_main
+    from devtools.chat_models import main as build_main
 
     return build_main(argv[1:])
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return keys_main(rest)
     if args.command == "models":
-        from common.models_cli import main as models_main
+        from axion.models_cli import main as models_main
 
         return models_main(rest, load_or_exit())
     if args.command in ("status", "queues", "dead-letters"):

@@ -1,4 +1,4 @@
-"""Write a local Qwen3 model folder (e.g. one from `devfamilies`) as a self-contained GGUF file with the `gguf`
+"""Write a local Qwen3 model folder (e.g. one from `devtools.families`) as a self-contained GGUF file with the `gguf`
 package (llama.cpp's own writer): weights, config, tokenizer and chat template, as llama.cpp's converter lays them
 out, so a test can check that a GGUF model loads and serves without any hub download.
 

@@ -23,8 +23,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from workers.devmodels import CHAT_TEMPLATE as LLAMA3_TEMPLATE
-from workers.devmodels import CORPUS
+from devtools.chat_models import CHAT_TEMPLATE as LLAMA3_TEMPLATE
+from devtools.chat_models import CORPUS
 
 _ROLES_CHECK = ("{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
                 "{{- raise_exception('Unsupported role: ' + message['role']) }}{%- endif %}")
@@ -194,7 +194,7 @@ def build_family_model(family: Family | str, out_dir: str | Path, *, hidden_size
                        stop_in_answer_to: list[dict[str, Any]] | None = None, stop_at_step: int = 3) -> Path:
     """Write a random-weight model of `family` with its tokenizer and generation config to `out_dir`.
 
-    As in `devmodels.build_tiny_llama`: a wide initialisation keeps greedy argmax stable across batch shapes,
+    As in `chat_models.build_tiny_llama`: a wide initialisation keeps greedy argmax stable across batch shapes,
     and the output rows of special tokens are zeroed so the model never emits them (until `plant_stop`).
     Word embeddings are untied, so editing the output head never changes how a prompt is read.
     With `stop_in_answer_to`, the greedy answer to those messages ends its turn at `stop_at_step` or a little

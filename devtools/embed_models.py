@@ -11,7 +11,7 @@ Neither the Hugging Face hub nor fastembed's own model downloads are reachable f
   WordPiece tokenizer; the one folder holds both the torch weights and the ONNX export, so both backends load
   it and must give the same logits. No public cross-encoder ships on PyPI.
 
-CLI: ``python -m workers.embed.devmodels minilm-onnx DIR`` / ``tiny-cross-encoder DIR``.
+CLI: ``python -m devtools.embed_models minilm-onnx DIR`` / ``tiny-cross-encoder DIR``.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def build_tiny_cross_encoder(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m workers.embed.devmodels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.embed_models", description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["minilm-onnx", "tiny-cross-encoder"])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,7 @@ from litestar.datastructures import State, UploadFile
 
 from api import auth
 from api.errors import APIError
+from api.extension import Extension
 from api.protocol import decode_body
 from batches import queue
 from batches.files import ENDPOINTS, FileStore
@@ -138,5 +139,14 @@ async def cancel_batch(state: State, batch_id: str) -> dict[str, Any]:
     return await store.get(batch_id)
 
 
+UPLOAD_BODY: dict[str, Any] = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "JSONL: one {custom_id, method, url, body} request per line"},
+                   "purpose": {"enum": ["batch"]}}}}}
+
 ROUTES = [upload_file, list_files, get_file, file_content, delete_file, create_batch, list_batches, get_batch,
           cancel_batch]
+#: The Batch API as the app takes it (`axion/app.py`), with its request bodies for the OpenAPI document.
+EXTENSION = Extension(ROUTES, bodies={"/v1/batches": BatchCreate}, uploads={"/v1/files": UPLOAD_BODY},
+                      page_limits={"/v1/files": MAX_PAGE, "/v1/batches": MAX_PAGE})

@@ -1,0 +1,3 @@
+from axion.cli import main
+
+raise SystemExit(main())

@@ -13,33 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from litestar import Request, post
+from litestar import Request
 from litestar.datastructures import State
 
 from api import auth
 from api.errors import APIError
 from api.protocol import decode_body
+from api.protocol_admin import LoadRequest, UnloadRequest
 from common import control, keys
 from common.model_ids import load_problem
 from common.protocol import WorkerInfo, decode_worker
 from common.redis_cluster import mget
 from common.settings import Settings, split_list
-
-
-class LoadRequest(msgspec.Struct, kw_only=True):
-    model: str
-    worker: str | None = None
-    kind: Literal["chat", "embed", "rerank"] | None = None
-    served_name: str | None = None
-
-
-class UnloadRequest(msgspec.Struct, kw_only=True):
-    model: str
-    worker: str | None = None
 
 
 def check_admin(settings: Settings, authorization: str | None) -> None:
@@ -89,7 +78,6 @@ async def _send(state: State, command: control.Command, worker: str | None) -> d
             "kind": command.kind, "workers": targets, "status": "sent" if targets else "already_served"}
 
 
-@post("/admin/models/load", status_code=202)
 async def load_model(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     settings: Settings = state.chat.settings
     check_admin(settings, request.headers.get("authorization"))
@@ -102,7 +90,6 @@ async def load_model(request: Request[Any, Any, State], state: State) -> dict[st
     return await _send(state, control.new_command("load", req.model, req.kind, req.served_name), req.worker)
 
 
-@post("/admin/models/unload", status_code=202)
 async def unload_model(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     check_admin(state.chat.settings, request.headers.get("authorization"))
     req = decode_body(await request.body(), UnloadRequest)

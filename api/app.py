@@ -20,7 +20,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 
-from api import admin, aliases, errors, protocol, serving_embed, serving_rerank, serving_responses
+from api import admin, aliases, endpoints, errors, protocol, serving_embed, serving_rerank, serving_responses
 from api import health as health_views
 from api import protocol_legacy as legacy
 from api.chat_cache import ChatCache, as_fresh, replay_stream
@@ -49,7 +49,7 @@ def _ctx(state: State) -> ChatContext:
     return state.chat  # type: ignore[no-any-return]
 
 
-@post("/v1/chat/completions", status_code=200)
+@post(endpoints.CHAT.routes, status_code=200)
 async def chat_completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
     client_id = request.headers.get("x-request-id")
     req = protocol.decode_chat_request(await request.body())
@@ -130,7 +130,7 @@ async def _unless_client_leaves(request: Request[Any, Any, State], work: Awaitab
         watcher.cancel()
 
 
-@post("/v1/completions", status_code=200)
+@post(endpoints.COMPLETIONS.routes, status_code=200)
 async def completions(request: Request[Any, Any, State], state: State) -> Response[Any]:
     client_id = request.headers.get("x-request-id")
     req = legacy.decode_completion_request(await request.body())
@@ -153,7 +153,7 @@ async def _echoing_request_id(start: Awaitable[T], headers: dict[str, str]) -> T
         raise
 
 
-@post("/v1/responses", status_code=200)
+@post(endpoints.RESPONSES.routes, status_code=200)
 async def create_response(request: Request[Any, Any, State], state: State) -> Response[Any]:
     """OpenAI's Responses API: one chat job, answered as a `response` or as `response.*` events; stored in Redis."""
     client_id = request.headers.get("x-request-id")
@@ -179,7 +179,7 @@ def _response_store(state: State) -> serving_responses.ResponseStore:
     return serving_responses.ResponseStore(ctx.redis, ctx.settings.response_store_ttl_s)
 
 
-@post("/tokenize", status_code=200)
+@post(endpoints.TOKENIZE.routes, status_code=200)
 async def tokenize(request: Request[Any, Any, State], state: State) -> legacy.TokenizeResponse:
     """vLLM's /tokenize: a raw prompt, or chat messages through the model's template."""
     req = protocol.decode_body(await request.body(), legacy.TokenizeRequest)
@@ -197,7 +197,7 @@ async def tokenize(request: Request[Any, Any, State], state: State) -> legacy.To
     return legacy.TokenizeResponse(len(answer.tokens), answer.max_model_len, answer.tokens)
 
 
-@post("/detokenize", status_code=200)
+@post(endpoints.DETOKENIZE.routes, status_code=200)
 async def detokenize(request: Request[Any, Any, State], state: State) -> legacy.DetokenizeResponse:
     req = protocol.decode_body(await request.body(), legacy.DetokenizeRequest)
     job = ChatJob(request_id=new_request_id(request.headers.get("x-request-id")), model=req.model,
@@ -206,7 +206,7 @@ async def detokenize(request: Request[Any, Any, State], state: State) -> legacy.
     return legacy.DetokenizeResponse(answer.text or "")
 
 
-@post("/v1/embeddings", status_code=200)
+@post(endpoints.EMBEDDINGS.routes, status_code=200)
 async def embeddings(request: Request[Any, Any, State], state: State) -> Response[Any]:
     body, cache = await serving_embed.create_embeddings(_ctx(state), await request.body(),
                                                         request.headers.get("x-request-id"),
@@ -217,19 +217,19 @@ async def embeddings(request: Request[Any, Any, State], state: State) -> Respons
     return Response(msgspec.json.encode(body), media_type="application/json", headers={"x-axion-cache": cache})
 
 
-@post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200)
+@post(endpoints.RERANK.routes, status_code=200)
 async def rerank(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     """Cohere/Jina-shaped rerank, at the paths vLLM and llama.cpp serve it (`/v2/rerank`: Cohere's v2)."""
     return await serving_rerank.rerank(_ctx(state), await request.body(), request.headers.get("x-request-id"))
 
 
-@post(["/v1/score", "/score"], status_code=200)
+@post(endpoints.SCORE.routes, status_code=200)
 async def score(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     """vLLM's score API, on the rerank workers."""
     return await serving_rerank.score(_ctx(state), await request.body(), request.headers.get("x-request-id"))
 
 
-@get("/version")
+@get(endpoints.VERSION.routes)
 async def version() -> dict[str, str]:
     """The server's version, as vLLM answers it."""
     return {"version": VERSION}
@@ -333,7 +333,9 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None,
 
     handlers = [chat_completions, completions, create_response, retrieve_response, delete_response, tokenize,
                 detokenize, embeddings, rerank, score, version, list_models, retrieve_model,
-                health, health_ready, health_probe, metrics_endpoint, admin.load_model, admin.unload_model,
+                health, health_ready, health_probe, metrics_endpoint,
+                post(endpoints.LOAD_MODEL.routes, status_code=202)(admin.load_model),
+                post(endpoints.UNLOAD_MODEL.routes, status_code=202)(admin.unload_model),
                 *(handler for ext in extensions for handler in ext.handlers)]
     return Litestar(
         route_handlers=[*options_handlers(handlers), *handlers],  # OPTIONS first: Litestar then adds none

@@ -28,6 +28,7 @@ from litestar.utils.scope.state import ScopeState
 
 from api import aliases, auth, connection, limits
 from api.auth import Authenticator, Principal
+from api.endpoints import endpoint
 from api.errors import APIError
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter, estimate_tokens
 from api.registry import model_not_found
@@ -141,7 +142,8 @@ class RequestGuard:
         """A model endpoint's body without `model` gets the one model of the endpoint's kind the caller may use,
         as vLLM serves its only model: a live worker's, else (chat) the configured one. None: a 404; several: a
         400 asking to choose."""
-        kind = limits.ENDPOINT_KIND.get(path)
+        served = endpoint(path)
+        kind = served.kind if served is not None else None
         if kind is None or "model" in parsed:  # a null model is the decoder's to refuse
             return body
         served = sorted({w.model for w in await registry.workers() if w.kind == kind and principal.may_use(w.model)})
@@ -168,7 +170,8 @@ class RequestGuard:
             raise APIError(400, f"Invalid 'model': {problem}", param="model", code="invalid_value")
         if not principal.may_use(model):
             raise model_not_found(model)
-        kind = limits.ENDPOINT_KIND.get(path)
+        served = endpoint(path)
+        kind = served.kind if served is not None else None
         if kind is not None and limits.token_id_fields(path, body):
             sizes = [w.vocab_size for w in await registry.workers() if w.model == model and w.kind == kind]
             if sizes and min(sizes) > 0:

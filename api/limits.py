@@ -10,17 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from api.endpoints import endpoint
 from api.errors import APIError
 from common.protocol import MAX_SCHEMA_NODES, json_nodes, prompt_too_long, text_chars
 from common.settings import Settings
-
-#: The endpoints whose body carries a prompt for a chat model (in `messages` or `prompt`).
-PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize"})
-
-#: Which kind of worker serves each endpoint (whose heartbeat says the vocabulary size).
-ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "chat", "/v1/responses": "chat",
-                 "/tokenize": "chat", "/detokenize": "chat", "/v1/embeddings": "embed", "/v1/rerank": "rerank",
-                 "/rerank": "rerank", "/v2/rerank": "rerank", "/v1/score": "rerank", "/score": "rerank"}
 
 
 def check_sizes(body: dict[str, Any], settings: Settings) -> None:
@@ -44,9 +37,8 @@ def check_sizes(body: dict[str, Any], settings: Settings) -> None:
 def check_prompt_length(path: str, body: dict[str, Any], max_seq_len: int) -> None:
     """400 context_length_exceeded for a prompt that cannot fit MAX_SEQ_LEN: more token ids than that, or more
     characters than any tokenizer could pack into it (`prompt_too_long`). Exact counts are the worker's."""
-    if path not in PROMPT_PATHS:
-        return
-    for field in ("messages", "prompt"):
+    served = endpoint(path)
+    for field in served.prompt_fields if served is not None else ():
         for index, prompt in _prompts(body.get(field), field):
             if field == "prompt" and isinstance(prompt, list):  # token ids
                 problem = (f"This model's maximum context length is {max_seq_len} tokens; the prompt's "
@@ -119,14 +111,17 @@ def _path(parts: tuple[str | int, ...]) -> str:
 def token_id_fields(path: str, body: dict[str, Any]) -> list[tuple[str, list[Any]]]:
     """(param, ids) for every field of this endpoint's body that carries token ids."""
     found: list[tuple[str, list[Any]]] = []
-    if path in ("/v1/chat/completions", "/v1/completions"):
+    served = endpoint(path)
+    if served is None:
+        return found
+    if served.sampling:
         if isinstance(body.get("stop_token_ids"), list):
             found.append(("stop_token_ids", body["stop_token_ids"]))
         if isinstance(body.get("logit_bias"), dict):
             ids = [int(k) for k in body["logit_bias"] if isinstance(k, str) and k.isascii() and k.isdigit()
                    and len(k) < 20]
             found.append(("logit_bias", ids))
-    field = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/detokenize": "tokens"}.get(path)
+    field = served.id_field
     value = body.get(field) if field else None
     if field and isinstance(value, list):
         if all(isinstance(x, int) for x in value):

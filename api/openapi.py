@@ -19,33 +19,16 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 
 from api import protocol_legacy as legacy
-from api.admin import LoadRequest, UnloadRequest
+from api.endpoints import ENDPOINTS, REQUEST_BODIES, endpoint
 from api.extension import Extension
 from api.guided import MAX_CHOICES
-from api.limits import ENDPOINT_KIND
-from api.protocol import MAX_TOOLS, ROLES, ChatCompletionRequest
-from api.protocol_responses import RESPONSES_UNSERVED, InputItem, ResponsesRequest
-from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS, EmbeddingRequest
-from api.serving_rerank import RerankRequest, ScoreRequest
+from api.protocol import MAX_TOOLS, ROLES
+from api.protocol_responses import RESPONSES_UNSERVED, InputItem
+from api.serving_embed import MAX_ITEMS, MAX_TEXT_CHARS
 from api.unserved import CHAT_UNSERVED, VLLM_UNSERVED
 from common import VERSION
 from common.model_ids import MAX_MODEL_ID_CHARS, MODEL_ID_PATTERN
 
-REQUEST_BODIES: dict[str, type] = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": legacy.CompletionRequest,
-    "/v1/responses": ResponsesRequest,
-    "/tokenize": legacy.TokenizeRequest,
-    "/detokenize": legacy.DetokenizeRequest,
-    "/v1/embeddings": EmbeddingRequest,
-    "/v1/rerank": RerankRequest,
-    "/rerank": RerankRequest,
-    "/v2/rerank": RerankRequest,
-    "/v1/score": ScoreRequest,
-    "/score": ScoreRequest,
-    "/admin/models/load": LoadRequest,
-    "/admin/models/unload": UnloadRequest,
-}
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
@@ -57,8 +40,6 @@ ERROR_SCHEMA: dict[str, Any] = {
     }},
 }
 
-#: `stream: true` answers server-sent events.
-STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MODEL_ID_PARAMETER: dict[str, Any] = {
     "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]*$", "maxLength": MAX_MODEL_ID_CHARS,
     "description": "A model id; one with an organisation (`org/name`) goes in the path as it is"}
@@ -97,7 +78,7 @@ def add_request_bodies(schema: dict[str, Any], extensions: Sequence[Extension] =
             for parameter in paths.get(path, {}).get("get", {}).get("parameters", []):
                 if parameter.get("name") == "limit":
                     parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": most}
-    for path in STREAMING_PATHS:
+    for path in (path for e in ENDPOINTS if e.streams for path in e.paths):  # `stream: true`: server-sent events
         if "post" in paths.get(path, {}):
             ok = paths[path]["post"].setdefault("responses", {}).setdefault("200", {"description": "OK"})
             ok.setdefault("content", {})["text/event-stream"] = {"schema": {}}  # chunks, an error, then [DONE]
@@ -175,11 +156,12 @@ def _add_checked_rules(components: dict[str, Any]) -> None:
         {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1},
                                                   "prompt": {"type": "null"}}}]
     for path, kind in REQUEST_BODIES.items():
+        served = endpoint(path)
         component = components[kind.__name__]
         model = component["properties"].get("model")
         if model is not None:
             model.update(pattern=MODEL_ID_PATTERN, maxLength=MAX_MODEL_ID_CHARS)
-        if path in ENDPOINT_KIND:  # the guard fills in the one model served (`Guard._fill_model`)
+        if served is not None and served.kind is not None:  # the guard fills in the one model (`_fill_model`)
             component["required"] = [name for name in component.get("required", []) if name != "model"]
             model["description"] = "May be left out when one model of the endpoint's kind is served."
 

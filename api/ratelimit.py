@@ -22,12 +22,12 @@ import msgspec
 import redis.asyncio as aioredis
 
 from api.auth import Principal
+from api.endpoints import endpoint
 from api.errors import APIError
 from common import keys
 
 WINDOW_MS = 60_000
 CHARS_PER_TOKEN = 4
-GENERATING_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 RATE_LIMIT_HEADERS = [f"x-ratelimit-{what}-{dim}" for what in ("limit", "remaining", "reset")
                       for dim in ("requests", "tokens")]
 
@@ -143,13 +143,14 @@ def estimate_tokens(path: str, body: Any, max_seq_len: int) -> int:
     for field in ("messages", "prompt", "input", "instructions", "query", "documents", "tokens", "text_1", "text_2"):
         prompt += _size(body.get(field))
     output = 0
-    if path in GENERATING_PATHS:
+    served = endpoint(path)
+    if served is not None and served.generates:
         limit = (_int(body.get("max_completion_tokens")) or _int(body.get("max_tokens"))
                  or _int(body.get("max_output_tokens")))
         if limit is None:
-            limit = 16 if path == "/v1/completions" else max(0, max_seq_len - prompt)
+            limit = served.default_output if served.default_output is not None else max(0, max_seq_len - prompt)
         output = limit * max(1, _int(body.get("n")) or 1, _int(body.get("best_of")) or 1)
-        if path == "/v1/completions" and isinstance(body.get("prompt"), list) and body["prompt"]:
+        if served.several_prompts and isinstance(body.get("prompt"), list) and body["prompt"]:
             if not all(isinstance(x, int) for x in body["prompt"]):
                 output *= len(body["prompt"])  # one completion per prompt
     return max(1, prompt + output)

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import msgspec
 import redis.asyncio as aioredis
 
+from api.endpoints import BATCH_URLS
 from api.errors import APIError
 from common import keys
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+ENDPOINTS = BATCH_URLS  # the endpoints a line may call (api/endpoints.py `batchable`)
 MAX_LINE_ERRORS = 100  # listed in a failed batch's errors; one more entry counts the rest
 READ_CHUNK = 1000  # lines per LRANGE when a file is read back
 

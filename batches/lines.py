@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from api import limits
+from api import endpoints, limits
 from api import protocol as p
 from api import protocol_legacy as legacy
 from api.chat_cache import ChatCache, as_fresh
@@ -72,10 +72,10 @@ class LineRunner:
                                                 code="internal_error").body())
 
     async def _answer(self, url: str, raw: bytes, request_id: str) -> dict[str, Any]:
-        if url == "/v1/embeddings":
+        if url == endpoints.EMBEDDINGS.path:
             answer, _ = await create_embeddings(self.ctx, raw, request_id)
             return answer
-        if url == "/v1/completions":
+        if url == endpoints.COMPLETIONS.path:
             req = legacy.decode_completion_request(raw)
             _no_stream(req.stream)
             run = CompletionRun(self.ctx, req, request_id)

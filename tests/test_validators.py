@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from api import limits, protocol
 from api import protocol_legacy as legacy
 from api.auth import Principal
+from api.endpoints import REQUEST_BODIES
 from api.errors import APIError
-from api.openapi import REQUEST_BODIES
 from api.ratelimit import RateLimiter, estimate_tokens, format_reset
 from api.registry import WorkerRegistry
 from api.serving_embed import EmbeddingRequest

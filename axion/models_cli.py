@@ -50,7 +50,8 @@ def wait(r: redis.Redis, command: control.Command, targets: list[str], timeout: 
 
 
 def main(argv: list[str], settings: Settings) -> int:
-    parser = argparse.ArgumentParser(prog="axion models")
+    parser = argparse.ArgumentParser(prog="axion models", epilog=ops.REDIS_SETTINGS,
+                                     description="Hot swap: list the models of running workers, load or unload one.")
     parser.add_argument("action", choices=["list", "load", "unload"])
     parser.add_argument("model", nargs="?")
     parser.add_argument("--worker", help="the worker id (`axion models list`); default: see the README")

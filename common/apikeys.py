@@ -19,7 +19,7 @@ import time
 import msgspec
 import redis
 
-from common import keys
+from common import keys, runfile
 from common.redis_cluster import sync_client
 from common.settings import load_or_exit, split_list
 
@@ -91,9 +91,12 @@ def revoke(r: redis.Redis, ident: str) -> int:
 
 def main(argv: list[str]) -> int:
     """`axion keys create [--name N] [--models a,b] [--rpm N] [--tpm N] | list | revoke ID_OR_NAME`."""
-    parser = argparse.ArgumentParser(prog="axion keys", description="Manage the API keys stored in Redis.")
+    reads = ("settings it reads: REDIS_URL (unset: the Redis of the `axion serve` running on this machine), "
+             "REDIS_CLUSTER, RATE_LIMIT_RPM, RATE_LIMIT_TPM")
+    parser = argparse.ArgumentParser(prog="axion keys", description="Manage the API keys stored in Redis.",
+                                     epilog=reads)
     sub = parser.add_subparsers(dest="action", required=True)
-    make = sub.add_parser("create", help="create a key and print it (it is shown only once)")
+    make = sub.add_parser("create", help="create a key and print it (it is shown only once)", epilog=reads)
     make.add_argument("--name", default="", help="a label for list and revoke")
     make.add_argument("--models", default="", help="comma-separated model ids this key may use (default: all)")
     make.add_argument("--rpm", type=int, default=None, help="requests per minute (default RATE_LIMIT_RPM; 0: none)")
@@ -106,10 +109,11 @@ def main(argv: list[str]) -> int:
         if getattr(args, limit, None) is not None and getattr(args, limit) < 0:
             parser.error(f"--{limit} must be >= 0")
     settings = load_or_exit()
-    if not settings.redis_url:
+    url = runfile.redis_url_or_running(settings.redis_url)
+    if not url:
         print("axion keys: set REDIS_URL to the Redis the API replicas use", file=sys.stderr)
         return 2
-    r = sync_client(settings.redis_url, settings.redis_cluster)
+    r = sync_client(url, settings.redis_cluster)
     try:
         if args.action == "create":
             key, record = create(r, name=args.name, models=split_list(args.models) or None, rpm=args.rpm,

@@ -16,7 +16,7 @@ import msgspec
 import redis
 from redis.exceptions import ResponseError
 
-from common import keys
+from common import keys, runfile
 from common.protocol import WorkerInfo, decode_worker
 from common.redis_cluster import mget_sync, sync_client
 
@@ -25,8 +25,11 @@ CACHE_NAMESPACES = ("chat", "embed")  # api/cache.py CHAT_NAMESPACE, EMBED_NAMES
 
 
 def connect(url: str | None, cluster_mode: str = "auto") -> redis.Redis:
+    """The fleet's Redis: REDIS_URL, else that of the `axion serve` running on this machine (`common/runfile.py`)."""
+    url = runfile.redis_url_or_running(url)
     if not url:
-        print("axion: REDIS_URL is not set (these commands read the fleet's Redis)", file=sys.stderr)
+        print("axion: REDIS_URL is not set and no `axion serve` runs here (these commands read the fleet's Redis)",
+              file=sys.stderr)
         raise SystemExit(2)
     return sync_client(url, cluster_mode, socket_timeout=5, socket_connect_timeout=5)  # type: ignore[return-value]
 
@@ -119,7 +122,9 @@ def worker_rows(live: list[WorkerInfo], now: float) -> list[dict[str, Any]]:
 
 def status(r: redis.Redis) -> dict[str, Any]:
     live = workers(r)
-    return {"models": sorted({m.decode() for m in r.smembers(keys.KNOWN_MODELS)}),
+    served = {w.model for w in live if w.model}
+    known = {m.decode() for m in r.smembers(keys.KNOWN_MODELS)}
+    return {"models": sorted(served), "models_without_workers": sorted(known - served),
             "workers": worker_rows(live, time.time()), "queues": queues(r, live), "caches": caches(r)}
 
 
@@ -138,6 +143,8 @@ QUEUE_COLUMNS = ["kind", "model", "length", "pending", "lag", "dead_letters", "b
 
 def print_status(data: dict[str, Any]) -> None:
     print(f"models: {', '.join(data['models']) or '(none)'}")
+    if data["models_without_workers"]:
+        print(f"served before, no live worker now: {', '.join(data['models_without_workers'])}")
     print(f"\nworkers ({len(data['workers'])}):")
     print(table(data["workers"], ["worker_id", "kind", "model", "device", "heartbeat_age_s", "active_sequences",
                                   "max_batch_size", "batch_occupancy", "kv_cache_bytes", "tokens_per_s"]))
@@ -211,8 +218,17 @@ def _emit(data: Any, as_json: bool, text: Any) -> None:
         text()
 
 
+#: The settings the commands that read the fleet's Redis take (their `--help` says so).
+REDIS_SETTINGS = ("settings it reads: REDIS_URL (unset: the Redis of the `axion serve` running on this machine), "
+                  "REDIS_CLUSTER")
+DESCRIPTIONS = {"status": "The fleet as Redis holds it: live workers and their models, queues, caches.",
+                "queues": "Job streams per model: length, pending, lag, dead letters, Batch API lines, workers.",
+                "dead-letters": "Jobs given up on (delivered too often): list them, retry or drop them."}
+
+
 def main(command: str, argv: list[str], redis_url: str | None, cluster_mode: str = "auto") -> int:
-    parser = argparse.ArgumentParser(prog=f"axion {command}")
+    parser = argparse.ArgumentParser(prog=f"axion {command}", description=DESCRIPTIONS[command],
+                                     epilog=REDIS_SETTINGS)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if command == "queues":
         parser.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",

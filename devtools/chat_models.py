@@ -210,9 +210,8 @@ def build_tiny_llama(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ``DIR [--hidden-size N ...]``; prints the folder written."""
-    parser = argparse.ArgumentParser(
-        description="Build a tiny random Llama model for dev/tests."
-    )
+    parser = argparse.ArgumentParser(prog="axion dev tiny-model",
+                                     description="Build a tiny random Llama model for dev/tests.")
     parser.add_argument("dir", metavar="DIR", type=Path, help="output folder")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)

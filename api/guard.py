@@ -33,7 +33,6 @@ from api.errors import APIError
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter, estimate_tokens
 from api.registry import model_not_found
 from common import logctx
-from common.model_ids import model_id_problem
 from common.settings import Settings, split_list
 
 log = logging.getLogger("axion.api.guard")
@@ -165,7 +164,7 @@ class RequestGuard:
         model = body.get("model")
         if not isinstance(model, str):
             return
-        problem = model_id_problem(model, allow_paths=self.settings.allow_model_paths)
+        problem = await registry.model_problem(model, self.settings)
         if problem:
             raise APIError(400, f"Invalid 'model': {problem}", param="model", code="invalid_value")
         if not principal.may_use(model):

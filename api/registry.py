@@ -20,6 +20,7 @@ from common import keys
 from common.model_ids import model_id_problem
 from common.protocol import WorkerInfo, decode_worker
 from common.redis_cluster import mget
+from common.settings import Settings
 
 CACHE_S = 0.5
 #: How often a request that waits for a worker (the grace period) re-reads the heartbeats.
@@ -38,6 +39,14 @@ class WorkerRegistry:
         # these models still get a 503 ("no worker now", which clients retry) and never a 404.
         self._known = set(default_models)
         self.grace_s = grace_s
+
+    async def model_problem(self, model: str, settings: Settings) -> str | None:
+        """Why a request may not name `model` (one sentence), or None: the id's shape, and a folder path only with
+        ALLOW_MODEL_PATHS, or when the operator configured it or a live worker serves it."""
+        allow = settings.allow_model_paths or model in settings.configured_models
+        if not allow and model.startswith("/"):
+            allow = any(w.model == model for w in await self.workers())
+        return model_id_problem(model, allow_paths=allow)
 
     async def workers(self, fresh: bool = False) -> list[WorkerInfo]:
         if fresh or time.monotonic() - self._read_at > CACHE_S:

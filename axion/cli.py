@@ -9,6 +9,7 @@ only its own half.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import gc
 import logging
@@ -74,23 +75,32 @@ def run_api(settings: Settings) -> int:
 
 def check_models(settings: Settings, kind: str) -> None:
     """Refuse at start to load a model id that breaks the shape rules or MODEL_ALLOWLIST (`common/model_ids.py`):
-    one line and status 2, like a bad setting."""
+    one line and status 2, like a bad setting. A folder path is the operator's own choice: always accepted."""
     names = {"chat": (("MODEL_NAME", settings.model_name), ("SERVED_MODEL_NAME", settings.model_id)),
              "embed": (("EMBEDDING_MODEL", settings.embedding_model),),
              "rerank": (("RERANK_MODEL", settings.rerank_model),)}[kind]
     for variable, name in names:
-        problem = load_problem(name, allow_paths=settings.allow_model_paths,
-                               patterns=split_list(settings.model_allowlist))
+        problem = load_problem(name, allow_paths=True, patterns=split_list(settings.model_allowlist))
         if problem:
-            hint = " (ALLOW_MODEL_PATHS=true allows local folders)" if name.startswith("/") else ""
-            print(f"axion: invalid setting {variable}={name!r}: {problem}{hint}", file=sys.stderr)
+            print(f"axion: invalid setting {variable}={name!r}: {problem}", file=sys.stderr)
             raise SystemExit(2)
+
+
+#: A worker's exit status when its model cannot be had (`workers/model_source.py`): `axion serve` stops quietly.
+MODEL_UNAVAILABLE = 3
 
 
 def run_worker(settings: Settings) -> int:
     from common import aio
+    from workers.model_source import unavailable
 
     check_models(settings, settings.worker_kind)
+    kind = settings.worker_kind
+    model = {"chat": settings.model_name, "embed": settings.embedding_model, "rerank": settings.rerank_model}[kind]
+    problem = unavailable(kind, model, settings.fastembed_cache_path)
+    if problem:
+        log.error("%s worker: %s", kind, problem)
+        return MODEL_UNAVAILABLE
 
     if settings.worker_kind == "chat" and settings.quantization == "none":
         from workers.chat.quantize import keep_torchao_out
@@ -108,7 +118,12 @@ def run_worker(settings: Settings) -> int:
         fallback = outcome.reason
     from workers.host import serve
 
-    aio.run(serve(settings, fallback))  # WORKER_KIND's model, swappable by `axion models load|unload`
+    try:
+        aio.run(serve(settings, fallback))  # WORKER_KIND's model, swappable by `axion models load|unload`
+    except Exception as exc:  # one line at the default level; the trace with LOG_LEVEL=debug
+        log.error("%s worker stopped: %s: %s", kind, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.debug("the worker's failure", exc_info=True)
+        return 1
     return 0
 
 
@@ -160,29 +175,39 @@ def run_serve(settings: Settings) -> int:
         code = 0
         while not stopping:
             for child in [c for c in optional if c.poll() is not None]:
-                log.error("an embedding, rerank or batch worker exited with status %s (could its model not load?); "
-                          "chat keeps serving. SERVE_EMBEDDINGS=false turns them off.", child.returncode)
+                if child.returncode != MODEL_UNAVAILABLE:  # else the worker said why in one line already
+                    log.error("an embedding, rerank or batch worker exited with status %s (could its model not "
+                              "load?); chat keeps serving. SERVE_EMBEDDINGS=false turns them off.", child.returncode)
                 optional.remove(child)
             exited = [c for c in required if c.poll() is not None]
             if exited:
                 code = exited[0].returncode or 1
-                log.error("a child process exited with status %s; stopping", exited[0].returncode)
+                if code != MODEL_UNAVAILABLE:  # else the worker said why in one line already
+                    log.error("a child process exited with status %s; stopping", exited[0].returncode)
                 break
             time.sleep(0.2)
         return code
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_children(children)
         runfile.forget(run_file)
         if embedded:
             embedded.stop()
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -> None:
+    """SIGTERM, repeated each second: a child still starting may have let the first one pass (uvicorn installs its
+    handlers late); killed after `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    while (alive := [c for c in children if c.poll() is None]) and time.monotonic() < deadline:
+        for child in alive:
+            child.send_signal(signal.SIGTERM)
+        for child in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(0.05, min(1.0 / len(alive), deadline - time.monotonic())))
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def run_dev(argv: list[str]) -> int:

@@ -26,7 +26,6 @@ from api.jobs import ChatContext
 from api.serving_chat import ChatRun
 from api.serving_completions import CompletionRun
 from api.serving_embed import create_embeddings
-from common.model_ids import model_id_problem
 
 log = logging.getLogger("axion.batches")
 
@@ -57,7 +56,7 @@ class LineRunner:
         while True:
             try:
                 limits.check_sizes(body, self.ctx.settings)
-                problem = model_id_problem(str(body.get("model")), allow_paths=self.ctx.settings.allow_model_paths)
+                problem = await self.ctx.registry.model_problem(str(body.get("model")), self.ctx.settings)
                 if problem:
                     raise APIError(400, f"Invalid 'model': {problem}", param="model", code="invalid_value")
                 return LineResult(200, await self._answer(url, raw, request_id))

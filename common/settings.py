@@ -130,6 +130,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
         return self.served_model_name or self.model_name
 
     @property
+    def configured_models(self) -> frozenset[str]:
+        """The models the operator named in settings: loaded even as absolute folders, and always nameable in
+        requests (ALLOW_MODEL_PATHS governs only what else requests may name)."""
+        return frozenset({self.model_name, self.model_id, self.embedding_model, self.rerank_model})
+
+    @property
     def auth_required(self) -> bool:
         """Keys are checked when any are configured in API_KEYS, or when REQUIRE_API_KEY asks for Redis keys."""
         return self.require_api_key or bool(split_list(self.api_keys))

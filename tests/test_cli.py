@@ -8,12 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from axion.cli import COMMANDS
-from common.redis_server import EmbeddedRedis, find_redis_server
+from common.redis_server import EmbeddedRedis, find_redis_server, free_port
 from tests.conftest import REPO, serving
 
 
@@ -71,3 +73,39 @@ def test_ops_commands_find_the_redis_of_a_running_serve(tiny_model_dir: Path, tm
     gone = subprocess.run([sys.executable, "-m", "axion.cli", "status"], capture_output=True, text=True, timeout=60,
                           env=env, cwd=REPO)
     assert gone.returncode == 2 and "no `axion serve` runs here" in gone.stderr
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_serve_without_the_default_model_says_so_in_one_line(tmp_path: Path, offline: str) -> None:
+    """The default hub model, no network: one line per worker naming the offline command, exit 3, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_NAME", "HF_HUB_OFFLINE")}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "AXION_RUN_DIR": str(tmp_path / "run"), "SERVER_PORT": str(free_port()),
+            "FASTEMBED_CACHE_PATH": str(tmp_path / "fastembed")}
+    env |= {"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "axion.cli", "serve"], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=REPO)
+    assert proc.returncode == 3 and time.monotonic() - started < 30
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    (chat,) = [line for line in output.splitlines() if "chat worker: cannot load" in line]
+    assert "MODEL_NAME=Qwen/Qwen2.5-0.5B-Instruct" in chat and "axion dev tiny-model models/tiny" in chat
+    assert ("HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "cannot be reached") in chat
+
+
+def test_chat_keeps_serving_when_the_embedding_models_cannot_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """And the operator's absolute model folder is served and may be named without ALLOW_MODEL_PATHS; other
+    absolute paths may not."""
+    with serving(tiny_model_dir, tmp_path, SERVE_EMBEDDINGS="true", HF_HOME=str(tmp_path / "hf"),
+                 FASTEMBED_CACHE_PATH=str(tmp_path / "fastembed"), ALLOW_MODEL_PATHS="false") as server:
+        assert server.model.startswith("/")
+        reply = server.client().chat.completions.create(model=server.model, max_tokens=2,
+                                                        messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError):
+            server.client().chat.completions.create(model="/etc/passwd", max_tokens=2,
+                                                    messages=[{"role": "user", "content": "hi"}])
+        log = server.procs[0].log()
+    for kind, command in (("embed", "axion dev embed-model"), ("rerank", "axion dev rerank-model")):
+        assert sum(f"{kind} worker: cannot load" in line and command in line for line in log.splitlines()) == 1
+    assert "Traceback" not in log

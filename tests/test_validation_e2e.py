@@ -132,7 +132,6 @@ def _worker(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("env", "says"), [
-    ({"MODEL_NAME": "/models/tiny"}, "Absolute paths"),
     ({"MODEL_NAME": "models/../../secret"}, "'..'"),
     ({"MODEL_NAME": "/models/tiny", "ALLOW_MODEL_PATHS": "true", "MODEL_ALLOWLIST": "Qwen/*,/srv/*"},
      "MODEL_ALLOWLIST"),
@@ -142,3 +141,9 @@ def _worker(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_workers_load_only_allowed_models(tmp_path: Path, env: dict[str, str], says: str) -> None:
     done = _worker(tmp_path, **env)
     assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_operators_absolute_folder_is_accepted_without_allow_model_paths(tmp_path: Path) -> None:
+    """Past the id checks (no ALLOW_MODEL_PATHS needed for a setting): the folder is missing, which it says."""
+    done = _worker(tmp_path, MODEL_NAME="/models/tiny")
+    assert done.returncode == 3 and "cannot load MODEL_NAME=/models/tiny" in done.stderr

@@ -18,7 +18,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
-from litestar.response import Stream
+from litestar.response import Redirect, Stream
 
 from api import admin, aliases, endpoints, errors, protocol, serving_embed, serving_rerank, serving_responses
 from api import health as health_views
@@ -30,7 +30,7 @@ from api.guard import RequestGuard, cors_config
 from api.jobs import ChatContext, JobRun, new_request_id
 from api.metrics import CONTENT_TYPE, Metrics
 from api.models_view import model_cards
-from api.openapi import openapi_config
+from api.openapi import openapi_config, openapi_json
 from api.registry import WorkerRegistry, model_not_found
 from api.serving_chat import ChatRun, chat_messages
 from api.serving_completions import CompletionRun
@@ -235,6 +235,18 @@ async def version() -> dict[str, str]:
     return {"version": VERSION}
 
 
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request[Any, Any, State]) -> Response[bytes]:
+    """The OpenAPI document where vLLM serves it (also at /schema/openapi.json)."""
+    return Response(openapi_json(request), media_type="application/vnd.oai.openapi+json")
+
+
+@get("/docs", include_in_schema=False)
+async def api_docs() -> Redirect:
+    """The interactive API page where vLLM serves it."""
+    return Redirect("/schema/swagger")
+
+
 @get("/v1/models")
 async def list_models(state: State) -> protocol.ModelList:
     """Every model a live worker serves now, with its kind and backend, and the aliases that point at them."""
@@ -332,8 +344,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None,
                 await client.aclose()
 
     handlers = [chat_completions, completions, create_response, retrieve_response, delete_response, tokenize,
-                detokenize, embeddings, rerank, score, version, list_models, retrieve_model,
-                health, health_ready, health_probe, metrics_endpoint,
+                detokenize, embeddings, rerank, score, version, list_models, retrieve_model, openapi_document,
+                api_docs, health, health_ready, health_probe, metrics_endpoint,
                 post(endpoints.LOAD_MODEL.routes, status_code=202)(admin.load_model),
                 post(endpoints.UNLOAD_MODEL.routes, status_code=202)(admin.unload_model),
                 *(handler for ext in extensions for handler in ext.handlers)]

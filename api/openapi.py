@@ -249,6 +249,13 @@ class BodiesJsonPlugin(JsonRenderPlugin):
         return self._rendered
 
 
+def openapi_json(request: Request) -> bytes:
+    """The document /schema/openapi.json serves, for another path."""
+    config = request.app.openapi_config
+    plugin = next(p for p in (config.render_plugins if config else []) if isinstance(p, BodiesJsonPlugin))
+    return plugin.render(request, request.app.openapi_schema.to_schema())
+
+
 def openapi_config(extensions: Sequence[Extension] = ()) -> OpenAPIConfig:
     return OpenAPIConfig(title="Axion", version=VERSION,
                          render_plugins=[BodiesJsonPlugin(extensions), SwaggerRenderPlugin()])

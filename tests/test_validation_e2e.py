@@ -147,3 +147,12 @@ def test_an_operators_absolute_folder_is_accepted_without_allow_model_paths(tmp_
     """Past the id checks (no ALLOW_MODEL_PATHS needed for a setting): the folder is missing, which it says."""
     done = _worker(tmp_path, MODEL_NAME="/models/tiny")
     assert done.returncode == 3 and "cannot load MODEL_NAME=/models/tiny" in done.stderr
+
+
+def test_the_openapi_document_and_docs_page_are_where_vllm_serves_them(served: Server) -> None:
+    schema = httpx.get(f"{served.base_url}/schema/openapi.json", timeout=10)
+    same = httpx.get(f"{served.base_url}/openapi.json", timeout=10)
+    assert same.status_code == 200 and same.json() == schema.json()
+    assert "/v1/responses" in same.json()["paths"] and "/v1/batches" in same.json()["paths"]
+    docs = httpx.get(f"{served.base_url}/docs", timeout=10, follow_redirects=True)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()

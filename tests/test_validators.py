@@ -272,3 +272,4 @@ def test_openapi_document_describes_the_bodies() -> None:
     assert schemas["RequestMessage"]["properties"]["role"] == {"enum": list(protocol.ROLES)}
     temperature = schemas["ChatCompletionRequest"]["properties"]["temperature"]
     assert {"type": "number", "minimum": 0.0, "maximum": 2.0} in temperature["anyOf"]
+

@@ -20,7 +20,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.response import Redirect, Stream
 
-from api import admin, aliases, endpoints, errors, protocol, serving_embed, serving_rerank, serving_responses
+from api import admin, aliases, console, endpoints, errors, protocol, serving_embed, serving_rerank, serving_responses
 from api import health as health_views
 from api import protocol_legacy as legacy
 from api.chat_cache import ChatCache, as_fresh, replay_stream
@@ -345,7 +345,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None,
 
     handlers = [chat_completions, completions, create_response, retrieve_response, delete_response, tokenize,
                 detokenize, embeddings, rerank, score, version, list_models, retrieve_model, openapi_document,
-                api_docs, health, health_ready, health_probe, metrics_endpoint,
+                api_docs, health, health_ready, health_probe, metrics_endpoint, console.console_page,
+                console.console_fleet,
                 post(endpoints.LOAD_MODEL.routes, status_code=202)(admin.load_model),
                 post(endpoints.UNLOAD_MODEL.routes, status_code=202)(admin.unload_model),
                 *(handler for ext in extensions for handler in ext.handlers)]

@@ -21,6 +21,9 @@ from api.errors import APIError
 from common import apikeys, keys
 from common.settings import Settings, split_list
 
+#: The web console's page (`api/console.py`): open to all, as it holds no data.
+CONSOLE_PAGE = "/console"
+
 CACHE_S = 2.0
 CACHE_ENTRIES = 10_000
 
@@ -72,6 +75,8 @@ class Authenticator:
 
     def is_open(self, path: str) -> bool:
         """OPEN_PATHS: exact paths, or prefixes written with a trailing `*`."""
+        if path == CONSOLE_PAGE:
+            return True
         return any(path == p or (p.endswith("*") and path.startswith(p[:-1])) for p in self._open)
 
     async def authenticate(self, authorization: str | None) -> Principal:

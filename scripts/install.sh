@@ -14,6 +14,17 @@ stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cu
 # and vLLM in .venv (scripts/install_vllm.sh, own stamp): the backend tests run BACKEND=vllm on its CPU build.
 if [ "$extra" = "test" ]; then scripts/install_max.sh; fi
 vllm_too() { if [ "$extra" = "test" ]; then scripts/install_vllm.sh; fi; }
+# The console test drives the system's chromium (Debian's package): installed where apt-get may, else skipped.
+chromium_too() {
+  if [ "$extra" = "test" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+      && [ "$(id -u)" = 0 ]; then
+    echo "install: chromium (Debian's package) for the web console's test"
+    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+      || echo "install: chromium could not be installed; tests/test_console_e2e.py will be skipped"
+  fi
+}
+chromium_too
 [ -f "$stamp" ] && { vllm_too; exit 0; }
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -163,3 +163,14 @@ def test_prompts_that_cannot_fit_and_huge_schemas_are_refused_before_queueing(re
         schema = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                "response_format": fmt})
         assert schema["code"] == "invalid_schema" and schema["param"] == "response_format"
+
+
+def test_the_console_page_is_open_and_its_fleet_view_needs_an_admin_key(redis_url: str) -> None:
+    with client(redis_url, ADMIN_API_KEYS="admin-key") as c:
+        page = c.get("/console")
+        assert page.status_code == 200 and "Axion console" in page.text
+        assert c.get("/console/fleet").status_code == 401
+        tenant = c.get("/console/fleet", headers={"Authorization": f"Bearer {KEY}"})
+        assert tenant.status_code == 403  # an API key, not an admin key
+        fleet = c.get("/console/fleet", headers={"Authorization": "Bearer admin-key"})
+        assert fleet.status_code == 200 and fleet.json()["workers"] == []

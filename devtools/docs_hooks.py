@@ -11,7 +11,7 @@ import msgspec
 from mkdocs.exceptions import PluginError
 
 ENDPOINTS_MARK = "<!-- endpoints: generated from the OpenAPI document -->"
-SETTING_ROW = re.compile(r"^\| `([A-Z0-9_]+)` \|", re.MULTILINE)
+SETTING_ROW = re.compile(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", re.MULTILINE)
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
@@ -25,13 +25,34 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
 def check_settings_table(markdown: str) -> None:
     from common.settings import Settings
 
-    documented = SETTING_ROW.findall(markdown)
-    fields = {f.name.upper() for f in msgspec.structs.fields(Settings)}
+    rows = SETTING_ROW.findall(markdown)
+    documented = [name for name, _ in rows]
+    fields = {f.name.upper(): f for f in msgspec.structs.fields(Settings)}
     twice = sorted({name for name in documented if documented.count(name) > 1})
-    missing, unknown = sorted(fields - set(documented)), sorted(set(documented) - fields)
-    if twice or missing or unknown:
+    missing, unknown = sorted(set(fields) - set(documented)), sorted(set(documented) - set(fields))
+    wrong = [f"{name} says {shown.strip()}, the code {_default(fields[name])}" for name, shown in rows
+             if name in fields and not _same_default(shown.strip().strip("`"), fields[name], fields)]
+    if twice or missing or unknown or wrong:
         raise PluginError(f"configuration.md's settings table: missing {missing}, not settings {unknown}, "
-                          f"listed twice {twice}")
+                          f"listed twice {twice}, defaults {wrong}")
+
+
+def _default(field: Any) -> str:
+    """A setting's default as the table writes it: `unset`, `true`, 30, 0.5, a text."""
+    value = None if field.default is msgspec.NODEFAULT else field.default
+    if value is None or value == "":
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _same_default(shown: str, field: Any, fields: dict[str, Any]) -> bool:
+    """The table's default is the code's, or (for an unset one) the setting it falls back to."""
+    code = _default(field)
+    return shown == code or (code == "unset" and shown in fields)
 
 
 def endpoint_table() -> str:

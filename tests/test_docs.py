@@ -28,3 +28,9 @@ def test_the_endpoint_table_is_the_openapi_documents() -> None:
     for row in ("| POST | `/v1/responses` | `ResponsesRequest` |", "| POST | `/v1/files` | `multipart` |",
                 "| GET | `/version` |"):
         assert row in table
+
+
+def test_the_settings_tables_defaults_are_the_codes() -> None:
+    page = CONFIGURATION.read_text()
+    with pytest.raises(PluginError, match="MAX_SEQ_LEN says `8192`"):
+        check_settings_table(page.replace("| `MAX_SEQ_LEN` | `4096` |", "| `MAX_SEQ_LEN` | `8192` |"))

@@ -27,7 +27,7 @@ from api.protocol_admin import LoadRequest, UnloadRequest
 from common import control, keys
 from common.model_ids import load_problem
 from common.protocol import WorkerInfo, decode_worker
-from common.redis_cluster import mget
+from common.redis_cluster import mget, text
 from common.settings import Settings, split_list
 
 
@@ -55,7 +55,7 @@ def check_admin(settings: Settings, authorization: str | None) -> None:
 
 async def live_workers(redis: aioredis.Redis) -> list[WorkerInfo]:
     """Every live heartbeat, idle workers included (the registry leaves those out: they serve nothing)."""
-    ids = [i.decode() for i in await redis.zrange(keys.WORKER_INDEX, 0, -1)]
+    ids = [text(i) for i in await redis.zrange(keys.WORKER_INDEX, 0, -1)]
     found = []
     for raw in await mget(redis, [keys.worker_heartbeat(i) for i in ids]) if ids else []:
         if raw is not None:

@@ -36,7 +36,7 @@ from api.serving_chat import ChatRun, chat_messages
 from api.serving_completions import CompletionRun
 from api.template import template_options
 from common import VERSION, redis_client
-from common.protocol import ChatJob, SamplingParams
+from common.protocol import ChatJob, SamplingParams, Tokenized
 from common.settings import Settings
 
 log = logging.getLogger("axion.api")
@@ -46,7 +46,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 
 
 def _ctx(state: State) -> ChatContext:
-    return state.chat  # type: ignore[no-any-return]
+    return state.chat
 
 
 @post(endpoints.CHAT.routes, status_code=200)
@@ -193,7 +193,7 @@ async def tokenize(request: Request[Any, Any, State], state: State) -> legacy.To
                   messages=messages, prompt=req.prompt, params=SamplingParams(), created=time.time(),
                   tools=msgspec.to_builtins(req.tools) if req.tools else None,
                   add_special_tokens=req.add_special_tokens, **template_options(req))
-    answer = await JobRun(_ctx(state), job, stream=False).answer()
+    answer = await _tokenized(JobRun(_ctx(state), job, stream=False))
     return legacy.TokenizeResponse(len(answer.tokens), answer.max_model_len, answer.tokens)
 
 
@@ -202,8 +202,16 @@ async def detokenize(request: Request[Any, Any, State], state: State) -> legacy.
     req = protocol.decode_body(await request.body(), legacy.DetokenizeRequest)
     job = ChatJob(request_id=new_request_id(request.headers.get("x-request-id")), model=req.model,
                   task="detokenize", messages=[], prompt_ids=req.tokens, params=SamplingParams(), created=time.time())
-    answer = await JobRun(_ctx(state), job, stream=False).answer()
+    answer = await _tokenized(JobRun(_ctx(state), job, stream=False))
     return legacy.DetokenizeResponse(answer.text or "")
+
+
+async def _tokenized(run: JobRun) -> Tokenized:
+    """A tokenize or detokenize job's answer."""
+    answer = await run.answer()
+    if not isinstance(answer, Tokenized):
+        raise errors.APIError(500, "Worker answered out of order.", code="internal_error")
+    return answer
 
 
 @post(endpoints.EMBEDDINGS.routes, status_code=200)

@@ -24,11 +24,11 @@ import msgspec
 import redis.asyncio as aioredis
 
 from common import keys
-from common.redis_cluster import publish
+from common.redis_cluster import publish, text
 from common.settings import Settings
 
 if TYPE_CHECKING:
-    from api.reply_hub import ReplyHub
+    from api.reply_hub import Hub
 
 log = logging.getLogger("axion.api.cache")
 
@@ -117,7 +117,7 @@ class LruStore:
 
     async def members(self) -> list[str]:
         """Members from least to most recently used (for tests and `redis-cli` minded operators)."""
-        return [m.decode() for m in await self.redis.zrange(self._ranking, 0, -1)]
+        return [text(m) for m in await self.redis.zrange(self._ranking, 0, -1)]
 
     async def stats(self) -> dict[str, int]:
         raw = await self.redis.hgetall(self._stats)
@@ -169,7 +169,7 @@ def decide(key: str | None, cache_control: str | None) -> CacheDecision:
 class SingleFlight:
     """Leases on cache keys, so one generation serves every identical request that arrives meanwhile."""
 
-    def __init__(self, redis: aioredis.Redis, hub: ReplyHub) -> None:
+    def __init__(self, redis: aioredis.Redis, hub: Hub) -> None:
         self.redis = redis
         self.hub = hub
 

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from api.errors import redis_unavailable
-from api.reply_hub import ReplyHub, ShardMoved, Subscription
+from api.reply_hub import Hub, ReplyHub, ShardMoved, Subscription
 from common import keys, redis_client, redis_cluster
 from common.settings import Settings
 
@@ -71,7 +71,7 @@ class ClusterReplyHub:
         async with self._lock:
             hub = self._hubs.get(node.name)
             if hub is None:
-                client = redis_client.connect_node(self.settings, node.host, node.port, node.connection_kwargs)
+                client = redis_client.connect_node(self.settings, node.host, int(node.port), node.connection_kwargs)
                 self._clients.append(client)
                 hub = ReplyHub(client, self.settings.redis_timeout_s, sharded=self.sharded)
                 await hub.start()
@@ -124,9 +124,12 @@ class ClusterReplyHub:
         if not self.sharded:
             return self.cluster.get_primaries()[0]
         try:
-            return self.cluster.get_node_from_key(channel)
+            node = self.cluster.get_node_from_key(channel)
         except Exception as exc:  # the slot is not covered right now (failover, resharding)
             raise redis_unavailable(f"No Redis Cluster node owns the slot of {channel} ({exc}).") from None
+        if node is None:
+            raise redis_unavailable(f"No Redis Cluster node owns the slot of {channel}.")
+        return node
 
     async def close(self, sub: Subscription) -> None:
         hub = self._owners.pop(id(sub), None)
@@ -134,7 +137,7 @@ class ClusterReplyHub:
             await hub.close(sub)
 
 
-def create_hub(client: aioredis.Redis, settings: Settings) -> ReplyHub | ClusterReplyHub:
+def create_hub(client: aioredis.Redis, settings: Settings) -> Hub:
     """The reply hub that fits `client`: one pub/sub connection, or one per cluster node."""
     if redis_cluster.is_cluster(client):
         return ClusterReplyHub(client, settings)  # type: ignore[arg-type]

@@ -18,4 +18,4 @@ abort: ContextVar[Callable[[], None] | None] = ContextVar("axion_abort_connectio
 
 def abort_from_scope(scope: Any) -> Callable[[], None] | None:
     extensions = scope.get("extensions") or {}
-    return extensions.get(SCOPE_KEY)  # type: ignore[no-any-return]
+    return extensions.get(SCOPE_KEY)

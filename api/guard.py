@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from litestar.config.cors import CORSConfig
-from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Empty, HTTPScope, Message, Receive, Scope, Send
 from litestar.utils.scope.state import ScopeState
 
 from api import aliases, auth, connection, limits
@@ -45,7 +45,7 @@ class ClientLeft(Exception):
 
 
 def sane_request_id(value: str | None) -> bool:
-    return bool(value) and len(value) <= 128 and all(c.isalnum() or c in "._:-" for c in value)  # type: ignore[union-attr]
+    return value is not None and 0 < len(value) <= 128 and all(c.isalnum() or c in "._:-" for c in value)
 
 
 class RequestGuard:
@@ -73,23 +73,24 @@ class RequestGuard:
         extra: dict[str, str] = {}
         try:
             try:
-                body = await self._admit(scope, receive, headers, extra)
+                body = await self._admit(cast(HTTPScope, scope), receive, headers, extra)
             except ClientLeft:
                 return
             except APIError as exc:
                 if exc.status in (401, 429, 413, 408):
-                    log.info("refused %s %s: %d %s", scope["method"], scope["path"], exc.status, exc.code)
+                    log.info("refused %s %s: %d %s", cast(HTTPScope, scope)["method"], scope["path"], exc.status,
+                             exc.code)
                 await self._refuse(exc, request_id, extra, send)  # type: ignore[arg-type]
                 return
             await self.app(scope, _replay(body, receive) if body is not None else receive,
-                           _with_headers(send, extra | {"x-request-id": request_id}))  # type: ignore[operator]
+                           _with_headers(send, extra | {"x-request-id": request_id or ""}))
         finally:
             connection.abort.reset(abort_token)
             aliases.requested.reset(alias_token)
             auth.current.reset(principal_token)
             logctx.request_id.reset(id_token)
 
-    async def _admit(self, scope: Scope, receive: Receive, headers: dict[str, str],
+    async def _admit(self, scope: HTTPScope, receive: Receive, headers: dict[str, str],
                      extra: dict[str, str]) -> bytes | None:
         """Run checks 2-5; return the body read (None when none was read); raise APIError to refuse."""
         state = scope["litestar_app"].state
@@ -108,7 +109,7 @@ class RequestGuard:
         if body and path not in FORM_PATHS:
             check_json_content_type(headers.get("content-type", ""))
             parsed = _parse_json(body)
-        if isinstance(parsed, dict):
+        if isinstance(parsed, dict) and body is not None:
             body = self._resolve_alias(parsed, body)
             body = await self._fill_model(path, parsed, body, principal, state.registry)
             await self._check_body(path, parsed, principal, state.registry)
@@ -141,8 +142,8 @@ class RequestGuard:
         """A model endpoint's body without `model` gets the one model of the endpoint's kind the caller may use,
         as vLLM serves its only model: a live worker's, else (chat) the configured one. None: a 404; several: a
         400 asking to choose."""
-        served = endpoint(path)
-        kind = served.kind if served is not None else None
+        route = endpoint(path)
+        kind = route.kind if route is not None else None
         if kind is None or "model" in parsed:  # a null model is the decoder's to refuse
             return body
         served = sorted({w.model for w in await registry.workers() if w.kind == kind and principal.may_use(w.model)})
@@ -180,10 +181,11 @@ class RequestGuard:
     async def _refuse(exc: APIError, request_id: str, extra: dict[str, str], send: Send) -> None:
         headers = extra | exc.headers | {"x-request-id": request_id, "content-type": "application/json"}
         body = exc.to_json()
-        await send({"type": "http.response.start", "status": exc.status,
-                    "headers": [(k.encode(), v.encode()) for k, v in
-                                (headers | {"content-length": str(len(body))}).items()]})
-        await send({"type": "http.response.body", "body": body})
+        start: Any = {"type": "http.response.start", "status": exc.status,
+                      "headers": [(k.encode(), v.encode()) for k, v in
+                                  (headers | {"content-length": str(len(body))}).items()]}
+        await send(start)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def check_json_content_type(content_type: str) -> None:
@@ -238,14 +240,14 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     """A `receive` that hands the already-read body over once, then defers to the real one (disconnects)."""
     sent = False
 
-    async def replay() -> Message:
+    async def replay() -> Any:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return replay  # type: ignore[return-value]
+    return replay
 
 
 def _with_headers(send: Send, headers: dict[str, str]) -> Send:
@@ -254,7 +256,7 @@ def _with_headers(send: Send, headers: dict[str, str]) -> Send:
         if message["type"] == "http.response.start":
             present = {k.lower() for k, _ in message.get("headers", [])}
             added = [(k.encode(), v.encode()) for k, v in headers.items() if k.encode() not in present]
-            message = {**message, "headers": [*message.get("headers", []), *added]}  # type: ignore[typeddict-item]
+            message = cast(Message, {**message, "headers": [*message.get("headers", []), *added]})
         await send(message)
 
     return wrapped

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from api.cache import cache_stats
 from api.registry import WorkerRegistry
-from api.reply_hub import ReplyHub
+from api.reply_hub import Hub
 from common import keys
 from common.protocol import WorkerInfo
 from common.settings import Settings
@@ -86,7 +86,7 @@ def model_memory(workers: list[WorkerInfo]) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items()))
 
 
-async def liveness(settings: Settings, redis: aioredis.Redis, registry: WorkerRegistry, hub: ReplyHub,
+async def liveness(settings: Settings, redis: aioredis.Redis, registry: WorkerRegistry, hub: Hub,
                    open_requests: int) -> dict[str, Any]:
     """The body of /health (always 200)."""
     redis_state, workers = await _fleet(redis, registry)
@@ -113,7 +113,7 @@ async def _cache(redis: aioredis.Redis, settings: Settings) -> dict[str, Any] | 
         return None
 
 
-async def readiness(settings: Settings, redis: aioredis.Redis, registry: WorkerRegistry, hub: ReplyHub,
+async def readiness(settings: Settings, redis: aioredis.Redis, registry: WorkerRegistry, hub: Hub,
                     open_requests: int) -> tuple[int, dict[str, Any]]:
     """The status and body of /health/ready."""
     redis_state, workers = await _fleet(redis, registry)
@@ -143,7 +143,7 @@ async def readiness(settings: Settings, redis: aioredis.Redis, registry: WorkerR
     return (503 if reasons else 200), body
 
 
-def _problems(settings: Settings, redis_state: dict[str, Any], hub: ReplyHub, workers: list[WorkerInfo],
+def _problems(settings: Settings, redis_state: dict[str, Any], hub: Hub, workers: list[WorkerInfo],
               default_only: bool) -> list[str]:
     """Why the replica cannot serve (empty when it can): /health reports them, /health/ready fails on them."""
     reasons = []

@@ -21,7 +21,7 @@ from api.admission import QueueGate
 from api.errors import APIError
 from api.metrics import Metrics, RunTimer
 from api.registry import WorkerRegistry
-from api.reply_hub import ReplyHub, Subscription
+from api.reply_hub import Hub, Subscription
 from common import keys
 from common.protocol import (
     Accepted,
@@ -49,7 +49,7 @@ class ChatContext:
 
     settings: Settings
     redis: aioredis.Redis
-    hub: ReplyHub
+    hub: Hub
     registry: WorkerRegistry
     slots: asyncio.Semaphore
     open_requests: int = 0

@@ -164,23 +164,23 @@ class Metrics:
                 self.batch_depth.labels(*labels).set(q["batch_depth"])
                 self.workers.labels(*labels).set(q["workers"])
             for w in workers:
-                labels = (w.worker_id, w.kind, w.model)
-                self.w_active.labels(*labels).set(w.active_sequences)
-                self.w_batch.labels(*labels).set(w.max_batch_size)
-                self.w_occupancy.labels(*labels).set(w.active_sequences / w.max_batch_size
+                worker_labels = (w.worker_id, w.kind, w.model)
+                self.w_active.labels(*worker_labels).set(w.active_sequences)
+                self.w_batch.labels(*worker_labels).set(w.max_batch_size)
+                self.w_occupancy.labels(*worker_labels).set(w.active_sequences / w.max_batch_size
                                                      if w.max_batch_size else 0)
-                self.w_kv.labels(*labels).set(w.kv_cache_bytes)
+                self.w_kv.labels(*worker_labels).set(w.kv_cache_bytes)
                 if w.device_memory_total_bytes:
-                    self.w_device_mem.labels(*labels).set((w.device_memory_used_bytes or 0)
+                    self.w_device_mem.labels(*worker_labels).set((w.device_memory_used_bytes or 0)
                                                           / w.device_memory_total_bytes)
-                self.w_tps.labels(*labels).set(w.tokens_per_s)
+                self.w_tps.labels(*worker_labels).set(w.tokens_per_s)
                 if w.kind == "chat":
-                    self.w_running.labels(*labels).set(w.running_sequences)
-                    self.w_waiting.labels(*labels).set(w.waiting_sequences)
-                    self.w_prefix_queries.labels(*labels).set(w.prefix_cache_query_tokens)
-                    self.w_prefix_hits.labels(*labels).set(w.prefix_cache_hit_tokens)
+                    self.w_running.labels(*worker_labels).set(w.running_sequences)
+                    self.w_waiting.labels(*worker_labels).set(w.waiting_sequences)
+                    self.w_prefix_queries.labels(*worker_labels).set(w.prefix_cache_query_tokens)
+                    self.w_prefix_hits.labels(*worker_labels).set(w.prefix_cache_hit_tokens)
                 if w.kv_cache_usage is not None:
-                    self.w_kv_usage.labels(*labels).set(w.kv_cache_usage)
+                    self.w_kv_usage.labels(*worker_labels).set(w.kv_cache_usage)
         return generate_latest(self.registry) + (generate_latest(self.vllm) if self.vllm is not None else b"")
 
 

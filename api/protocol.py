@@ -425,7 +425,7 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
     decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
     try:
-        return decoder.decode(body)  # type: ignore[no-any-return]
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         if "got `float`" not in str(exc):
             raise from_decode_error(exc) from None

@@ -19,7 +19,7 @@ from api.errors import APIError
 from common import keys
 from common.model_ids import model_id_problem
 from common.protocol import WorkerInfo, decode_worker
-from common.redis_cluster import mget
+from common.redis_cluster import mget, text
 from common.settings import Settings
 
 CACHE_S = 0.5
@@ -67,7 +67,7 @@ class WorkerRegistry:
     async def _read(self) -> list[WorkerInfo]:
         ids = await self._redis.zrange(keys.WORKER_INDEX, 0, -1)
         if ids:
-            names = [keys.worker_heartbeat(i.decode()) for i in ids]
+            names = [keys.worker_heartbeat(text(i)) for i in ids]
         else:  # workers from before the index (a rolling upgrade that started with the API) beat no index entry
             names = [name async for name in self._redis.scan_iter(match=keys.WORKER_HEARTBEAT_PATTERN, count=500)]
             if not names:

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -127,6 +130,28 @@ class Subscription:
         else:
             self.waiting_bytes += len(_MOVED if moved else _LOST)
             self.queue.put_nowait(_MOVED if moved else _LOST)
+
+
+class Hub(Protocol):
+    """What the API uses of a reply hub: `ReplyHub` on one Redis server, `ClusterReplyHub` (api/cluster_hub.py)
+    on a Redis Cluster."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    @property
+    def open_count(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def open(self, request_id: str | None = None, *, channel: str | None = None) -> Subscription: ...
+
+    async def close(self, sub: Subscription) -> None: ...
 
 
 class ReplyHub:
@@ -232,7 +257,7 @@ class ReplyHub:
             except asyncio.CancelledError:
                 raise
             except (MovedError, AskError) as exc:  # an SSUBSCRIBE sent to a node that no longer owns the slot
-                self._moved(lambda channel, slot=exc.slot_id: self._slot(channel) == slot, confirmed=False)
+                self._moved(functools.partial(self._in_slot, slot=exc.slot_id), confirmed=False)
                 continue
             except Exception as exc:  # Redis went away: the next read reconnects and resubscribes.
                 self._lost(exc)
@@ -249,7 +274,10 @@ class ReplyHub:
                 elif message["type"] == confirm_type and not sub.confirmed.done():
                     sub.confirmed.set_result(None)
             if self.sharded and message["type"] == "sunsubscribe" and self._subs.get(channel):
-                self._moved(lambda name, moved=channel: name == moved, confirmed=True)  # the server dropped it
+                self._moved(functools.partial(operator.eq, channel), confirmed=True)  # the server dropped it
+
+    def _in_slot(self, channel: str, slot: int) -> bool:
+        return self._slot(channel) == slot
 
     def _wait_s(self) -> float:
         """How long the next read may wait: until the next keep-alive decision (a PING due, or its PONG overdue),

@@ -47,7 +47,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {SCOPE_KEY: self.transport.abort}  # type: ignore[typeddict-unknown-key]
+        self.scope["extensions"] = {SCOPE_KEY: self.transport.abort}  # type: ignore[dict-item]
         if self._header_timer is None:  # the next request on a kept-alive connection
             self._arm_header_timer()
 

@@ -163,8 +163,9 @@ class ChatRun(JobRun):
             reasoning, content = reasoning + rest[0], content + rest[1]
         return reasoning, content
 
-    async def complete(self, accepted: Accepted) -> p.ChatCompletion:
-        self._accepted(accepted)
+    async def complete(self, accepted: Accepted | None) -> p.ChatCompletion:
+        if accepted is not None:
+            self._accepted(accepted)
         n = self.req.n or 1
         try:
             while len(self._finished) < n:

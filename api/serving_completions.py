@@ -20,7 +20,7 @@ from api.errors import APIError
 from api.jobs import ChatContext, JobRun, UsageSoFar, finished_outcome, usage_of
 from api.prompt_logprobs import joined, legacy_shape, vllm_shape
 from api.serving_chat import sampling_params
-from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, PromptLogprobs, TokenLogprob
+from common.protocol import Accepted, ChatJob, Delta, Event, Failed, Finished, PromptLogprobs, TokenLogprob, TopLogprob
 
 _json = msgspec.json.Encoder()
 
@@ -62,7 +62,8 @@ def _by_text(entry: TokenLogprob) -> dict[str, float]:
     to `logprobs` + 1 entries, so `logprobs: 0` still shows it); tokens that read the same (pieces of a UTF-8
     character both shown as U+FFFD) keep the likelier one."""
     top: dict[str, float] = {}
-    for alt in [*entry.top_logprobs, entry]:
+    choices: list[TopLogprob | TokenLogprob] = [*entry.top_logprobs, entry]
+    for alt in choices:
         top[alt.token] = max(alt.logprob, top.get(alt.token, alt.logprob))
     return top
 

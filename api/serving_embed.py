@@ -34,6 +34,7 @@ def _token_inputs(req: EmbeddingRequest) -> list[list[int]] | None:
     """Token-id input: a list of ids (one input) or a list of id lists; None for text input."""
     if isinstance(req.input, str) or not req.input:
         return None
+    inputs: list[Any]
     if all(isinstance(x, int) for x in req.input):
         inputs = [list(req.input)]
     elif all(isinstance(x, list) for x in req.input):
@@ -43,7 +44,7 @@ def _token_inputs(req: EmbeddingRequest) -> list[list[int]] | None:
     if len(inputs) > MAX_ITEMS or any(not ids or any(not isinstance(i, int) or i < 0 for i in ids) for ids in inputs):
         raise APIError(400, f"Token-id inputs must be 1 to {MAX_ITEMS} non-empty lists of ids >= 0.",
                        param="input", code="invalid_value")
-    return inputs  # type: ignore[return-value]
+    return inputs
 
 
 def _texts(req: EmbeddingRequest) -> list[str]:

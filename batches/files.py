@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from api.endpoints import BATCH_URLS
 from api.errors import APIError
 from common import keys
+from common.redis_cluster import text
 
 ENDPOINTS = BATCH_URLS  # the endpoints a line may call (api/endpoints.py `batchable`)
 MAX_LINE_ERRORS = 100  # listed in a failed batch's errors; one more entry counts the rest
@@ -153,18 +154,19 @@ class FileStore:
     def _index(pipe: aioredis.client.Pipeline, obj: FileObject, owner: str) -> aioredis.client.Pipeline:
         pipe.set(keys.file_owner(obj.id), owner)
         pipe.set(keys.file_meta(obj.id), msgspec.json.encode(obj))
-        return pipe.zadd(keys.files_index(owner), {obj.id: time.time()})
+        pipe.zadd(keys.files_index(owner), {obj.id: time.time()})
+        return pipe
 
     async def get(self, file_id: str, owner: str | None = None) -> FileObject:
         """The file object; a 404 as for a missing file when `owner` is given and the file is someone else's
         (the batch runner, which reads for the batch's owner, gives none)."""
         raw, stored = await self.redis.mget([keys.file_meta(file_id), keys.file_owner(file_id)])
-        if raw is None or (owner is not None and (stored.decode() if stored else keys.ANONYMOUS_OWNER) != owner):
+        if raw is None or (owner is not None and (text(stored) if stored else keys.ANONYMOUS_OWNER) != owner):
             raise not_found(file_id)
         return _file_decoder.decode(raw)
 
     async def lines(self, file_id: str, start: int = 0, stop: int = -1) -> list[bytes]:
-        return list(await self.redis.lrange(keys.file_lines(file_id), start, stop))
+        return cast(list[bytes], await self.redis.lrange(keys.file_lines(file_id), start, stop))
 
     async def content(self, file_id: str, owner: str) -> bytes:
         """The whole file as JSONL (each line ends in a newline), read in chunks."""
@@ -186,7 +188,7 @@ class FileStore:
 
     async def list(self, purpose: str | None, limit: int, after: str | None, owner: str) -> dict[str, Any]:
         """`owner`'s files, newest first; `after` is the last id of the previous page."""
-        ids = [i.decode() for i in await self.redis.zrevrange(keys.files_index(owner), 0, -1)]
+        ids = [text(i) for i in await self.redis.zrevrange(keys.files_index(owner), 0, -1)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1:]
         raws = await self.redis.mget([keys.file_meta(i) for i in ids]) if ids else []

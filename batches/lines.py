@@ -95,7 +95,7 @@ class LineRunner:
         run = ChatRun(self.ctx, req, request_id, on_complete=save, lease=lease)
         accepted = await run.start()
         assert accepted is not None  # only a streaming run may come back before the worker accepts
-        return await run.complete(accepted)  # type: ignore[arg-type]
+        return await run.complete(accepted)
 
 
 def _no_stream(stream: bool | None) -> None:

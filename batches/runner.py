@@ -123,7 +123,8 @@ class BatchRunner:
                     break
                 task = asyncio.create_task(self._one(runner, line, ids))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: window.release())
             if tasks:
                 await asyncio.gather(*tasks)
         finally:

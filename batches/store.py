@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from api.errors import APIError
 from common import keys
+from common.redis_cluster import text
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -52,7 +53,7 @@ class BatchStore:
         files); `models` is what that key may use (None: any), which its lines are held to when they run."""
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         now = int(time.time())
-        fields: dict[str, Any] = {
+        fields: dict[Any, Any] = {
             "id": batch_id, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": completion_window, "created_at": now,
             "expires_at": now + COMPLETION_WINDOWS[completion_window], "status": "validating",
@@ -68,7 +69,7 @@ class BatchStore:
     async def fields(self, batch_id: str, owner: str | None = None) -> dict[str, str]:
         """The batch's hash; a 404 as for a missing batch when `owner` is given and it is someone else's."""
         raw = await self.redis.hgetall(keys.batch(batch_id))
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         if not fields or (owner is not None and batch_owner(fields) != owner):
             raise not_found(batch_id)
         return fields
@@ -78,7 +79,7 @@ class BatchStore:
 
     async def status(self, batch_id: str) -> str | None:
         raw = await self.redis.hget(keys.batch(batch_id), "status")
-        return raw.decode() if raw is not None else None
+        return text(raw) if raw is not None else None
 
     async def move(self, batch_id: str, to: str, *from_: str) -> str | None:
         """Set `to` (and `<to>_at`) if the batch is in one of `from_`; returns the status it has afterwards."""
@@ -86,7 +87,8 @@ class BatchStore:
         return result.decode() if isinstance(result, bytes) else result
 
     async def update(self, batch_id: str, **fields: Any) -> None:
-        await self.redis.hset(keys.batch(batch_id), mapping=fields)
+        values: dict[Any, Any] = dict(fields)
+        await self.redis.hset(keys.batch(batch_id), mapping=values)
 
     async def list(self, limit: int, after: str | None, owner: str) -> dict[str, Any]:
         """`owner`'s batches, newest first; `after` is the last id of the previous page (OpenAI's cursor)."""
@@ -94,8 +96,8 @@ class BatchStore:
         start = 0
         if after is not None:
             rank = await self.redis.zrevrank(index, after)
-            start = 0 if rank is None else rank + 1
-        ids = [i.decode() for i in await self.redis.zrevrange(index, start, start + limit)]
+            start = 0 if rank is None else cast(int, rank) + 1
+        ids = [text(i) for i in await self.redis.zrevrange(index, start, start + limit)]
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in ids[:limit]:
             pipe.hgetall(keys.batch(batch_id))

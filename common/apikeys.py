@@ -18,6 +18,7 @@ import time
 
 import msgspec
 import redis
+from redis.cluster import RedisCluster
 
 from common import keys, runfile
 from common.redis_cluster import sync_client
@@ -57,7 +58,7 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def create(r: redis.Redis, *, name: str = "", models: list[str] | None = None, rpm: int | None = None,
+def create(r: redis.Redis | RedisCluster, *, name: str = "", models: list[str] | None = None, rpm: int | None = None,
            tpm: int | None = None) -> tuple[str, KeyRecord]:
     """Store a new key; return it (the only time it is seen) and its record."""
     key = new_key()
@@ -66,7 +67,7 @@ def create(r: redis.Redis, *, name: str = "", models: list[str] | None = None, r
     return key, record
 
 
-def records(r: redis.Redis) -> list[KeyRecord]:
+def records(r: redis.Redis | RedisCluster) -> list[KeyRecord]:
     found = []
     for raw in r.hvals(keys.API_KEYS):
         try:
@@ -76,7 +77,7 @@ def records(r: redis.Redis) -> list[KeyRecord]:
     return sorted(found, key=lambda rec: rec.created)
 
 
-def revoke(r: redis.Redis, ident: str) -> int:
+def revoke(r: redis.Redis | RedisCluster, ident: str) -> int:
     """Delete the keys whose id or name is `ident`; return how many went."""
     gone = 0
     for field, raw in r.hgetall(keys.API_KEYS).items():

@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from common import keys, runfile
 from common.protocol import WorkerInfo, decode_worker
-from common.redis_cluster import mget_sync, sync_client
+from common.redis_cluster import mget_sync, sync_client, text
 
 KINDS = ("chat", "embed", "rerank")
 CACHE_NAMESPACES = ("chat", "embed")  # api/cache.py CHAT_NAMESPACE, EMBED_NAMESPACE
@@ -36,7 +36,7 @@ def connect(url: str | None, cluster_mode: str = "auto") -> redis.Redis:
 
 def workers(r: redis.Redis) -> list[WorkerInfo]:
     """Live workers: the index (ZRANGE), then their heartbeat keys (MGET); a key that expired is a dead worker."""
-    ids = [i.decode() for i in r.zrange(keys.WORKER_INDEX, 0, -1)]
+    ids = [text(i) for i in r.zrange(keys.WORKER_INDEX, 0, -1)]
     if not ids:
         return []
     found = []
@@ -51,7 +51,7 @@ def workers(r: redis.Redis) -> list[WorkerInfo]:
 
 def targets(r: redis.Redis, live: list[WorkerInfo]) -> list[tuple[str, str]]:
     """(kind, model) pairs worth a row: served now, or with a job or dead-letter stream in Redis."""
-    models = sorted({m.decode() for m in r.smembers(keys.KNOWN_MODELS)} | {w.model for w in live if w.model})
+    models = sorted({text(m) for m in r.smembers(keys.KNOWN_MODELS)} | {w.model for w in live if w.model})
     pairs = [(k, m) for m in models for k in KINDS]
     pipe = r.pipeline(transaction=False)
     for kind, model in pairs:
@@ -123,7 +123,7 @@ def worker_rows(live: list[WorkerInfo], now: float) -> list[dict[str, Any]]:
 def status(r: redis.Redis) -> dict[str, Any]:
     live = workers(r)
     served = {w.model for w in live if w.model}
-    known = {m.decode() for m in r.smembers(keys.KNOWN_MODELS)}
+    known = {text(m) for m in r.smembers(keys.KNOWN_MODELS)}
     return {"models": sorted(served), "models_without_workers": sorted(known - served),
             "workers": worker_rows(live, time.time()), "queues": queues(r, live), "caches": caches(r)}
 
@@ -160,14 +160,16 @@ def dead_letters(r: redis.Redis, kind: str | None, model: str | None, count: int
     for k, m in targets(r, workers(r)):
         if (kind and k != kind) or (model and m != model):
             continue
-        for entry_id, fields in r.xrange(keys.dead_letter_stream(k, m), count=count):
+        for raw_id, raw_fields in r.xrange(keys.dead_letter_stream(k, m), count=count) or []:
+            fields: dict[Any, Any] = raw_fields or {}
             job: dict[str, Any] = {}
             try:
                 job = json.loads(fields.get(b"job", b"{}"))
             except ValueError:
                 pass
-            ms = int(entry_id.decode().split("-")[0])
-            rows.append({"id": entry_id.decode(), "kind": k, "model": m, "request_id": job.get("request_id"),
+            entry_id = text(raw_id)
+            ms = int(entry_id.split("-")[0])
+            rows.append({"id": entry_id, "kind": k, "model": m, "request_id": job.get("request_id"),
                          "deliveries": int(fields.get(b"deliveries", b"0")),
                          "dead_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)),
                          "created": job.get("created")})
@@ -198,7 +200,7 @@ def retry(r: redis.Redis, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         found = r.xrange(dead, row["id"], row["id"])
         if not found:
             continue
-        fields = {k: v for k, v in found[0][1].items() if k != b"deliveries"}
+        fields: dict[Any, Any] = {k: v for k, v in (found[0][1] or {}).items() if k != b"deliveries"}
         with r.pipeline(transaction=True) as tx:
             tx.xadd(keys.job_stream(row["kind"], row["model"]), fields)
             tx.xdel(dead, row["id"])

@@ -38,7 +38,7 @@ def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
     found = redis_cluster.topology(url, settings.redis_cluster, settings.redis_timeout_s)
     options = _options(settings, block_ms)
     if found.cluster:
-        return redis_cluster.mark(RedisCluster.from_url(url, **options), found)  # type: ignore[return-value]
+        return redis_cluster.mark(RedisCluster.from_url(url, **options), found)
     # redis-py's asyncio pool holds 100 connections by default and fails the 101st command at once
     # (MaxConnectionsError): 128 streams arriving together got 503s (bench/RESULTS.md, session 6). Each open
     # request uses at most one connection at a time, so the pool allows MAX_CONNECTIONS of them plus the

@@ -137,3 +137,8 @@ def _redacted(url: str) -> str:
     if "@" in rest:
         rest = rest.split("@", 1)[1]
     return f"{scheme}{sep}{rest}"
+
+
+def text(value: Any) -> str:
+    """A reply redis-py types as `bytes | str | ...` (our clients return bytes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

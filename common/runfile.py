@@ -55,7 +55,7 @@ def running() -> list[dict[str, object]]:
             found.append(entry)
         else:
             path.unlink(missing_ok=True)
-    return sorted(found, key=lambda e: -float(e.get("started", 0)))  # type: ignore[arg-type]
+    return sorted(found, key=lambda e: -float(e.get("started", 0)))
 
 
 def redis_url_or_running(configured: str | None) -> str | None:

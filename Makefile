@@ -9,6 +9,7 @@ test:
 	@scripts/install.sh test
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
+	.venv/bin/mypy
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 	.venv/bin/python -m pytest
 

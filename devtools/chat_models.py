@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -170,7 +171,7 @@ def build_tiny_llama(
         )
 
     tokenizer = _train_tokenizer(vocab_size, max_position_embeddings)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: cast(int, tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}  # one token, one id
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -188,7 +189,7 @@ def build_tiny_llama(
     )
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]  # @wraps hides `self`
     with torch.no_grad():
         head = model.lm_head.weight
         head[list(ids.values())] = 0.0

@@ -71,7 +71,7 @@ def endpoint_table() -> str:
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             content = operation.get("requestBody", {}).get("content", {})
-            schema = next(iter(content.values()), {}).get("schema", {}) if content else {}
+            schema = next(iter(content.values())).get("schema", {}) if content else {}
             body = schema.get("$ref", "").rsplit("/", 1)[-1] or ("multipart" if "multipart/form-data" in content
                                                                   else "")
             what = (operation.get("description") or operation.get("summary") or "").strip().split("\n")[0]

@@ -197,12 +197,12 @@ def build_tiny_cross_encoder(out_dir: str | Path, seed: int = 0) -> Path:
     between documents: with 0.02 every score is ~0 and a backend comparison would prove little.
     """
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer  # the fast one, in v5
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backend_tok = _train_wordpiece(vocab_size=1000)
-    tokenizer = BertTokenizerFast(
+    tokenizer = BertTokenizer(
         tokenizer_object=backend_tok,
         model_max_length=512,
         unk_token="[UNK]",
@@ -223,7 +223,7 @@ def build_tiny_cross_encoder(out_dir: str | Path, seed: int = 0) -> Path:
         intermediate_size=128,
         max_position_embeddings=512,
         type_vocab_size=2,
-        num_labels=1,
+        num_labels=1,  # type: ignore[call-arg]  # a PreTrainedConfig keyword BertConfig's typed signature omits
         initializer_range=0.2,
         pad_token_id=backend_tok.token_to_id("[PAD]"),
     )

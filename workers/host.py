@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import uuid
+from typing import cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -36,6 +37,7 @@ from common.protocol import decode_worker
 from common.redis_cluster import mget
 from common.settings import Settings, split_list
 from workers import loading, model_thread
+from workers.recovery import read_entries
 from workers.stream_worker import REDIS_ERRORS, StreamWorker
 
 log = logging.getLogger("axion.worker.host")
@@ -122,7 +124,8 @@ class WorkerHost:
             await task
 
     async def _control_loop(self) -> None:
-        stream, last = keys.worker_control(self.worker_id), "0-0"
+        stream = keys.worker_control(self.worker_id)
+        last: str | bytes = "0-0"
         while not self.stopping.is_set():
             try:
                 reply = await self.redis.xread({stream: last}, count=1, block=CONTROL_BLOCK_MS)
@@ -130,17 +133,16 @@ class WorkerHost:
                 log.warning("control stream unreadable (%s); retrying in 1s", type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    try:
-                        command = decode_command(fields[b"command"])
-                    except (KeyError, msgspec.DecodeError) as exc:
-                        log.error("dropping unreadable control entry %s: %s", entry_id, exc)
-                    else:
-                        await self.execute(command)
-                    with contextlib.suppress(*REDIS_ERRORS):
-                        await self.redis.xdel(stream, entry_id)
+            for entry_id, fields in read_entries(reply):
+                last = entry_id
+                try:
+                    command = decode_command(fields[b"command"])
+                except (KeyError, msgspec.DecodeError) as exc:
+                    log.error("dropping unreadable control entry %s: %s", entry_id, exc)
+                else:
+                    await self.execute(command)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.redis.xdel(stream, entry_id)
 
     async def execute(self, command: Command) -> None:
         log.info("control: %s %s (command %s)", command.action, command.model, command.id)
@@ -209,7 +211,7 @@ class WorkerHost:
     async def _retire_if_last(self, model: str, kind: str) -> None:
         """With no other live worker serving `model`, requests for it become 404s at once (not 503s)."""
         try:
-            ids = [i.decode() for i in await self.redis.zrange(keys.WORKER_INDEX, 0, -1)]
+            ids = [i.decode() for i in cast("list[bytes]", await self.redis.zrange(keys.WORKER_INDEX, 0, -1))]
             ids = [i for i in ids if i != self.worker_id]
             raws = await mget(self.redis, [keys.worker_heartbeat(i) for i in ids]) if ids else []
             for raw in raws:

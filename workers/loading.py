@@ -181,19 +181,23 @@ def _vllm_backend(settings: Settings, model: str, steps: Steps) -> Any:
 def open_embed(settings: Settings, redis: aioredis.Redis, kind: Literal["embed", "rerank"],
                model: str) -> StreamWorker:
     """Load an embedding or rerank model (blocking: run in a thread) and wrap it in an EmbedWorker."""
-    from workers.embed.backends import load_embedding, load_reranker
+    from workers.embed.backends import EmbeddingBackend, RerankBackend, load_embedding, load_reranker
     from workers.embed.worker import EmbedWorker
 
     steps = Steps(model, 2)
     before = rss()
     steps.next(f"{kind} model")
-    loader = load_embedding if kind == "embed" else load_reranker
-    backend = loader(model, device=settings.embed_device, cache_dir=settings.fastembed_cache_path)
-    steps.next("warm-up call")
+    backend: EmbeddingBackend | RerankBackend
     if kind == "embed":
-        backend.embed(["warm-up"])
+        embedder = load_embedding(model, device=settings.embed_device, cache_dir=settings.fastembed_cache_path)
+        steps.next("warm-up call")
+        embedder.embed(["warm-up"])
+        backend = embedder
     else:
-        backend.score([("warm", "up")])
+        reranker = load_reranker(model, device=settings.embed_device, cache_dir=settings.fastembed_cache_path)
+        steps.next("warm-up call")
+        reranker.score([("warm", "up")])
+        backend = reranker
     worker = EmbedWorker(settings, backend, redis, kind)
     worker.info.backend = getattr(backend, "backend", "")
     _record(worker, getattr(backend, "_model", None), before, steps)

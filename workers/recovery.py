@@ -11,9 +11,11 @@ job goes to the model's dead-letter stream and its client gets an error instead 
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT, StreamIdT
 
 from common import keys
 from common.protocol import Failed, encode
@@ -24,11 +26,18 @@ Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: its id and its field
 log = logging.getLogger("axion.worker.recovery")
 
 
+def read_entries(reply: object) -> list[Entry]:
+    """The entries of an XREAD/XREADGROUP reply: RESP2's [[stream, entries], ...], or None when nothing came
+    (redis-py types the reply as a union of every protocol's shape)."""
+    streams = cast("list[tuple[bytes, list[Entry]]] | None", reply)
+    return [entry for _stream, entries in streams or [] for entry in entries]
+
+
 async def refresh_own(redis: aioredis.Redis, stream: str, consumer: str, entry_ids: list[bytes]) -> None:
     """Mark this worker's in-flight entries as alive (idle time back to 0; the delivery count is unchanged)."""
     if entry_ids:
         try:
-            await redis.xclaim(stream, keys.WORKER_GROUP, consumer, 0, entry_ids, justid=True)
+            await redis.xclaim(stream, keys.WORKER_GROUP, consumer, 0, list[StreamIdT](entry_ids), justid=True)
         except ResponseError as exc:  # the group is gone (Redis restarted empty): nothing left to keep alive
             log.warning("could not refresh in-flight jobs on %s: %s", stream, exc)
 
@@ -57,7 +66,9 @@ async def take_over(redis: aioredis.Redis, stream: str, consumer: str, min_idle_
 def dead_letter(pipe: aioredis.client.Pipeline, dead_stream: str, fields: dict[bytes, bytes], request_id: str,
                 deliveries: int) -> aioredis.client.Pipeline:
     """Keep the job for inspection and tell its client; the caller acknowledges the entry in the same pipe."""
-    pipe.xadd(dead_stream, {**fields, b"deliveries": str(deliveries).encode()}, maxlen=10_000, approximate=True)
+    entry: dict[FieldT, EncodableT] = {key: value for key, value in fields.items()}  # redis-py's type is invariant
+    entry[b"deliveries"] = str(deliveries).encode()
+    pipe.xadd(dead_stream, entry, maxlen=10_000, approximate=True)
     failure = Failed(status=503, type="server_error", code="worker_lost",
                      message=f"The request was abandoned after {deliveries - 1} workers stopped while running it.")
     return publish(pipe, keys.reply_channel(request_id), encode(failure))

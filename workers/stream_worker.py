@@ -27,7 +27,7 @@ from common import heartbeat as heartbeat_keys
 from common import keys
 from common.protocol import WorkerInfo
 from common.settings import Settings
-from workers.recovery import Entry, dead_letter, refresh_own, take_over
+from workers.recovery import Entry, dead_letter, read_entries, refresh_own, take_over
 
 log = logging.getLogger("axion.worker")
 
@@ -258,8 +258,10 @@ class StreamWorker:
     def read_in(self, pipe: aioredis.client.Pipeline, count: int) -> aioredis.client.Pipeline:
         """Queue a non-blocking read of up to `count` new entries on `pipe` (parse its reply with `entries`), so
         a busy worker reads while it publishes, in the same round trip."""
-        return pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=count)
+        pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=count)
+        return pipe
 
     @staticmethod
-    def entries(reply: list | None) -> list[Entry]:
-        return [entry for _stream, entries in reply or [] for entry in entries]
+    def entries(reply: object) -> list[Entry]:
+        """The entries of an XREADGROUP reply (its streams' entries in order)."""
+        return read_entries(reply)

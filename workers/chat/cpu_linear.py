@@ -161,7 +161,7 @@ def _seconds(weights: list[torch.Tensor], rows: int, repeats: int = 2) -> float:
 def plain_linear(model: Any) -> Iterator[int]:
     """Inside the block `model`'s WeightFirstLinear layers are plain `nn.Linear` again (how many): the benchmark's
     `generate` baselines run on the kernels transformers gives them, not on Axion's."""
-    switched = [m for m in model.modules() if type(m) is WeightFirstLinear]
+    switched: list[torch.nn.Module] = [m for m in model.modules() if type(m) is WeightFirstLinear]
     for module in switched:
         module.__class__ = torch.nn.Linear
     try:

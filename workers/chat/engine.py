@@ -11,6 +11,7 @@ attention mask, so padding never shifts a sequence's rotary positions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from workers.chat.grammar import GrammarCompiler
 from workers.chat.graph_prefill import GraphPrefill, StaticKV, owned
 from workers.chat.graphs import GraphDecoder
 from workers.chat.graphs import unsupported as graphs_unsupported
-from workers.chat.kv import pad_left
+from workers.chat.kv import KVLayer, kv_layers, layer_kv, pad_left
 from workers.chat.logprobs import TokenBytes
 from workers.chat.prefill import Prefill
 from workers.chat.prefix_cache import PrefixCache
@@ -162,7 +163,7 @@ class ChatEngine(Prefill, DecodeAhead):
         cache = self._cache
         if cache is None:
             return 0
-        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        return sum(t.numel() * t.element_size() for layer in kv_layers(cache) for t in layer_kv(layer))
 
     def reset(self) -> list[Sequence]:
         """Drop every sequence (after a failed step); return them so the caller can report the failure."""
@@ -262,9 +263,11 @@ class ChatEngine(Prefill, DecodeAhead):
                 self._cache, self._mask = owned(cache, self.model.config), mask
         else:
             length = max(self._mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([pad_left(mine.keys, length), pad_left(theirs.keys, length)], dim=0)
-                mine.values = torch.cat([pad_left(mine.values, length), pad_left(theirs.values, length)], dim=0)
+            their_layers: Iterable[KVLayer] = cache.layers if isinstance(cache, StaticKV) else kv_layers(cache)
+            for mine, theirs in zip(kv_layers(self._cache), their_layers, strict=True):
+                (my_keys, my_values), (their_keys, their_values) = layer_kv(mine), layer_kv(theirs)
+                mine.keys = torch.cat([pad_left(my_keys, length), pad_left(their_keys, length)], dim=0)
+                mine.values = torch.cat([pad_left(my_values, length), pad_left(their_values, length)], dim=0)
             self._mask = torch.cat([pad_left(self._mask, length), pad_left(mask, length)], dim=0)
         self.rows.extend(seqs)
         self._feed.extend(tokens)
@@ -292,9 +295,10 @@ class ChatEngine(Prefill, DecodeAhead):
         index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
         start = int(torch.nonzero(mask.any(dim=0))[0])  # leading columns that are padding in every row
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        for layer in kv_layers(self._cache):
+            keys, values = layer_kv(layer)
+            layer.keys = keys.index_select(0, index)[:, :, start:]
+            layer.values = values.index_select(0, index)[:, :, start:]
         self._mask = mask[:, start:]
         self.rows = [self.rows[i] for i in keep]
         self._feed = [self._feed[i] for i in keep]
@@ -313,7 +317,8 @@ class ChatEngine(Prefill, DecodeAhead):
             if seq.finish_reason == "error":
                 continue
             ids = (seq.prompt_ids + seq.output_ids)[:seq.computed]
-            if held:
+            if graphs is not None and held:
                 self.prefix_cache.store(ids, graphs.row_kv(i, seq.computed))
             else:
+                assert self._cache is not None and self._mask is not None  # checked above when not held
                 self.prefix_cache.store(ids, self._cache, row=i, offset=self._mask.shape[1] - seq.computed)

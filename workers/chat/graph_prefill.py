@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from workers.chat.graphs import Attention, BufferLayer, capture
-from workers.chat.kv import new_cache
+from workers.chat.kv import kv_layers, layer_kv, new_cache
 
 log = logging.getLogger("axion.worker.graphs")
 
@@ -164,7 +164,8 @@ def owned(cache: DynamicCache | StaticKV, config: Any) -> DynamicCache:
     if not isinstance(cache, StaticKV):
         return cache
     owned = new_cache(config)
-    for mine, theirs in zip(owned.layers, cache.layers, strict=True):
-        mine.keys, mine.values = theirs.keys.clone(), theirs.values.clone()
+    for mine, theirs in zip(kv_layers(owned), cache.layers, strict=True):
+        keys, values = layer_kv(theirs)
+        mine.keys, mine.values = keys.clone(), values.clone()
         mine.is_initialized = True
     return owned

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from workers.chat.kv import new_cache
+from workers.chat.kv import kv_layers, new_cache
 
 log = logging.getLogger("axion.worker.graphs")
 
@@ -281,7 +281,7 @@ class GraphDecoder:
         layers, _, rows, heads, _, dim = kv.shape
         kv = torch.gather(kv, 4, order[None, None, :, None, :, None].expand(layers, 2, rows, heads, width, dim))
         cache = new_cache(self.model.config)
-        for i, layer in enumerate(cache.layers):
+        for i, layer in enumerate(kv_layers(cache)):
             layer.keys, layer.values = kv[i, 0], kv[i, 1]
             layer.is_initialized = True
         self.discard()

@@ -10,9 +10,11 @@ another tensor may share.
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 GROWTH = 1.5
 MIN_SPARE = 32
@@ -27,7 +29,7 @@ class GrowingLayer(DynamicLayer):
     _vlen = 0
 
     @property
-    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
         return None if self._k is None else self._k[:, :, : self._klen]
 
     @keys.setter
@@ -35,7 +37,7 @@ class GrowingLayer(DynamicLayer):
         self._k, self._klen = value, _length(value)
 
     @property
-    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
         return None if self._v is None else self._v[:, :, : self._vlen]
 
     @values.setter
@@ -83,6 +85,30 @@ def new_cache(config: object) -> DynamicCache:
     return cache
 
 
+class KVLayer(Protocol):
+    """What the engine reads of a cache layer: transformers' layers, GrowingLayer, a graph prefill's StaticLayer."""
+
+    @property
+    def keys(self) -> torch.Tensor | None: ...
+
+    @property
+    def values(self) -> torch.Tensor | None: ...
+
+
+def kv_layers(cache: Cache) -> list[CacheLayerMixin]:
+    """`cache.layers` typed as key/value layers: transformers types them as a union with linear-attention and dummy
+    layers, which the engine's caches (built by `new_cache`) never hold."""
+    return cast("list[CacheLayerMixin]", cache.layers)
+
+
+def layer_kv(layer: KVLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A filled layer's keys and values, narrowed from Optional; the engine only reads layers it has filled."""
+    keys, values = layer.keys, layer.values
+    if keys is None or values is None:
+        raise ValueError(f"{type(layer).__name__} holds no keys/values yet")
+    return keys, values
+
+
 def pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     """Left-pad dim 2 (KV: [batch, heads, seq, dim]) or dim 1 (mask: [batch, seq]) with zeros to `length`."""
     dim = 2 if t.dim() == 4 else 1
@@ -100,10 +126,11 @@ def stack_past(parts: list[tuple[DynamicCache | None, int]], config: object) -> 
     width = max(keep for _, keep in parts)
     reference = next(cache for cache, keep in parts if cache is not None and keep > 0)
     stacked = new_cache(config)
-    for index, layer in enumerate(reference.layers):
-        rows = [cache.layers[index] if cache is not None and keep > 0 else layer for cache, keep in parts]
-        keys = [pad_left(row.keys[:1, :, :keep], width) for row, (_, keep) in zip(rows, parts, strict=True)]
-        values = [pad_left(row.values[:1, :, :keep], width) for row, (_, keep) in zip(rows, parts, strict=True)]
+    for index, layer in enumerate(kv_layers(reference)):
+        rows = [layer_kv(kv_layers(cache)[index] if cache is not None and keep > 0 else layer)
+                for cache, keep in parts]
+        keys = [pad_left(k[:1, :, :keep], width) for (k, _), (_, keep) in zip(rows, parts, strict=True)]
+        values = [pad_left(v[:1, :, :keep], width) for (_, v), (_, keep) in zip(rows, parts, strict=True)]
         stacked.update(torch.cat(keys, dim=0), torch.cat(values, dim=0), index)
     return stacked
 

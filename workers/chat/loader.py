@@ -83,7 +83,7 @@ def load_causal_lm(name: str, preference: str = "auto", *, gguf_file: str | None
         raise RuntimeError(f"the tokenizer of {name} has no chat template; chat completions need one")
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, gguf_file=gguf_file, **attention)
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides `self`
     quantize_weights(model, quantization, device)
     use_weight_first(model, cpu_linear, batch_rows)
     return LoadedModel(model, tokenizer, device, dtype)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from workers.chat.kv import new_cache
+from workers.chat.kv import kv_layers, layer_kv, new_cache
 
 BLOCK = 16
 
@@ -112,8 +112,10 @@ class PrefixCache:
                 copy = stacked[:, :, row:row + 1, :, span].clone()
                 keys, values = list(copy[:, 0]), list(copy[:, 1])
             else:
-                keys = [layer.keys[row:row + 1, :, span].clone() for layer in cache.layers]
-                values = [layer.values[row:row + 1, :, span].clone() for layer in cache.layers]
+                assert not isinstance(cache, torch.Tensor)  # a tensor is its own `stacked`
+                layers = [layer_kv(layer) for layer in kv_layers(cache)]
+                keys = [k[row:row + 1, :, span].clone() for k, _ in layers]
+                values = [v[row:row + 1, :, span].clone() for _, v in layers]
             for i, key, tokens, block_parent in new:
                 part = slice((i - first) * BLOCK, (i - first + 1) * BLOCK)
                 self._blocks[key] = Block(block_parent, tokens, [k[:, :, part] for k in keys],

@@ -51,10 +51,10 @@ def parse(text: str, fmt: ToolFormat) -> tuple[str, list[ToolCall]]:
     body = text.strip().removeprefix(PYTHON_TAG).strip()
     if not body.startswith("{"):
         return text, []
-    calls = [_call(part) for part in body.split(";") if part.strip()] if ";" in body else [_call(body)]
-    if not calls or any(c is None for c in calls):
+    parsed = [_call(part) for part in body.split(";") if part.strip()] if ";" in body else [_call(body)]
+    if not parsed or any(c is None for c in parsed):
         return text, []
-    return "", [c for c in calls if c is not None]
+    return "", [c for c in parsed if c is not None]
 
 
 def _call(raw: str) -> ToolCall | None:
@@ -83,7 +83,7 @@ def forcing_grammar(tools: list[dict[str, Any]], choice: str | dict[str, Any], p
                  "properties": {"name": {"const": f["name"]},
                                 key: f.get("parameters") or {"type": "object", "properties": {}}}}
                 for f in functions]
-    schema = {"anyOf": variants} if len(variants) > 1 else variants[0]
+    schema: dict[str, Any] = {"anyOf": variants} if len(variants) > 1 else variants[0]
     schema["x-guidance"] = {"whitespace_pattern": r"\x20?"}
     body = "%json " + json.dumps(schema)
     if fmt == "hermes":

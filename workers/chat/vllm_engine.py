@@ -184,8 +184,8 @@ class VllmBackend:
     async def step(self, publish: Publish) -> bool:
         events: list[tuple[Sequence, Event]] = []
         await self._start_new(events)
-        for seq in [s for s in self.rows if s.cancelled]:
-            self._release(seq)
+        for cancelled in [s for s in self.rows if s.cancelled]:
+            self._release(cancelled)
         if not (events or self._released or self._outputs) and self._by_engine_id:
             with contextlib.suppress(TimeoutError):  # so new jobs and cancel flags are read during a long prefill
                 await asyncio.wait_for(self._ready.wait(), WAKE_S)

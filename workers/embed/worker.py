@@ -131,14 +131,14 @@ class EmbedWorker(StreamWorker):
             vectors[order] = rows
         start = 0
         for k, (_, job) in enumerate(jobs):
-            span = slice(start, start + len(job.texts))
+            part = slice(start, start + len(job.texts))
             start += len(job.texts)
             if answers[k] is None:
-                rows = vectors[span]
+                rows = vectors[part]
                 if job.dimensions is not None:
                     rows = rows[:, : job.dimensions]
                     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-                used = [min(c, self.backend.max_tokens) for c in counts[span]]
+                used = [min(c, self.backend.max_tokens) for c in counts[part]]
                 answers[k] = Embedded(vectors=rows.astype("<f4").tobytes(), dim=rows.shape[1],
                                       prompt_tokens=sum(used), tokens=used)
         return answers  # type: ignore[return-value]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,16 +206,16 @@ class EngineClient:
         self.model = next((w for w in wanted if w in ids), ids[0] if ids else wanted[0])
         return self.model
 
-    async def stream(self, job: ChatJob) -> AsyncIterator[tuple[list[Piece], Usage | None]]:
+    async def stream(self, job: ChatJob) -> AsyncGenerator[tuple[list[Piece], Usage | None], None]:
         """The engine's answer to `job`, chunk by chunk; EngineError on a refusal or a broken stream."""
         path, body = build_request(job, self.model)
-        timeout = None
+        timeout = self._http.timeout  # what httpx uses when a request names none
         if job.deadline is not None:
             timeout = httpx.Timeout(max(1.0, job.deadline - time.time()), connect=5.0)
         try:
             # Our request id leads the engine's own (Axion and vLLM take X-Request-Id): one id across both logs.
             async with self._http.stream("POST", path, json=body, headers={"X-Request-Id": job.request_id},
-                                         **({"timeout": timeout} if timeout else {})) as response:
+                                         timeout=timeout) as response:
                 if response.status_code != 200:
                     raise EngineError(error_from_body(response.status_code, await response.aread()))
                 async for line in response.aiter_lines():

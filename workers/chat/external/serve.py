@@ -143,9 +143,9 @@ async def serve_external(settings: Settings) -> Outcome:
     redis = redis_client.connect(settings, block_ms=settings.batch_timeout_ms)
     engine = supervisor or AttachedEngine(base_url)
     watch = asyncio.create_task(engine.watch())
+    is_max = choice.command is not None and is_max_command(choice.command)
     worker = ExternalChatWorker(settings, redis, client, reason=choice.reason, supervisor=engine,
-                                tokenizer=tokenizer,
-                                lacks=engine_lacks(settings, bool(choice.command) and is_max_command(choice.command)))
+                                tokenizer=tokenizer, lacks=engine_lacks(settings, is_max))
     try:
         await worker.run()
     finally:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,11 @@ class ExternalChatWorker(StreamWorker):
         for k, (entry_id, fields) in enumerate(entries):
             task = asyncio.create_task(self._answer(entry_id, fields, deliveries[k] if deliveries else 1))
             self.tasks[entry_id] = task
-            task.add_done_callback(lambda _t, e=entry_id: self.tasks.pop(e, None))
+            task.add_done_callback(partial(self._forget, entry_id))
+
+    def _forget(self, entry_id: bytes, _task: asyncio.Task[None]) -> None:
+        """Done callback of an entry's task: it no longer counts as in flight."""
+        self.tasks.pop(entry_id, None)
 
     async def _answer(self, entry_id: bytes, fields: dict[bytes, bytes], delivered: int) -> None:
         """Answer one entry: every path ends with its final event published and the entry acknowledged,

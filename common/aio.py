@@ -1,8 +1,7 @@
 """One way to run a process's event loop: uvloop where it is installed, else asyncio's own.
 
-uvloop (libuv) and, for redis-py, hiredis cut the CPU each Redis round trip and pub/sub message costs. That CPU
-comes out of the same cores as the model's forward passes: measured on the serving benchmark (2 vCPUs, 16
-streams), server ÷ engine-alone throughput went from 0.76 to 0.86 with uvloop, httptools and hiredis installed.
+uvloop (libuv) and, for redis-py, hiredis cut the CPU each Redis round trip and pub/sub message costs, CPU that
+comes out of the same cores as the model's forward passes (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ def backport_wait_for() -> None:
     `wait_for` when the connection has a socket timeout, which ours always have (`common/redis_client.py`), so a
     cancellation that reached a task while it wrote to Redis was lost: an external-engine relay cancelled at its
     request's deadline streamed on to the engine's end, a heartbeat loop cancelled at shutdown kept the worker
-    alive. Measured with redis-py 8.1 against a local redis-server, tasks sending a pipeline per 1.5 ms and
-    cancelled at a random moment: 4 of 40 ran on under uvloop, 31 of 100 under asyncio's loop; with this, none
-    of 200 under either (tests/test_cancellation.py); the external-engine deadline, 30 tries in a row: at least 6
-    reached the engine's end before, none after. Idempotent; a no-op from Python 3.12."""
+    alive (tests/test_cancellation.py). Idempotent; a no-op from Python 3.12."""
     if sys.version_info >= (3, 12) or asyncio.wait_for is _wait_for:
         return
     asyncio.wait_for = _wait_for  # type: ignore[assignment]

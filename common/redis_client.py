@@ -40,7 +40,7 @@ def connect(settings: Settings, *, block_ms: int = 0) -> aioredis.Redis:
     if found.cluster:
         return redis_cluster.mark(RedisCluster.from_url(url, **options), found)
     # redis-py's asyncio pool holds 100 connections by default and fails the 101st command at once
-    # (MaxConnectionsError): 128 streams arriving together got 503s (bench/RESULTS.md, session 6). Each open
+    # (MaxConnectionsError), which a burst of streams reaches. Each open
     # request uses at most one connection at a time, so the pool allows MAX_CONNECTIONS of them plus the
     # process's own (reply hub, heartbeats, health), and a command that finds none free waits up to
     # REDIS_TIMEOUT_S for one instead of failing.

@@ -77,9 +77,8 @@ def rss() -> int:
 
 def freeze_heap() -> None:
     """Move every object alive now (the model, its tokenizer, the libraries) into the collector's permanent
-    generation, so a full collection walks only what was made since. Unfrozen, a full collection of the chat
-    worker's ~420k objects took 205-213 ms, during which no stream got a token (bench/RESULTS.md, session 13).
-    vLLM freezes its heap after start-up for the same reason."""
+    generation, so a full collection walks only what was made since: a full collection of a loaded worker's heap
+    otherwise pauses every stream (bench/RESULTS.md). vLLM freezes its heap after start-up for the same reason."""
     gc.collect()
     gc.freeze()
 

@@ -1,9 +1,7 @@
 """The one thread of a worker process that loads and runs its models.
 
-torch's OpenMP keeps a thread team per calling thread. A model loaded or prefilled on one thread and decoded on
-another decodes markedly slower: measured on the 2-vCPU benchmark machine (medium Llama, batch 16), a decoding step
-took ~20 ms with load, prefill and decode on one thread (the main thread or a worker thread alike) and 23-33 ms
-with the load and prefill on a second thread, and it stayed slow while both teams lived. So everything that touches
+torch's OpenMP keeps a thread team per calling thread, and a model loaded or prefilled on one thread decodes
+markedly slower on another while both teams live (bench/RESULTS.md). So everything that touches
 a model (loading, warm-up, every engine step, embedding calls) goes through `run`, on this one thread, for the
 life of the process, hot swaps included; the event loop stays free for Redis while a step runs.
 """

@@ -1,34 +1,10 @@
 """Linear layers that multiply weight-first on the CPU, where MKL's small-batch products are slow the usual way.
 
-`F.linear(x, W)` asks MKL for X·Wᵀ; for one row it takes MKL's matrix-vector kernel. For a decoding batch of a
-few rows both are far slower than the same product written (W·Xᵀ)ᵀ, which gives the same values: timed on a
-2-vCPU AMD EPYC (AVX-512, torch 2.13 CPU) over the medium benchmark model's five weight shapes (output head
-included), one product each:
-
-| rows | X·Wᵀ | (W·Xᵀ)ᵀ |
-|--:|--:|--:|
-| 1 | 4.1 ms | 1.5 ms (a zero row added by the plan: MKL runs one row as a vector product either way round) |
-| 2 | 8.5 ms | 1.6 ms |
-| 4 | 6.8 ms | 1.7 ms |
-| 8 | 7.0 ms | 3.3 ms |
-| 16 | 7.6 ms | 5.8 ms |
-| 64 | 15.1 ms | 14.2 ms |
-
-The engine's decoding step took 11.4-12.4 -> 6.5-7.2 ms at 1 row, 19-20 -> 7.6 ms at 4, 23-25 -> 20 ms at 16 and,
-with the row plan (`plan_rows`), 28-33 -> 19.6-20.4 ms at 13-15 (bench/RESULTS.md, session 10), with every
-greedy token unchanged. Above ROWS (prefills of long prompts) the
-large products gain little while their transposed outputs would slow what reads them: they keep `F.linear`. Up
-to CONTIGUOUS_ROWS the output is made contiguous (the step at 4 rows: 7.4-7.8 ms against 9.0-9.4 as a view, the
-ops after it read it faster); above, it stays a transposed view, as the copy costs more (16 rows: 20.4-20.9 ms
-contiguous, 19.7-20.4 as a view).
-
-Layers of fewer than MIN_ELEMENTS weights (512x256) are not switched: there the few extra small ops cost more than
-the kernel saves (a 64x64 layer, 2 rows: 5.9 us with F.linear, 9.2 weight-first; the tests' tiny model generated
-17% slower switched), while every layer of the medium model (the smallest 256x512) gains in place: its step at one
-row took 12.6-15.9 ms unswitched, 9.7-10.9 with only the output head switched, 7.3-7.8 with all.
-
-Only plain fp32 weights on the CPU are switched: bf16 on the CPU goes through oneDNN, not these MKL kernels, and
-quantized weights (torchao tensor subclasses) bring their own kernels. `CPU_LINEAR=torch` keeps `F.linear`.
+`F.linear(x, W)` asks MKL for X·Wᵀ, which for a decoding batch of a few rows is far slower than the same product
+written (W·Xᵀ)ᵀ, with the same values. Only plain fp32 weights of at least MIN_ELEMENTS on the CPU are switched
+(bf16 goes through oneDNN, quantized weights bring their own kernels; small layers lose to the extra ops), and only
+up to ROWS rows (long prefills gain little); outputs up to CONTIGUOUS_ROWS rows are made contiguous.
+`CPU_LINEAR=torch` keeps `F.linear`. The timings behind each threshold: docs/design/cpu-linear.md.
 """
 
 from __future__ import annotations
@@ -105,22 +81,10 @@ def use_weight_first(model: Any, mode: str = "auto", batch_rows: int = PLAN_ROWS
 def plan_rows(weights: list[torch.Tensor], limit: int = PLAN_ROWS, gain: float = 0.9,
               budget_s: float = PLAN_BUDGET_S) -> tuple[int, ...]:
     """`pad_to[r]` for r = 0..limit: the row count at most 2r whose products over all these weights take least
-    time, when that is under `gain` x the time at r itself. Row counts are measured from 1 up while `budget_s`
-    lasts (a large model gets its small batches planned); the others are multiplied as they come.
-
-    MKL's time is far from monotonic in the rows: in the medium model's decoding step 13-15 rows took 28-33 ms
-    and 16 rows 20 ms (bench/RESULTS.md, session 10); one row runs as a slow vector product. Where the fast row
-    counts fall depends on the CPU and the MKL build, so they are measured here, once per model: 5.4-5.5 s for
-    the medium model up to 64 rows on 2 vCPUs (3.3 s of them the first pass), well under a second up to 16. Every
-    weight is multiplied in turn, as in a forward pass, so each comes from memory as it does in a step: timing one
-    weight per shape over and over (from cache) found one row faster as a vector product, which in a step it is
-    not.
-
-    Every row count the first pass pads is timed again once the pass is done, and the faster of its two times
-    counts: a busy moment (the API process starting beside the worker) only ever adds time, and a row count it
-    made look slow would otherwise be padded for the worker's life. One server of ~20 in session 11 ran its
-    16-row steps at 28 ms instead of 22 (505 against ~600 tokens/s at C=16); padding 16 rows to 32 in the engine
-    alone reproduced it (27.2 ms against 20.0)."""
+    time, when that is under `gain` x the time at r itself. MKL's time is far from monotonic in the rows and the
+    fast counts depend on the CPU, so they are timed here once per model, while `budget_s` lasts; a padded count
+    is timed twice and the faster kept, so a busy moment at start does not pad it for the worker's life
+    (docs/design/cpu-linear.md)."""
     _seconds(weights, 2)  # first-call costs
     cost, deadline = [0.0], time.monotonic() + budget_s
     while len(cost) <= limit and time.monotonic() < deadline:

@@ -1,8 +1,8 @@
 """Prompt prefill as replayed CUDA graphs, one per bucket of prompts x padded length.
 
-On a GPU an eager forward pass of a 1B Llama costs ~45 ms of Python and kernel launches, whatever the prompt's
-length (bench/RESULTS.md), and in a closed loop of 64 streams a sequence joins almost every step, so the eager
-prefill set the pace of the whole batch. Here the prompts that prefill together are left-padded into a bucket of
+On a GPU an eager forward pass costs tens of ms of Python and kernel launches whatever the prompt's length, and
+under load a sequence joins almost every step, so an eager prefill would set the pace of the whole batch.
+Here the prompts that prefill together are left-padded into a bucket of
 rows x length, and one captured graph computes the bucket: ids and a validity mask go into static buffers, the
 positions and the 4D causal mask are computed inside the graph, and each layer copies its keys and values into
 a static buffer the engine then reads (into the decoding buffers, or the prefix cache) before the next replay.

@@ -1,7 +1,7 @@
 """Decoding steps as replayed CUDA graphs over static KV buffers.
 
-An eager decoding step of a 1B Llama launches ~500 small kernels, and on a GPU the step is bound by launching
-them from Python, not by the GPU (bench/RESULTS.md). A CUDA graph replays the whole forward pass with one launch,
+An eager decoding step launches hundreds of small kernels, and on a GPU the step is bound by launching them from
+Python, not by the GPU (bench/RESULTS.md). A CUDA graph replays the whole forward pass with one launch,
 but it needs every tensor at a fixed address and shape. So the running batch's keys and values live in buffers
 of MAX_BATCH_SIZE rows (slots) x GRAPH_MAX_LEN positions, allocated once, and each step writes its new column in
 place, the same column for every slot. One graph is captured per bucket of slots x cached length, all of them at
@@ -193,9 +193,8 @@ class GraphDecoder:
 
     def capture_all(self) -> int:
         """Capture every bucket now (the worker's warm-up), not the first time a batch needs it: a capture runs
-        the forward pass three times, eagerly, and lazily each one stalled the whole batch for 0.15-0.9 s on
-        the H100 of bench/RESULTS.md. Without capture (CPU) it builds the buckets' eager steps. Returns the
-        number of buckets built."""
+        the forward pass three times, eagerly, and done lazily each would stall the whole batch. Without capture
+        (CPU) it builds the buckets' eager steps. Returns the number of buckets built."""
         if self.holding:
             return 0
         if not self._keys:

@@ -34,10 +34,8 @@ class LoadedModel:
 def pick_device(preference: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """CUDA (bf16, else fp16) → MPS (fp16) → CPU for `auto`; an explicit device that is missing is an error.
 
-    On the CPU `auto` means bf16 where the cores multiply bf16 tiles natively (Intel AMX) and fp32 elsewhere.
-    Measured with the medium benchmark model, 16 sequences (bench/RESULTS.md, session 5): bf16 ÷ fp32 engine
-    throughput 1.4-1.7x with AMX, ~1.1x with AVX512-BF16 alone (not worth bf16's rounding), 0.57x with neither
-    (emulated). An explicit DTYPE wins on any device."""
+    On the CPU `auto` means bf16 only where the cores multiply bf16 tiles natively (Intel AMX): elsewhere bf16 is
+    emulated or gains too little for its rounding (bench/RESULTS.md). An explicit DTYPE wins on any device."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("DEVICE=cuda was asked for but torch sees no CUDA device")

@@ -30,9 +30,7 @@ SHARED_MIN = 2 * BLOCK  # uncached prompt tokens an arrival must share with one 
 class Leaders:
     """The prompts a prefill step takes, keyed by their first SHARED_MIN tokens past what the prefix cache held
     for them. A later arrival that starts with the same tokens waits one step and then finds them cached, instead
-    of computing them in the same pass: 16 requests at once with one new 512-token system prompt computed it in
-    full as often as the idle budget let whole prompts through (2,822 prompt tokens against 1,056 now, in process;
-    bench/RESULTS.md, session 13). SGLang's scheduler does the same ("in-batch prefix caching").
+    of computing them again in the same pass (SGLang's "in-batch prefix caching"; figures in bench/RESULTS.md).
 
     Two prompts that share those tokens past a cached prefix share that prefix too (the cache is keyed by
     content), so an arrival is checked at each cached length the leaders had."""
@@ -84,8 +82,7 @@ class Prefill:
         The budget is there so a long prompt does not stall the streams that are decoding. With none decoding
         it protects nobody, so it is PREFILL_IDLE_TOKENS instead: a burst of requests that arrives at an idle
         worker (clients that all got their answers and send again) prefills in one pass and then decodes in
-        step, instead of being cut into groups that keep finishing, and restarting, a step or more apart
-        (bench/RESULTS.md: engine alone at 16 closed-loop streams 480-515 → 554-575 tokens/s)."""
+        step, instead of being cut into groups that keep finishing, and restarting, a step or more apart."""
         budget = self.prefill_chunk_tokens if self.rows else self.prefill_idle_tokens
         waiting: list[Sequence] = []
         together: list[Sequence] = []
@@ -127,14 +124,12 @@ class Prefill:
         part of its cache (cached prefix, earlier chunks) that ends where its input starts, and recomputes the
         positions its input would otherwise pad: the pass computes every padded position anyway, and the rows
         stay contiguous at the right end (padding only on the left, which the batch cache and the prefix cache's
-        `store` rely on). Continuations used to run one forward pass each: 16 requests whose prompts hit the
-        prefix cache took 16 passes, each as long as a decoding step (bench/RESULTS.md, session 12).
+        `store` rely on); continuations of cached prefixes join the same pass instead of one pass each.
 
         With the prefill graphs (CUDA), prompts that fit a captured bucket replay it from an empty cache, their
         cached prefixes recomputed, as long as that is no more positions than the pass computes anyway: an
-        eager pass costs a GPU's host tens of ms (bench/RESULTS.md, session 6), and chat templates that open with
-        a fixed header (Llama 3's dates, Qwen's default system prompt) give almost every prompt a cached first
-        block, which kept every such prompt off the graphs."""
+        eager pass costs a GPU's host far more, and templates with a fixed header give almost every prompt a
+        cached first block, which would keep it off the graphs."""
         lengths = [len(s.prefill_ids) for s in seqs]
         width = max(n - s.computed for n, s in zip(lengths, seqs, strict=True))
         keeps = [max(0, n - width) for n in lengths]

@@ -1,13 +1,10 @@
 """A decoding step's output into Redis: each sequence's new tokens onto its progress list, then every event.
 
 On one Redis server (not a cluster) this is one EVAL: a Lua script does the RPUSHes, EXPIREs and PUBLISHes
-server-side. As separate pipelined commands, two per streaming sequence, a step took 1.67-1.71 ms at 64 streams
-(0.57-0.60 ms at 16) against 0.62-0.73 ms (0.33-0.35 ms) for the script, against a local redis-server
-(`bench/publish_bench.py`, bench/RESULTS.md): redis-py packs and parses each command in Python, on the worker's
-thread, and Redis answers each. EVAL sends the script's text each time rather than EVALSHA (a simpler script
-by EVALSHA took 0.43 ms at 64 in a first try): a server that lost its script cache (a restart, a failover)
-would fail an EVALSHA with NOSCRIPT after the same pipeline's XACK had gone through, losing the job's last
-events.
+server-side, where separate pipelined commands cost the worker's thread Python work per command
+(`bench/publish_bench.py`). EVAL sends the script's text each time, not EVALSHA: a server that lost its script
+cache (a restart, a failover) would fail an EVALSHA with NOSCRIPT after the same pipeline's XACK had gone through,
+losing the job's last events.
 
 In a Redis Cluster the progress lists of different requests live in different slots, which one script may not
 touch: there the commands go one by one into the pipeline, as before.

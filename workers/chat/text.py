@@ -19,10 +19,9 @@ REPLACEMENT = "\ufffd"
 
 def fast_decoder(tokenizer: Any) -> partial[str]:
     """`tokenizer.decode(ids, skip_special_tokens=True)`, straight from the Rust tokenizer where that gives the
-    same text. transformers' `decode` first walks every id through `to_py_obj` (isinstance checks per element):
-    29 us of the 33 us a token's detokenizing took at 64 streams on the tiny model, ~2 ms of a 64-row step
-    (cProfile, this session's bench/RESULTS.md). Any tokenizer that changes decoding (a subclass's own
-    `decode`/`_decode`, a clean-up pass transformers would apply) goes through `decode` as before."""
+    same text: transformers' `decode` first walks every id through `to_py_obj`, most of a token's detokenizing
+    time. Any tokenizer that changes decoding (a subclass's own `decode`/`_decode`, a clean-up pass transformers
+    would apply) goes through `decode` as before."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if (isinstance(tokenizer, TokenizersBackend) and backend is not None
             and type(tokenizer)._decode is TokenizersBackend._decode

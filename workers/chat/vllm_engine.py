@@ -358,8 +358,8 @@ def prepare_environment(device: torch.device) -> None:
 def lower_engine_core_priority() -> None:
     """On a CPU, vLLM's engine core busy-polls its model runner and so takes most of a core; at the default
     priority it competes for the cores with the model runner and with the fleet's own processes (this worker,
-    Redis, the API). Lowered to nice 10, it polls when nothing else needs the core: on 2 vCPUs, 16 streams went
-    from 438-466 to 596-626 tokens/s (docs/design/vllm-backend.md). The model runner keeps its priority."""
+    Redis, the API). Lowered to nice 10, it polls when nothing else needs the core (docs/design/vllm-backend.md);
+    the model runner keeps its priority."""
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if "EngineCore" in " ".join(child.cmdline()):

@@ -96,8 +96,7 @@ def run_worker(settings: Settings) -> int:
 
     check_models(settings, settings.worker_kind)
     kind = settings.worker_kind
-    model = {"chat": settings.model_name, "embed": settings.embedding_model, "rerank": settings.rerank_model}[kind]
-    problem = unavailable(kind, model, settings.fastembed_cache_path)
+    problem = unavailable(kind, settings.model_of(kind), settings.fastembed_cache_path)
     if problem:
         log.error("%s worker: %s", kind, problem)
         return MODEL_UNAVAILABLE

@@ -20,8 +20,7 @@ import msgspec
 import redis
 from redis.cluster import RedisCluster
 
-from common import keys, runfile
-from common.redis_cluster import sync_client
+from common import keys, ops
 from common.settings import load_or_exit, split_list
 
 KEY_PREFIX = "axn-"
@@ -110,11 +109,7 @@ def main(argv: list[str]) -> int:
         if getattr(args, limit, None) is not None and getattr(args, limit) < 0:
             parser.error(f"--{limit} must be >= 0")
     settings = load_or_exit()
-    url = runfile.redis_url_or_running(settings.redis_url)
-    if not url:
-        print("axion keys: set REDIS_URL to the Redis the API replicas use", file=sys.stderr)
-        return 2
-    r = sync_client(url, settings.redis_cluster)
+    r = ops.connect(settings.redis_url, settings.redis_cluster)
     try:
         if args.action == "create":
             key, record = create(r, name=args.name, models=split_list(args.models) or None, rpm=args.rpm,

@@ -129,6 +129,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename="upper"):
         """The id clients put in `model`: SERVED_MODEL_NAME, else MODEL_NAME as given."""
         return self.served_model_name or self.model_name
 
+    def model_of(self, kind: str) -> str:
+        """The model a worker of `kind` (chat, embed, rerank) loads at start."""
+        return {"chat": self.model_name, "embed": self.embedding_model, "rerank": self.rerank_model}[kind]
+
     @property
     def configured_models(self) -> frozenset[str]:
         """The models the operator named in settings: loaded even as absolute folders, and always nameable in

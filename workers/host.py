@@ -234,7 +234,7 @@ async def serve(settings: Settings, fallback_reason: str | None = None) -> None:
     """`axion worker`: the model of WORKER_KIND named by the settings, then whatever the control stream says.
     `fallback_reason`: the chat model runs natively because its external engine could not start."""
     kind = settings.worker_kind
-    model = {"chat": settings.model_name, "embed": settings.embedding_model, "rerank": settings.rerank_model}[kind]
+    model = settings.model_of(kind)
     served_name = settings.served_model_name if kind == "chat" else None
     redis = redis_client.connect(settings, block_ms=max(settings.batch_timeout_ms, CONTROL_BLOCK_MS))
     try:

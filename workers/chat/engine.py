@@ -116,7 +116,7 @@ class ChatEngine(Prefill, DecodeAhead):
             if seq.scores_prompt and not seq.cancelled:  # before its first token, as readers expect
                 seq.scores_prompt = False
                 events.append((seq, score_prompt(self.model, seq.prompt_ids, seq.params.prompt_logprobs or 0,
-                                                 self.token_bytes, self.device)))
+                                                 self.token_bytes, self.device, self.vocab_size)))
         if self.pending:
             self._prefill(events)
             self._drop_finished()

@@ -32,10 +32,11 @@ def scored_entry(token_id: int, logprob: float, rank: int, top: list[tuple[int, 
 
 
 @torch.inference_mode()
-def score_prompt(model: Any, ids: list[int], top: int, names: TokenBytes, device: torch.device) -> PromptLogprobs:
-    """Every prompt token after the first scored by the model's logits at the position before it."""
+def score_prompt(model: Any, ids: list[int], top: int, names: TokenBytes, device: torch.device,
+                 vocab: int) -> PromptLogprobs:
+    """Every prompt token after the first scored by the model's logits (their first `vocab` columns) at the
+    position before it."""
     entries = [first_entry(ids[0], names)]
-    vocab = int(model.config.get_text_config().vocab_size)
     chunk = max(1, CHUNK_VALUES // vocab)
     cache = DynamicCache()
     inputs = ids[:-1]  # the last token's logits would score what comes after the prompt
